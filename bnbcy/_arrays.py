@@ -1,0 +1,212 @@
+"""Framework adapters: everything bnbcy does to an array that depends on which
+framework owns it (torch, CuPy, NumPy) lives here.
+
+Kernels see arrays only through :class:`bnbcy._C.TensorView`; this module turns
+arguments into validated views, allocates outputs with the input's own
+framework on the input's device, converts small auxiliary arrays (code maps)
+to the input's kind, and finds the stream to launch on.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _C
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+_TORCH_DTYPES = {
+    "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+    "bfloat16": torch.bfloat16, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical name (``'float32'``, ``'bfloat16'``, ...) of a torch/NumPy dtype or name."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError as exc:
+        raise ValueError(f"not a dtype: {dtype!r}") from exc
+
+
+def framework_dtype(kind: str, name: str):
+    """The dtype object of framework ``kind`` for the canonical ``name``."""
+    if kind == "torch":
+        return _TORCH_DTYPES[name]
+    if name == "bfloat16":
+        try:
+            import ml_dtypes  # NumPy and CuPy know bfloat16 only through ml_dtypes
+        except ImportError as exc:
+            raise ValueError(f"{kind} arrays cannot hold bfloat16 here (ml_dtypes is not installed)") from exc
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _plain(x, kind):
+    """Detach torch tensors (DLPack refuses tensors that require grad)."""
+    if kind == "torch" and x.requires_grad:
+        return x.detach()
+    return x
+
+
+def _kind(x) -> str:
+    mod = type(x).__module__
+    for k in ("torch", "cupy", "numpy"):
+        if mod.startswith(k):
+            return k
+    return mod
+
+
+def contiguous(x):
+    """``x`` itself when C-contiguous, else a C-contiguous copy by its own framework."""
+    kind = _kind(x)
+    if kind == "torch":
+        return x.contiguous()
+    if kind == "numpy":
+        return np.ascontiguousarray(x)
+    if kind == "cupy":
+        import cupy
+        return cupy.ascontiguousarray(x)
+    return x
+
+
+def _fmt_dtypes(dtypes) -> str:
+    return dtypes[0] if len(dtypes) == 1 else ", ".join(dtypes[:-1]) + " or " + dtypes[-1]
+
+
+def input_view(x, name: str, dtypes=None, *, allow_empty: bool = False, make_contiguous: bool = True):
+    """Validated view of an input array.
+
+    Parameters
+    ----------
+    x : array
+        torch.Tensor, cupy.ndarray or numpy.ndarray.
+    name : str
+        Argument name for error messages.
+    dtypes : sequence of str, optional
+        Accepted canonical dtype names.
+    allow_empty : bool
+        Whether zero elements are acceptable.
+    make_contiguous : bool
+        Copy a non-contiguous input (as bitsandbytes does) instead of rejecting it.
+
+    Returns
+    -------
+    TensorView
+    """
+    if x is None or not hasattr(x, "__dlpack__"):
+        raise TypeError(f"{name} must be a torch.Tensor, cupy.ndarray or numpy.ndarray, "
+                        f"got {type(x).__name__}")
+    kind = _kind(x)
+    if dtypes is not None:
+        got = dtype_name(x.dtype)
+        if got not in dtypes:
+            raise ValueError(f"{name} must have dtype {_fmt_dtypes(dtypes)}, got {got}")
+    if make_contiguous:
+        x = contiguous(x)
+    v = _C.view(_plain(x, kind), name)
+    if not v.contiguous:
+        raise ValueError(f"{name} must be contiguous (C order), got strides {v.strides} for shape {v.shape}")
+    if not allow_empty and v.numel == 0:
+        raise ValueError(f"{name} must not be empty, got shape {v.shape}")
+    return v
+
+
+def output_view(x, name: str, like, dtype: str, numel: int, shape=None):
+    """Validated view of a caller-provided output array (``out=``, ``absmax=``).
+
+    It must be of ``like``'s framework and device, contiguous, writable, of
+    ``dtype`` and with ``numel`` elements (and ``shape`` when given).
+    """
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"{name} must be a {like.kind} array, got {type(x).__name__}")
+    kind = _kind(x)
+    if kind != like.kind:
+        raise ValueError(f"{name} must be a {like.kind} array like the input, got a {kind} array")
+    got = dtype_name(x.dtype)
+    if got != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {got}")
+    v = _C.view(_plain(x, kind), name)
+    if v.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the input, got {v.device}")
+    if not v.contiguous:
+        raise ValueError(f"{name} must be contiguous (C order), got strides {v.strides}")
+    if v.readonly:
+        raise ValueError(f"{name} must be writable")
+    if v.numel != numel or (shape is not None and tuple(v.shape) != tuple(shape)):
+        want = f"shape {tuple(shape)}" if shape is not None else f"{numel} elements"
+        raise ValueError(f"{name} must have {want}, got shape {v.shape}")
+    return v
+
+
+def check_same_device(v, like, name: str):
+    """Raise ValueError unless ``v`` is of ``like``'s framework and device."""
+    if v.kind != like.kind or v.device != like.device:
+        raise ValueError(f"{name} must be a {like.kind} array on {like.device} like the input, "
+                         f"got a {v.kind} array on {v.device}")
+
+
+def empty(like, shape, dtype: str):
+    """Uninitialised array of ``like``'s framework and device.
+
+    torch uses its caching allocator, CuPy its memory pool, NumPy the heap.
+    """
+    shape = tuple(shape)
+    if like.kind == "torch":
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device=like.obj.device)
+    if like.kind == "numpy":
+        return np.empty(shape, dtype=framework_dtype("numpy", dtype))
+    if like.kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(like.device_id):
+            return cupy.empty(shape, dtype=framework_dtype("cupy", dtype))
+    raise TypeError(f"unsupported array kind {like.kind}")
+
+
+def to_like(x, like, dtype: str | None = None):
+    """``x`` converted to ``like``'s framework and device (no copy if already there)."""
+    kind = _kind(x)
+    if like.kind == "torch":
+        if kind == "numpy":
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        elif kind == "cupy":
+            t = torch.from_dlpack(x)
+        else:
+            t = x
+        t = t.detach().to(like.obj.device)
+        return t if dtype is None else t.to(_TORCH_DTYPES[dtype])
+    if like.kind == "numpy":
+        if kind == "torch":
+            a = x.detach().cpu().numpy()
+        elif kind == "cupy":
+            a = x.get()
+        else:
+            a = np.asarray(x)
+        return a if dtype is None else a.astype(framework_dtype("numpy", dtype), copy=False)
+    if like.kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(like.device_id):
+            if kind == "torch":
+                a = cupy.from_dlpack(x.detach()) if x.is_cuda else cupy.asarray(x.detach().numpy())
+            else:
+                a = cupy.asarray(x)
+            if a.device.id != like.device_id:  # peer copy onto like's device
+                a = cupy.array(a, copy=True)
+            return a if dtype is None else a.astype(framework_dtype("cupy", dtype), copy=False)
+    raise TypeError(f"unsupported array kind {like.kind}")
+
+
+def current_stream(like) -> int:
+    """Handle of the current CUDA stream of ``like``'s framework on its device."""
+    if like.kind == "torch":
+        return torch._C._cuda_getCurrentRawStream(like.device_id)
+    if like.kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(like.device_id):
+            return cupy.cuda.get_current_stream().ptr
+    raise ValueError(f"{like.kind} arrays have no CUDA stream")

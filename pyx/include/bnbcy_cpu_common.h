@@ -1,0 +1,62 @@
+/* Scalar helpers shared by bnbcy's CPU kernels: float16/bfloat16 conversions
+ * (round-to-nearest-even, as torch and CUDA convert) and flush-to-zero (CUDA
+ * builds run with --use_fast_math, so float32 denormals become signed zeros). */
+#ifndef BNBCY_CPU_COMMON_H
+#define BNBCY_CPU_COMMON_H
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { BNBCY_F32 = 0, BNBCY_F16 = 1, BNBCY_BF16 = 2 };
+
+static inline uint32_t bnbcy_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bnbcy_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float bnbcy_ftz(float y) { return fabsf(y) < FLT_MIN ? copysignf(0.0f, y) : y; }
+
+static inline float bnbcy_bf16_to_f32(uint16_t h) { return bnbcy_u2f((uint32_t)h << 16); }
+
+/* Same bits as c10::BFloat16's round_to_nearest_even. */
+static inline uint16_t bnbcy_f32_to_bf16(float f) {
+    uint32_t u = bnbcy_f2u(f);
+    if (f != f) return (uint16_t)0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* IEEE binary16 -> binary32, exact (subnormals included). */
+static inline float bnbcy_f16_to_f32(uint16_t h) {
+    const uint32_t shifted_exp = 0x7C00u << 13;
+    uint32_t o = ((uint32_t)h & 0x7FFFu) << 13;
+    uint32_t exp = shifted_exp & o;
+    o += (uint32_t)(127 - 15) << 23;
+    if (exp == shifted_exp) {
+        o += (uint32_t)(128 - 16) << 23; /* inf / NaN */
+    } else if (exp == 0) {
+        o += 1u << 23; /* subnormal: renormalise through one exact float subtraction */
+        o = bnbcy_f2u(bnbcy_u2f(o) - bnbcy_u2f(113u << 23));
+    }
+    return bnbcy_u2f(o | (((uint32_t)h & 0x8000u) << 16));
+}
+
+/* binary32 -> binary16, round-to-nearest-even, overflow to inf, NaN kept quiet. */
+static inline uint16_t bnbcy_f32_to_f16(float f) {
+    uint32_t x = bnbcy_f2u(f);
+    const uint32_t sign = x & 0x80000000u;
+    x ^= sign;
+    uint16_t o;
+    if (x >= (uint32_t)(127 + 16) << 23) {
+        o = x > (255u << 23) ? 0x7E00 : 0x7C00;
+    } else if (x < (113u << 23)) {
+        /* result is a half subnormal or zero: let one float addition round it */
+        const uint32_t magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+        o = (uint16_t)(bnbcy_f2u(bnbcy_u2f(x) + bnbcy_u2f(magic)) - magic);
+    } else {
+        const uint32_t mant_odd = (x >> 13) & 1u;
+        x += ((uint32_t)(15 - 127) << 23) + 0xFFFu + mant_odd;
+        o = (uint16_t)(x >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+#endif

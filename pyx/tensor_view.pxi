@@ -1,0 +1,221 @@
+# TensorView: a zero-copy view of any DLPack-capable array (torch.Tensor,
+# cupy.ndarray, numpy.ndarray) as pointer, shape, strides, dtype and device.
+#
+# The view keeps the DLPack capsule alive and never renames it, so the
+# producer's capsule destructor releases the export when the view dies; the
+# memory therefore stays valid exactly as long as the view does.
+
+from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+
+cdef extern from "bnbcy_dlpack.h":
+    ctypedef struct BnbcyDLDevice:
+        int device_type
+        int device_id
+    ctypedef struct BnbcyDLDataType:
+        unsigned char code
+        unsigned char bits
+        unsigned short lanes
+    ctypedef struct BnbcyDLTensor:
+        void *data
+        BnbcyDLDevice device
+        int ndim
+        BnbcyDLDataType dtype
+        int64_t *shape
+        int64_t *strides
+        uint64_t byte_offset
+    ctypedef struct BnbcyDLManagedTensor:
+        BnbcyDLTensor dl_tensor
+    ctypedef struct BnbcyDLManagedTensorVersioned:
+        uint64_t flags
+        BnbcyDLTensor dl_tensor
+    uint64_t BNBCY_DLPACK_FLAG_READ_ONLY
+    int BNBCY_DL_CPU, BNBCY_DL_CUDA, BNBCY_DL_CUDA_HOST, BNBCY_DL_CUDA_MANAGED
+
+
+# (DLDataTypeCode, bits) -> canonical dtype name shared by every framework.
+cdef dict _DTYPE_NAMES = {
+    (2, 16): "float16", (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16",
+    (0, 8): "int8", (0, 16): "int16", (0, 32): "int32", (0, 64): "int64",
+    (1, 8): "uint8", (1, 16): "uint16", (1, 32): "uint32", (1, 64): "uint64",
+    (6, 8): "bool", (5, 64): "complex64", (5, 128): "complex128",
+}
+
+cdef dict _ITEMSIZE = {
+    "float16": 2, "float32": 4, "float64": 8, "bfloat16": 2, "int8": 1, "int16": 2,
+    "int32": 4, "int64": 8, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+    "bool": 1, "complex64": 8, "complex128": 16,
+}
+
+
+cdef str _kind_of(object obj):
+    mod = type(obj).__module__
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if mod.startswith("numpy"):
+        return "numpy"
+    return mod.split(".")[0] or "array"
+
+
+cdef class TensorView:
+    """Zero-copy view of a DLPack-capable array.
+
+    Attributes
+    ----------
+    obj : object
+        The viewed array (kept alive by the view).
+    kind : str
+        ``'torch'``, ``'cupy'`` or ``'numpy'`` (the framework that owns ``obj``).
+    dtype : str
+        Canonical dtype name (``'float32'``, ``'bfloat16'``, ``'uint8'``, ...).
+    shape, strides : tuple of int
+        Shape and strides (in elements).
+    numel, itemsize : int
+    device_type, device_id : int
+        DLPack device; ``device`` gives ``'cpu'`` or ``'cuda:N'``.
+    contiguous, readonly : bool
+    ptr : int
+        Address of the first element (byte offset applied).
+    """
+
+    cdef readonly object obj
+    cdef readonly str kind
+    cdef readonly str dtype
+    cdef readonly tuple shape
+    cdef readonly tuple strides
+    cdef readonly int64_t numel
+    cdef readonly int itemsize
+    cdef readonly int device_type
+    cdef readonly int device_id
+    cdef readonly bint contiguous
+    cdef readonly bint readonly
+    cdef void *data
+    cdef object _capsule
+
+    @property
+    def ptr(self):
+        return <uintptr_t>self.data
+
+    @property
+    def is_cuda(self):
+        return self.device_type == BNBCY_DL_CUDA or self.device_type == BNBCY_DL_CUDA_MANAGED
+
+    @property
+    def device(self):
+        return f"cuda:{self.device_id}" if self.is_cuda else "cpu"
+
+    @property
+    def nbytes(self):
+        return self.numel * self.itemsize
+
+    def __repr__(self):
+        return (f"TensorView({self.kind}, dtype={self.dtype}, shape={self.shape}, "
+                f"device={self.device}, contiguous={self.contiguous})")
+
+
+cdef object _export_capsule(object obj, int device_type):
+    # CUDA producers get stream=-1: bnbcy launches on the producer's own current
+    # stream, so no cross-stream synchronisation is wanted.
+    stream = -1 if device_type != BNBCY_DL_CPU and device_type != BNBCY_DL_CUDA_HOST else None
+    try:
+        return obj.__dlpack__(stream=stream, max_version=(1, 0))
+    except TypeError:  # producer predates DLPack 1.0 keyword arguments
+        return obj.__dlpack__(stream=stream) if stream is not None else obj.__dlpack__()
+
+
+cpdef TensorView view(object obj, str name):
+    """Return a :class:`TensorView` of ``obj`` without copying.
+
+    Parameters
+    ----------
+    obj : torch.Tensor, cupy.ndarray or numpy.ndarray
+        Any object implementing ``__dlpack__`` and ``__dlpack_device__``.
+    name : str
+        Argument name used in error messages.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` does not support DLPack.
+    ValueError
+        If its dtype or device is one bnbcy does not understand.
+    """
+    if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
+        raise TypeError(f"{name} must be a torch.Tensor, cupy.ndarray or numpy.ndarray, "
+                        f"got {type(obj).__module__}.{type(obj).__qualname__}")
+    cdef TensorView v = TensorView.__new__(TensorView)
+    dev = obj.__dlpack_device__()
+    cdef int device_type = int(dev[0])
+    try:
+        cap = _export_capsule(obj, device_type)
+    except (BufferError, RuntimeError) as exc:
+        raise ValueError(f"{name} cannot be shared through DLPack: {exc}") from exc
+    cdef BnbcyDLTensor *t
+    cdef BnbcyDLManagedTensorVersioned *mv
+    cdef BnbcyDLManagedTensor *ml
+    if PyCapsule_IsValid(cap, "dltensor_versioned"):
+        mv = <BnbcyDLManagedTensorVersioned *>PyCapsule_GetPointer(cap, "dltensor_versioned")
+        t = &mv.dl_tensor
+        v.readonly = (mv.flags & BNBCY_DLPACK_FLAG_READ_ONLY) != 0
+    elif PyCapsule_IsValid(cap, "dltensor"):
+        ml = <BnbcyDLManagedTensor *>PyCapsule_GetPointer(cap, "dltensor")
+        t = &ml.dl_tensor
+        v.readonly = False
+    else:
+        raise TypeError(f"{name}.__dlpack__() did not return a DLPack capsule")
+
+    key = (t.dtype.code, t.dtype.bits)
+    if t.dtype.lanes != 1 or key not in _DTYPE_NAMES:
+        raise ValueError(f"{name} has a dtype bnbcy does not support "
+                         f"(DLPack code {t.dtype.code}, {t.dtype.bits} bits, {t.dtype.lanes} lanes)")
+    if t.device.device_type not in (BNBCY_DL_CPU, BNBCY_DL_CUDA, BNBCY_DL_CUDA_HOST,
+                                    BNBCY_DL_CUDA_MANAGED):
+        raise ValueError(f"{name} is on a device bnbcy does not support "
+                         f"(DLPack device type {t.device.device_type}); expected CPU or CUDA")
+
+    v.obj = obj
+    v._capsule = cap
+    v.kind = _kind_of(obj)
+    v.dtype = _DTYPE_NAMES[key]
+    v.itemsize = _ITEMSIZE[v.dtype]
+    v.device_type = t.device.device_type
+    if v.device_type == BNBCY_DL_CUDA_HOST:  # pinned host memory is CPU memory for kernels
+        v.device_type = BNBCY_DL_CPU
+    v.device_id = t.device.device_id if v.device_type != BNBCY_DL_CPU else 0
+    v.data = <void *>(<char *>t.data + t.byte_offset)
+
+    cdef int i
+    cdef int64_t numel = 1
+    shape = []
+    for i in range(t.ndim):
+        shape.append(t.shape[i])
+        numel *= t.shape[i]
+    v.shape = tuple(shape)
+    v.numel = numel
+    cdef int64_t expected = 1
+    cdef bint contiguous = True
+    if t.strides == NULL:
+        v.strides = tuple(_row_major_strides(v.shape))
+    else:
+        strides = []
+        for i in range(t.ndim):
+            strides.append(t.strides[i])
+        v.strides = tuple(strides)
+        for i in range(t.ndim - 1, -1, -1):
+            if t.shape[i] != 1 and t.strides[i] != expected:
+                contiguous = False
+                break
+            expected *= t.shape[i]
+    v.contiguous = contiguous or numel == 0
+    return v
+
+
+cdef list _row_major_strides(tuple shape):
+    cdef list strides = [1] * len(shape)
+    cdef int64_t acc = 1
+    for i in range(len(shape) - 1, -1, -1):
+        strides[i] = acc
+        acc *= shape[i]
+    return strides
