@@ -67,11 +67,9 @@ def contiguous(x):
     kind = _kind(x)
     if kind == "torch":
         return x.contiguous()
-    if kind == "numpy":
-        return np.ascontiguousarray(x)
-    if kind == "cupy":
-        import cupy
-        return cupy.ascontiguousarray(x)
+    if kind in ("numpy", "cupy"):
+        # not ascontiguousarray: it turns 0-d arrays into 1-d ones
+        return x if x.flags.c_contiguous else x.copy(order="C")
     return x
 
 

@@ -130,9 +130,9 @@ def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
 
     i = 0
     for i in range(max_exponent_bits):
-        add_decade(i, 2 ** (i + nsb - max_exponent_bits + (0 if signed else 1)) + 1)
+        add_decade(i, int(2 ** (i + nsb - max_exponent_bits + (0 if signed else 1)) + 1))
     if extra > 0:
-        add_decade(i, extra + 1)  # the all-zero-exponent items share the last decade
+        add_decade(i, int(extra + 1))  # the all-zero-exponent items share the last decade
     values += [0.0, 1.0]
     if len(values) != 2 ** total_bits:
         raise ValueError(f"create_dynamic_map(signed={signed}, max_exponent_bits={max_exponent_bits}, "

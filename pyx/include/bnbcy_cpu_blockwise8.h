@@ -130,6 +130,7 @@ static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocks
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const int simd = bnbcy_cpu_has_avx512() && !getenv("BNBCY_CPU_SCALAR");
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
+    bnbcy_advise_hugepages(q, (size_t)n);
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= BNBCY_OMP_MIN_WORK)
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t start = b * blocksize;
@@ -152,6 +153,7 @@ static int bnbcy_q8_dequantize(const uint8_t *q, const float *code, const float 
     const int simd = bnbcy_cpu_has_avx512() && !getenv("BNBCY_CPU_SCALAR");
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
     for (int i = 0; i < 256; i++) lut[i] = bnbcy_ftz(code[i]);
+    bnbcy_advise_hugepages(out, (size_t)n * (dtype == BNBCY_F32 ? 4 : 2));
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= BNBCY_OMP_MIN_WORK)
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t start = b * blocksize;

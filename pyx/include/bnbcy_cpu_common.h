@@ -8,7 +8,27 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 enum { BNBCY_F32 = 0, BNBCY_F16 = 1, BNBCY_BF16 = 2 };
+
+/* Large outputs are usually fresh allocations (torch does not cache CPU memory)
+ * whose first touch costs one page fault per 4 KiB; asking for transparent huge
+ * pages on the 2 MiB-aligned interior cuts that cost about threefold. Advisory
+ * only: memory that is already mapped is left as it is. */
+static inline void bnbcy_advise_hugepages(void *p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (bytes < 2 * huge) return;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p; (void)bytes;
+#endif
+}
 
 static inline uint32_t bnbcy_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float bnbcy_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }

@@ -1,0 +1,449 @@
+"""Benchmark 8-bit blockwise quantize / dequantize: bnbcy vs bitsandbytes vs torch.
+
+Usage::
+
+    python bench/bench_blockwise.py                       # CPU, 16M float32, blocksize 4096
+    python bench/bench_blockwise.py --repeats 5           # quicker
+    python bench/bench_blockwise.py --device cuda         # GPU sweep (n 16M, 256M; bs 64, 256, 4096;
+                                                          #   float32, float16, bfloat16)
+    python bench/bench_blockwise.py --device cuda --n 16M --blocksizes 4096 --dtypes float16
+
+Every implementation is called through its public API exactly as a user would
+call it (``quantize_blockwise(A, blocksize=bs)`` and
+``dequantize_blockwise(q, state)`` with the library's own quantize output), so
+allocation of the outputs is part of the measured time for all of them.
+
+The ``torch`` column is a plain-PyTorch implementation written here, the
+"what you would write without a library" baseline: blockwise absmax scaling
+and nearest code via ``torch.bucketize`` on the code midpoints; dequantize as
+a code lookup times the per-block absmax, reshape-based.
+
+Bars from the issue (printed as PASS/FAIL/N/A lines, ``--strict`` makes FAIL
+the exit status):
+
+* CPU (defined for 2 cores): bnbcy quantize >= 5x and dequantize >= 3x faster
+  than bitsandbytes.
+* CUDA: bnbcy >= 1.0x bitsandbytes and >= 70% of the device copy bandwidth,
+  for both operations, in every case of the sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+import harness  # noqa: E402
+from harness import Bar, Case, ImplUnavailable  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+LIB_MODULES = {"bnbcy": "bnbcy.functional", "bitsandbytes": "bitsandbytes.functional"}
+
+#: A quantize output may differ from the reference in this fraction of bytes
+#: before the check fails: bitsandbytes' code search is not exactly "nearest"
+#: (about 0.2% of randn values land one or a few codes away from the nearest
+#: one), so an exact-nearest implementation legitimately differs a little.
+MAX_MISMATCH_FRACTION = 0.01
+
+
+# --------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def load_functional(impl: str):
+    """Import ``<impl>.functional`` once; return ``(module, None)`` or ``(None, reason)``."""
+    modname = LIB_MODULES[impl]
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as exc:  # ImportError, or a broken extension raising anything
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and impl == "bnbcy":
+            hint = " (not installed? pip install --no-build-isolation -e .)"
+        return None, f"import {modname} failed: {type(exc).__name__}: {exc}{hint}"
+    missing = [a for a in ("quantize_blockwise", "dequantize_blockwise") if not hasattr(mod, a)]
+    if missing:
+        where = getattr(mod, "__file__", None) or list(getattr(mod, "__path__", []))
+        return None, (f"{modname} has no {', '.join(missing)} (module at {where}; "
+                      "not built/installed yet?)")
+    return mod, None
+
+
+def _functional(impl: str):
+    mod, reason = load_functional(impl)
+    if mod is None:
+        raise ImplUnavailable(reason)
+    return mod
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                       total_bits: int = 8) -> torch.Tensor:
+    """The bitsandbytes default "dynamic" 8-bit code (256 sorted float32 values).
+
+    A port of ``bitsandbytes.functional.create_dynamic_map`` so the torch
+    baseline does not depend on either library; ``--check`` compares it with
+    the libraries' own map.
+    """
+    data = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    data += [0] * (2 ** total_bits - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+class TorchBlockwise:
+    """Plain-PyTorch blockwise 8-bit quantization (the ``torch`` baseline).
+
+    Parameters
+    ----------
+    device : str
+        Where the code table lives.
+    """
+
+    def __init__(self, device: str):
+        code = create_dynamic_map()
+        assert bool((code[1:] >= code[:-1]).all()), "bucketize needs a sorted code"
+        self.code = code.to(device)
+        # Nearest code == bucket among the midpoints between neighbouring codes.
+        self.mids = ((code[1:] + code[:-1]) / 2).to(device)
+
+    def quantize(self, A: torch.Tensor, blocksize: int):
+        """Return ``(q uint8 shaped like A, absmax float32 [nblocks])``."""
+        flat = A.reshape(-1)
+        n = flat.numel()
+        nblocks = -(-n // blocksize)
+        if nblocks * blocksize != n:  # zero padding leaves the last block's absmax unchanged
+            flat = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n))
+        blocks = flat.view(nblocks, blocksize).float()
+        absmax = blocks.abs().amax(dim=1)
+        scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+        idx = torch.bucketize(scaled, self.mids, out_int32=True)
+        q = idx.to(torch.uint8).view(-1)[:n].view(A.shape)
+        return q, absmax
+
+    def dequantize(self, q: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Return ``code[q] * absmax[block]`` in ``dtype``, shaped like ``q``."""
+        # index_select takes int32 indices; a uint8 tensor used as an index
+        # would be interpreted as a boolean mask.
+        vals = self.code.index_select(0, q.reshape(-1).int())
+        n = vals.numel()
+        nblocks = absmax.numel()
+        if nblocks * blocksize != n:
+            vals = torch.nn.functional.pad(vals, (0, nblocks * blocksize - n))
+        out = (vals.view(nblocks, blocksize) * absmax.unsqueeze(1)).to(dtype)
+        return out.view(-1)[:n].view(q.shape)
+
+
+# --------------------------------------------------------------------------
+# Binders: inputs -> zero-arg callable (all preparation happens here)
+# --------------------------------------------------------------------------
+
+
+def bind_quantize(impl: str, blocksize: int, torch_impl: TorchBlockwise):
+    if impl == "torch":
+        return lambda A: (lambda: torch_impl.quantize(A, blocksize))
+
+    def bind(A):
+        F = _functional(impl)
+        return lambda: F.quantize_blockwise(A, blocksize=blocksize)
+    return bind
+
+
+def bind_dequantize(impl: str, blocksize: int, torch_impl: TorchBlockwise):
+    if impl == "torch":
+        def bind_torch(A):
+            q, absmax = torch_impl.quantize(A, blocksize)
+            return lambda: torch_impl.dequantize(q, absmax, blocksize, A.dtype)
+        return bind_torch
+
+    def bind(A):
+        F = _functional(impl)
+        # Each library dequantizes its own quantize output, i.e. the usual round trip.
+        q, state = F.quantize_blockwise(A, blocksize=blocksize)
+        return lambda: F.dequantize_blockwise(q, state)
+    return bind
+
+
+# --------------------------------------------------------------------------
+# Output checks (against bitsandbytes)
+# --------------------------------------------------------------------------
+
+
+def _q_absmax(out):
+    """Split a quantize output ``(q, QuantState)`` or ``(q, absmax)``."""
+    q, st = out
+    absmax = st.absmax if hasattr(st, "absmax") else st
+    return q, absmax
+
+
+def check_quantize(ref, out) -> dict:
+    """Compare quantize outputs: dtype/shape, fraction of differing bytes, absmax."""
+    rq, ra = _q_absmax(ref)
+    q, a = _q_absmax(out)
+    res = {"q_dtype": str(q.dtype), "q_shape": list(q.shape), "absmax_shape": list(a.shape)}
+    if q.dtype != rq.dtype or q.shape != rq.shape or a.numel() != ra.numel():
+        res.update(ok=False, error=f"expected q {rq.dtype} {list(rq.shape)}, absmax {list(ra.shape)}")
+        return res
+    frac = (q != rq).sum().item() / max(1, q.numel())
+    ra32, a32 = ra.float().reshape(-1), a.float().reshape(-1)
+    rel = ((a32 - ra32).abs().max() / ra32.abs().max().clamp_min(1e-30)).item()
+    res.update(q_mismatch_fraction=frac, absmax_max_rel_diff=rel,
+               ok=frac <= MAX_MISMATCH_FRACTION and rel <= 1e-6)
+    return res
+
+
+def check_dequantize(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """Compare dequantize outputs: dtype/shape, fraction differing, max difference."""
+    res = {"dtype": str(out.dtype), "shape": list(out.shape)}
+    if out.dtype != ref.dtype or out.shape != ref.shape:
+        res.update(ok=False, error=f"expected {ref.dtype} {list(ref.shape)}")
+        return res
+    frac = (out != ref).sum().item() / max(1, out.numel())
+    diff = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    res.update(mismatch_fraction=frac, max_abs_diff=diff,
+               max_rel_diff=diff / scale if scale else diff,
+               ok=frac <= MAX_MISMATCH_FRACTION)
+    return res
+
+
+# --------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------
+
+
+def fmt_n(n: int) -> str:
+    """16777216 -> '16M' (binary multiples), other sizes verbatim."""
+    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def parse_n(text: str) -> int:
+    """'16777216', '16M', '256M', '1G' (binary multiples) -> int."""
+    t = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def make_cases(device: str, ns, blocksizes, dtypes, ops, impls, seed: int, rotate: Optional[int]):
+    """Yield the cases lazily so only one case's inputs are alive at a time."""
+    torch_impl = TorchBlockwise(device)
+    binders = {"quantize": bind_quantize, "dequantize": bind_dequantize}
+    checks = {"quantize": check_quantize, "dequantize": check_dequantize}
+    for op in ops:
+        for dtype in dtypes:
+            for n in ns:
+                for bs in blocksizes:
+                    nblocks = -(-n // bs)
+                    itemsize = torch.empty((), dtype=dtype).element_size()
+                    # quantize: read n*itemsize, write n codes + nblocks float32 absmax;
+                    # dequantize: the reverse.
+                    nbytes = n * itemsize + n + 4 * nblocks
+
+                    def setup(n=n, dtype=dtype):
+                        # Fresh input per case, same values every run.
+                        gen = torch.Generator(device=device).manual_seed(seed)
+                        return torch.randn(n, generator=gen, device=device, dtype=dtype)
+
+                    yield Case(
+                        name=f"{op} {DTYPE_SHORT[dtype]} bs={bs} n={fmt_n(n)}",
+                        params={"op": op, "n": n, "blocksize": bs, "dtype": str(dtype).replace("torch.", ""),
+                                "nblocks": nblocks, "seed": seed},
+                        nbytes=nbytes, setup=setup, device=device, rotate=rotate,
+                        impls={name: binders[op](name, bs, torch_impl) for name in impls},
+                        reference="bitsandbytes", check=checks[op])
+
+
+def make_bars(device: str, threads: int):
+    is_op = lambda op: (lambda r: r["params"]["op"] == op)  # noqa: E731
+    if device == "cuda":
+        return [
+            Bar("GPU quantize: bnbcy >= 1.0x bitsandbytes", is_op("quantize"),
+                harness.ratio_metric("bitsandbytes"), 1.0),
+            Bar("GPU dequantize: bnbcy >= 1.0x bitsandbytes", is_op("dequantize"),
+                harness.ratio_metric("bitsandbytes"), 1.0),
+            Bar("GPU quantize: bnbcy >= 70% of copy bandwidth", is_op("quantize"),
+                harness.pct_copy_metric("bnbcy"), 70.0),
+            Bar("GPU dequantize: bnbcy >= 70% of copy bandwidth", is_op("dequantize"),
+                harness.pct_copy_metric("bnbcy"), 70.0),
+        ]
+    note = "" if threads == 2 else f" [bar is defined for 2 cores; this run: {threads} threads]"
+    return [
+        Bar("CPU quantize: bnbcy >= 5x faster than bitsandbytes" + note, is_op("quantize"),
+            harness.ratio_metric("bitsandbytes"), 5.0),
+        Bar("CPU dequantize: bnbcy >= 3x faster than bitsandbytes" + note, is_op("dequantize"),
+            harness.ratio_metric("bitsandbytes"), 3.0),
+    ]
+
+
+def code_check(device: str) -> dict:
+    """Compare the ported dynamic map with the libraries' (the torch baseline's code)."""
+    ours = create_dynamic_map()
+    res = {}
+    for impl in ("bitsandbytes", "bnbcy"):
+        mod, _ = load_functional(impl)
+        fn = getattr(mod, "create_dynamic_map", None) if mod is not None else None
+        if fn is None:
+            res[impl] = None
+            continue
+        try:
+            res[impl] = bool(torch.equal(fn().float().cpu(), ours))
+        except Exception as exc:  # report, do not abort the benchmark
+            res[impl] = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def _list(values, conv):
+    """Accept both ``--x 1 2`` and ``--x 1,2``."""
+    out = []
+    for v in values:
+        out += [conv(p) for p in str(v).split(",") if p.strip()]
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--n", nargs="+", default=None,
+                   help="element counts, e.g. 16777216 or 16M (default: 16M on cpu; 16M 256M on cuda)")
+    p.add_argument("--blocksizes", nargs="+", default=None,
+                   help="default: 4096 on cpu; 64 256 4096 on cuda")
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   help="float32 float16 bfloat16 (default: float32 on cpu; all three on cuda)")
+    p.add_argument("--ops", nargs="+", default=["quantize", "dequantize"])
+    p.add_argument("--impls", nargs="+", default=list(harness.DEFAULT_IMPLS),
+                   help="subset of bnbcy bitsandbytes torch")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per implementation")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (at least one per copy)")
+    p.add_argument("--rotate", type=int, default=None,
+                   help="input copies to rotate among (default: auto, >2x L2 on cuda, 1 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-mib", type=int, default=1024,
+                   help="buffer size for the copy-bandwidth measurement (cuda only)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="result file (default: bench/results/<device>-<date>-<commit>.json)")
+    p.add_argument("--no-json", action="store_true", help="do not write a result file")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a bar FAILs or a check fails")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    args.n = _list(args.n or (["16M", "256M"] if cuda else ["16M"]), parse_n)
+    args.blocksizes = _list(args.blocksizes or ([64, 256, 4096] if cuda else [4096]), int)
+    dtypes = _list(args.dtypes or (list(DTYPES) if cuda else ["float32"]), str)
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
+    args.dtypes = [DTYPES[d] for d in dtypes]
+    args.ops = _list(args.ops, str)
+    bad_ops = [o for o in args.ops if o not in ("quantize", "dequantize")]
+    if bad_ops:
+        p.error(f"unknown op(s) {bad_ops}")
+    args.impls = _list(args.impls, str)
+    bad_impls = [i for i in args.impls if i not in harness.DEFAULT_IMPLS]
+    if bad_impls:
+        p.error(f"unknown impl(s) {bad_impls}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    impls = [i for i in harness.DEFAULT_IMPLS if i in args.impls]
+
+    # Import the libraries up front: import-time warnings and costs stay out
+    # of the cases, and the n/a reasons are known before anything runs.
+    for impl in ("bnbcy", "bitsandbytes"):
+        if impl in impls:
+            _, reason = load_functional(impl)
+            if reason and not args.quiet:
+                print(f"note: {impl} is n/a: {reason}", file=sys.stderr)
+
+    meta = harness.collect_metadata(device)
+    bnbcy_mod, _ = load_functional("bnbcy")
+    config = {
+        "n": args.n, "blocksizes": args.blocksizes,
+        "dtypes": [str(d).replace("torch.", "") for d in args.dtypes],
+        "ops": args.ops, "impls": impls, "repeats": args.repeats, "warmup": args.warmup,
+        "rotate": args.rotate if args.rotate is not None else "auto", "seed": args.seed,
+        "bnbcy_functional_file": getattr(bnbcy_mod, "__file__", None),
+        "dynamic_map_equal_to": code_check(device),
+    }
+
+    copy_bw = None
+    if device == "cuda":
+        try:
+            copy_bw = harness.measure_copy_bandwidth("cuda", nbytes=args.copy_mib << 20)
+        except Exception as exc:
+            print(f"copy-bandwidth measurement failed: {exc}", file=sys.stderr)
+
+    cases = make_cases(device, args.n, args.blocksizes, args.dtypes, args.ops, impls,
+                       args.seed, args.rotate)
+    results = harness.run_cases(cases, warmup=args.warmup, repeats=args.repeats,
+                                copy_gbps=copy_bw["gbps"] if copy_bw else None,
+                                ratio_base="bnbcy", verbose=not args.quiet)
+    bars = harness.evaluate_bars(make_bars(device, meta["torch_num_threads"]), results)
+
+    print()
+    print(harness.format_header(meta, copy_bw))
+    print()
+    print(harness.format_table(results, impls=impls, ratio_base="bnbcy",
+                               show_pct_copy=copy_bw is not None))
+    print()
+    print("ratios are time(other)/time(bnbcy): > 1 means bnbcy is faster; "
+          "GB/s counts bytes read + written, 1 GB = 1e9 B")
+    print(harness.format_bars(bars))
+
+    if not args.no_json:
+        path = args.json or harness.default_result_path(meta)
+        harness.write_json(path, "blockwise", meta, results, copy_bandwidth=copy_bw,
+                           bars=bars, config=config)
+        print(f"results: {path}")
+
+    if args.strict:
+        failed_check = any(not e.get("check", {}).get("ok", True)
+                           for r in results for e in r["impls"].values())
+        if failed_check or any(b["status"] == "FAIL" for b in bars):
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
