@@ -22,16 +22,25 @@ _TORCH_DTYPES = {
 }
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(dtype) -> str:
     """Canonical name (``'float32'``, ``'bfloat16'``, ...) of a torch/NumPy dtype or name."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is not None:
+        return name
     if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    if isinstance(dtype, str):
+        name = str(dtype).replace("torch.", "")
+    elif isinstance(dtype, str):
         return dtype
-    try:
-        return np.dtype(dtype).name
-    except TypeError as exc:
-        raise ValueError(f"not a dtype: {dtype!r}") from exc
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError as exc:
+            raise ValueError(f"not a dtype: {dtype!r}") from exc
+    _DTYPE_NAMES[dtype] = name
+    return name
 
 
 def framework_dtype(kind: str, name: str):
@@ -54,12 +63,7 @@ def _plain(x, kind):
     return x
 
 
-def _kind(x) -> str:
-    mod = type(x).__module__
-    for k in ("torch", "cupy", "numpy"):
-        if mod.startswith(k):
-            return k
-    return mod
+_kind = _C.kind_of
 
 
 def contiguous(x):
