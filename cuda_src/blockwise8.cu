@@ -45,25 +45,26 @@ __device__ __forceinline__ void quantize_blockwise(const typename Tr::storage *_
     float x[E];
     if (base + E <= n && aligned16(A)) {
         S raw[E];
-        load_vec<S, E>(A + base, raw);
+        load8(A + base, raw);
 #pragma unroll
         for (int e = 0; e < E; e++) x[e] = Tr::to_float(raw[e]);
     } else {
+        // Past the end reads as 0.0, as in bitsandbytes (so an all-NaN partial
+        // block has absmax 0, an all-NaN full block -FLT_MAX).
 #pragma unroll
-        for (int e = 0; e < E; e++)
-            x[e] = base + e < n ? Tr::to_float(A[base + e]) : __int_as_float(0x7fc00000);  // NaN: ignored
+        for (int e = 0; e < E; e++) x[e] = base + e < n ? Tr::to_float(A[base + e]) : 0.0f;
     }
 
-    // Block maximum of |x|: fmaxf drops NaN, so padding and NaN inputs do not count.
+    // Block maximum of |x|: max drops NaN, so NaN inputs do not count.
     float m = -BNBCY_FLT_MAX;
 #pragma unroll
-    for (int e = 0; e < E; e++) m = fmaxf(m, fabsf(x[e]));
+    for (int e = 0; e < E; e++) m = max_ftz(m, abs_ftz(x[e]));
     if constexpr (TPQ <= 32) {
 #pragma unroll
-        for (int off = TPQ / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        for (int off = TPQ / 2; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
     } else {
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        for (int off = 16; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
         const int warp = threadIdx.x >> 5;
         if ((threadIdx.x & 31) == 0) s_warp_max[warp] = m;
         __syncthreads();
@@ -71,7 +72,7 @@ __device__ __forceinline__ void quantize_blockwise(const typename Tr::storage *_
         const int first = (warp / WPQ) * WPQ;
         m = s_warp_max[first];
 #pragma unroll
-        for (int k = 1; k < WPQ; k++) m = fmaxf(m, s_warp_max[first + k]);
+        for (int k = 1; k < WPQ; k++) m = max_ftz(m, s_warp_max[first + k]);
     }
     __syncthreads();  // s_code is complete
 
@@ -117,9 +118,7 @@ __device__ __forceinline__ void dequantize_blockwise(const u8 *__restrict__ q,
             const u32 c = ((e < 4 ? w.x : w.y) >> (8 * (e & 3))) & 0xffu;
             y[e] = Tr::from_float(mul_ftz(s_code[c], s));
         }
-#pragma unroll
-        for (int k = 0; k < (int)(E * sizeof(S) / 16); k++)
-            reinterpret_cast<uint4 *>(out + base)[k] = reinterpret_cast<const uint4 *>(y)[k];
+        store8(out + base, y);
     } else {
 #pragma unroll
         for (int e = 0; e < E; e++)

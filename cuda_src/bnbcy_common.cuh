@@ -25,6 +25,20 @@ __device__ __forceinline__ float mul_ftz(float a, float b) {
     return r;
 }
 
+// fabsf/fmaxf with the ftz of bitsandbytes' --use_fast_math build, pinned. max
+// returns the non-NaN operand when one is NaN, like fmaxf.
+__device__ __forceinline__ float abs_ftz(float x) {
+    float r;
+    asm("abs.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float max_ftz(float a, float b) {
+    float r;
+    asm("max.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
 // Element types: storage type plus exact conversions to and from float32
 // (round-to-nearest-even on the way back).
 struct f32_t {
@@ -63,16 +77,37 @@ struct bf16_t {
     }
 };
 
-// Load/store N consecutive elements, 16-byte vectors when the address allows.
-template <typename S, int N>
-__device__ __forceinline__ void load_vec(const S *__restrict__ p, S (&v)[N]) {
-    static_assert((N * sizeof(S)) % 16 == 0, "vector loads need whole 16-byte chunks");
-    const uint4 *q = reinterpret_cast<const uint4 *>(p);
+// Eight consecutive elements as float32, through 16-byte loads (p 16-byte aligned).
+__device__ __forceinline__ void load8(const float *__restrict__ p, float (&v)[8]) {
+    const float4 a = __ldg(reinterpret_cast<const float4 *>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void load8(const u16 *__restrict__ p, u16 (&v)[8]) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4 *>(p));
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-    for (int k = 0; k < (int)(N * sizeof(S) / 16); k++) {
-        uint4 w = __ldg(q + k);
-        *reinterpret_cast<uint4 *>(&v[k * 16 / sizeof(S)]) = w;
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = (u16)(words[k] & 0xffffu);
+        v[2 * k + 1] = (u16)(words[k] >> 16);
     }
+}
+
+// Eight consecutive elements stored through 16-byte stores (p 16-byte aligned).
+__device__ __forceinline__ void store8(float *__restrict__ p, const float (&v)[8]) {
+    reinterpret_cast<float4 *>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+__device__ __forceinline__ void store8(u16 *__restrict__ p, const u16 (&v)[8]) {
+    uint4 w;
+    w.x = v[0] | ((u32)v[1] << 16);
+    w.y = v[2] | ((u32)v[3] << 16);
+    w.z = v[4] | ((u32)v[5] << 16);
+    w.w = v[6] | ((u32)v[7] << 16);
+    *reinterpret_cast<uint4 *>(p) = w;
 }
 
 __device__ __forceinline__ bool aligned16(const void *p) {

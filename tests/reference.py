@@ -4,10 +4,12 @@ Everything here is independent of bnbcy: the two 8-bit dynamic maps are embedded
 patterns of NUMERICS.md §1.3 (not regenerated, not read from ../shared), and the quantizer is the
 literal 7-step search of §2.2 evaluated with IEEE float32 NumPy arithmetic:
 
-    m  = max |x| over the block (NaN ignored, start -FLT_MAX; m < 2**-126 flushed to 0)
+    m  = max |x| over the block (NaN ignored, start -FLT_MAX; m < 2**-126 flushed to 0;
+         a partial last block is padded with 0.0, as bnb's CUDA kernel loads it)
     r  = np.float32(1) / m                 (IEEE float32 reciprocal, result flushed to 0 if denormal)
-    xn = x * r                             (one IEEE float32 rounding; x itself is NOT flushed)
-         -- except m == 0: xn = NaN for every element (0*inf; CUDA flushes denormal x, too)
+    xn = ftz(ftz(x) * r)                   (one IEEE float32 rounding; denormal x and xn flushed,
+                                            as CUDA's mul.ftz)
+         -- except m == 0: xn = NaN for every element (0*inf)
     q  = search(code, xn)                  (literal §2.2 search, vectorised)
 
 The flushes are CUDA's ``.ftz`` behaviour at the points where it changes a result the CPU can see:
@@ -347,7 +349,7 @@ def block_absmax(x32, blocksize: int) -> np.ndarray:
     a = np.where(np.isnan(a), -FLT_MAX, a).astype(np.float32)
     n = a.size
     nb = nblocks(n, blocksize)
-    pad = np.full(nb * blocksize - n, -FLT_MAX, dtype=np.float32)
+    pad = np.zeros(nb * blocksize - n, dtype=np.float32)  # bnb's CUDA load pads with 0.0
     return np.concatenate([a, pad]).reshape(nb, blocksize).max(axis=1).astype(np.float32)
 
 
@@ -361,7 +363,7 @@ def ftz(a) -> np.ndarray:
     return np.where(np.abs(a) < FLT_MIN_NORMAL, a * np.float32(0), a).astype(np.float32)
 
 
-def normalize(x32, absmax, blocksize: int, r_shift_ulps: int = 0, ftz_x: bool = False) -> np.ndarray:
+def normalize(x32, absmax, blocksize: int, r_shift_ulps: int = 0, ftz_x: bool = True) -> np.ndarray:
     """xn per the model above: r = ftz(fl32(1/m)) (optionally moved by r_shift_ulps float32 ulps),
     xn = fl32(x * r), NaN for m == 0 blocks.  ftz_x: also flush denormal x and xn (CUDA)."""
     x32 = np.asarray(x32, dtype=np.float32).ravel()

@@ -5,6 +5,9 @@ not), every CUDA blocksize plus arbitrary positive CPU blocksizes, magnitudes 1e
 NaN/±inf/zeros sprinkled in.  Properties: output shape/dtype/kind, codes == the reference model
 (tests/reference.py) exactly, absmax and dequantization bit-identical, round-trip error bound.
 """
+import contextlib
+import os
+
 import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +23,20 @@ SETTINGS = settings(max_examples=50, deadline=None, print_blob=True,
 MAX_N = 50_000
 BLOCKSIZES = st.one_of(st.sampled_from([64, 128, 256, 512, 1024, 2048, 4096]),
                        st.integers(1, 5000))
+
+
+@contextlib.contextmanager
+def cpu_path(scalar: bool):
+    """Force bnbcy's portable scalar CPU path (read on every call) or leave the default (AVX-512)."""
+    old = os.environ.pop("BNBCY_CPU_SCALAR", None)
+    if scalar:
+        os.environ["BNBCY_CPU_SCALAR"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("BNBCY_CPU_SCALAR", None)
+        if old is not None:
+            os.environ["BNBCY_CPU_SCALAR"] = old
 
 
 @st.composite
@@ -67,14 +84,15 @@ def float_inputs(draw):
 
 
 @SETTINGS
-@given(x=float_inputs(), blocksize=BLOCKSIZES)
-def test_fuzz_quantize_dequantize(x, blocksize):
+@given(x=float_inputs(), blocksize=BLOCKSIZES, scalar=st.booleans())
+def test_fuzz_quantize_dequantize(x, blocksize, scalar):
     dtype = R.dtype_name(x)
     before = R.bits_of(x)
-    q, qs = F.quantize_blockwise(x, blocksize=blocksize)
+    with cpu_path(scalar):
+        q, qs = F.quantize_blockwise(x, blocksize=blocksize)
+        y = F.dequantize_blockwise(q, qs)
     np.testing.assert_array_equal(R.bits_of(x), before)
     x32, _, absmax_ref = check_quantize(x, q, qs, blocksize)       # shape/dtype/kind, codes, absmax
-    y = F.dequantize_blockwise(q, qs)
     check_dequantize(y, q, absmax_ref, blocksize, dtype, like=x)   # kind, shape, dtype, bits
     check_error_bound(x32, y, absmax_ref, blocksize, dtype)
 
@@ -84,31 +102,33 @@ FLOAT32S = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnor
 
 @SETTINGS
 @given(vals=st.lists(FLOAT32S, min_size=1, max_size=3000), blocksize=BLOCKSIZES,
-       dtype=st.sampled_from(R.DTYPE_NAMES))
-def test_fuzz_arbitrary_float32_values(vals, blocksize, dtype):
+       dtype=st.sampled_from(R.DTYPE_NAMES), scalar=st.booleans())
+def test_fuzz_arbitrary_float32_values(vals, blocksize, dtype, scalar):
     """Any float32 bit pattern (NaN, ±inf, denormals, ±0, extremes) in any block layout."""
     v = np.asarray(vals, dtype=np.float64)
     if dtype == "float16":
         v = np.where(np.abs(v) > R.FP16_MAX, np.copysign(np.inf, v), v)
     x = R.make_input(v, dtype)
-    q, qs = F.quantize_blockwise(x, blocksize=blocksize)
+    with cpu_path(scalar):
+        q, qs = F.quantize_blockwise(x, blocksize=blocksize)
+        y = F.dequantize_blockwise(q, qs)
     _, _, absmax_ref = check_quantize(x, q, qs, blocksize)
-    y = F.dequantize_blockwise(q, qs)
     check_dequantize(y, q, absmax_ref, blocksize, dtype)
     check_error_bound(R.to_f32(x).ravel(), y, absmax_ref, blocksize, dtype)
 
 
 @SETTINGS
 @given(vals=st.lists(st.floats(-1, 1, width=32), min_size=1, max_size=2000),
-       exponent=st.integers(-100, 100))
-def test_fuzz_search_on_exact_values(vals, exponent):
+       exponent=st.integers(-100, 100), scalar=st.booleans())
+def test_fuzz_search_on_exact_values(vals, exponent, scalar):
     """With absmax a power of two the normalisation is exact, so this fuzzes the §2.2 search itself
     (midpoints, ties, neighbours) through the library: codes == literal search of x/absmax."""
     scale = np.float32(2.0 ** exponent)
     xn = np.asarray(vals, dtype=np.float32)
     x32 = np.concatenate([np.float32([1.0]), xn]) * scale
     x = torch.from_numpy(x32)
-    q, qs = F.quantize_blockwise(x, blocksize=x32.size)
+    with cpu_path(scalar):
+        q, qs = F.quantize_blockwise(x, blocksize=x32.size)
     assert qs.absmax.item() == scale
     q_ref, _ = R.quantize_ref(x32, x32.size)
     R.assert_codes_equal(q.numpy(), q_ref, x32)

@@ -27,6 +27,15 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 POISON = 0xAB
 
 
+@pytest.fixture(params=["default", "scalar"])
+def cpu_path(request, monkeypatch):
+    """Run on the default CPU path (AVX-512 where the CPU has it) and on the portable scalar path;
+    bnbcy reads BNBCY_CPU_SCALAR on every call."""
+    if request.param == "scalar":
+        monkeypatch.setenv("BNBCY_CPU_SCALAR", "1")
+    return request.param
+
+
 def _rng(*parts):
     return np.random.default_rng(R.seed_of(*parts))
 
@@ -166,7 +175,7 @@ def _grid(dists, dtypes, blocksizes):
 
 
 @pytest.mark.parametrize("dist,dtype,blocksize", _grid(R.DISTRIBUTIONS, DTYPES, BLOCKSIZES_CPU))
-def test_quantize_dequantize_matches_reference(dist, dtype, blocksize):
+def test_quantize_dequantize_matches_reference(dist, dtype, blocksize, cpu_path):
     rng = _rng("grid", dist, dtype, blocksize)
     n = _n_for(blocksize, rng) if blocksize >= 64 else int(rng.integers(200, 600))
     x = R.make_input(R.make_values(dist, n, rng, blocksize), dtype)
@@ -183,7 +192,7 @@ def test_quantize_dequantize_matches_reference(dist, dtype, blocksize):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 1000, 4095, 4097])
-def test_small_and_partial_lengths(dtype, n):
+def test_small_and_partial_lengths(dtype, n, cpu_path):
     rng = _rng("small", dtype, n)
     for blocksize in (64, 4096):
         x = R.make_input(rng.standard_normal(n) * 3, dtype)
@@ -294,7 +303,7 @@ def test_numpy_input_with_torch_code_map():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 4096, 100])
-def test_zero_blocks_give_code_0_and_negative_zero(dtype, blocksize):
+def test_zero_blocks_give_code_0_and_negative_zero(dtype, blocksize, cpu_path):
     n = 3 * blocksize + 5
     v = _rng("zeros", dtype, blocksize).standard_normal(n)
     v[:blocksize] = 0.0
@@ -316,7 +325,7 @@ def test_zero_blocks_give_code_0_and_negative_zero(dtype, blocksize):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_gets_code_0_and_is_ignored_in_absmax(dtype):
+def test_nan_gets_code_0_and_is_ignored_in_absmax(dtype, cpu_path):
     v = np.array([1.0, np.nan, -2.0, 0.5] * 32)          # 128 elements, blocksize 64 -> 2 blocks
     v[64:] = np.array([np.nan, 0.25] * 32)
     x = R.make_input(v, dtype)
@@ -348,7 +357,7 @@ def test_all_nan_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inf_block(dtype):
+def test_inf_block(dtype, cpu_path):
     """Block with ±inf: absmax inf, r = 0: finite -> code 127, ±inf -> NaN -> code 0;
     dequantizing gives NaN (0*inf) / -inf (code[0]*inf)."""
     rng = _rng("inf", dtype)
@@ -370,7 +379,7 @@ def test_inf_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_denormals(dtype):
+def test_denormals(dtype, cpu_path):
     """float32-denormal |x| counts as 0 in the absmax; the product x*r is IEEE (not flushed) on CPU."""
     tiny = 2.0 ** -130
     v = np.zeros(256)
@@ -393,7 +402,7 @@ def test_denormals(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_huge_absmax_flushes_the_reciprocal(dtype):
+def test_huge_absmax_flushes_the_reciprocal(dtype, cpu_path):
     """2**126 < m <= FLT_MAX: fl32(1/m) is denormal and flushed (CUDA rcp.ftz) -> r = 0, so every
     finite element gets the code of 0.0 (127) and NaN gets 0 -- the inf-block behaviour."""
     v = np.linspace(-1, 1, 192) * 2.0 ** 127
@@ -412,7 +421,7 @@ def test_huge_absmax_flushes_the_reciprocal(dtype):
 
 
 @pytest.mark.parametrize("blocksize", [64, 512, 4096])
-def test_exact_midpoint_ties_go_to_even_index(blocksize):
+def test_exact_midpoint_ties_go_to_even_index(blocksize, cpu_path):
     """Inputs at exact float32 midpoints (absmax a power of two, so xn is exact): ties -> even code."""
     code = R.DYNAMIC_SIGNED
     mids = ((code[:-1] + code[1:]).astype(np.float32) * np.float32(0.5)).astype(np.float32)
@@ -435,7 +444,7 @@ def test_exact_midpoint_ties_go_to_even_index(blocksize):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 1024, 333])
-def test_dequantize_output_dtypes_from_same_codes(out_dtype, blocksize):
+def test_dequantize_output_dtypes_from_same_codes(out_dtype, blocksize, cpu_path):
     rng = _rng("deq_dtypes", out_dtype, blocksize)
     n = _n_for(blocksize, rng)
     q = torch.from_numpy(rng.integers(0, 256, n).astype(np.uint8))
@@ -606,7 +615,7 @@ def _maps():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("map_name", sorted(_maps()))
-def test_nondefault_code_maps(map_name, dtype):
+def test_nondefault_code_maps(map_name, dtype, cpu_path):
     code = _maps()[map_name]()
     assert code.dtype == torch.float32 and tuple(code.shape) == (256,)
     code_np = code.numpy()
@@ -630,7 +639,7 @@ def test_nondefault_code_maps(map_name, dtype):
 
 
 @pytest.mark.parametrize("style", ["uniform", "clustered", "wide"])
-def test_random_strictly_increasing_maps(style):
+def test_random_strictly_increasing_maps(style, cpu_path):
     """Arbitrary sorted maps (values outside [-1, 1], many midpoints packed close together): codes equal
     the literal search.  20 maps per style, more than any small per-map cache holds."""
     rng = _rng("random_maps", style)
@@ -656,7 +665,7 @@ def test_random_strictly_increasing_maps(style):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_inputs_parallel_path(dtype):
+def test_large_inputs_parallel_path(dtype, cpu_path):
     """n well above the single-thread threshold, so the OpenMP path runs; partial last block."""
     rng = _rng("large", dtype)
     n = (1 << 19) + 77
@@ -685,7 +694,7 @@ def test_code_map_with_duplicates_uses_literal_search():
                                                                    & (np.abs(probes) <= 1)]]))
     q, qs = F.quantize_blockwise(x, code=torch.from_numpy(code), blocksize=x.numel())
     assert qs.absmax.item() == 1.0
-    lit = R.search_literal(code, x.numpy())
+    lit = R.search_literal(code, R.ftz(x.numpy()))  # r == 1; mul.ftz flushes denormal probes
     R.assert_codes_equal(q.numpy(), lit, x.numpy())
     assert np.any(lit != R.search_literal(np.sort(code), x.numpy()))  # the probe set is discriminating
 

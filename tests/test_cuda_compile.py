@@ -45,3 +45,55 @@ def test_compiles_without_spills(unit, arch, tmp_path):
 def test_every_module_has_registered_kernels():
     listed = {k["module"] for k in kernels.list_kernels()}
     assert set(kernels.modules()) <= listed, f"modules without registered kernels: {set(kernels.modules()) - listed}"
+
+
+def _load_nvrtc():
+    """libnvrtc from the system or from the nvidia-cuda-nvrtc wheel (the test extra), or None."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import site
+    cands = [ctypes.util.find_library("nvrtc")]
+    for d in site.getsitepackages() + [site.getusersitepackages()]:
+        cands += sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libnvrtc.so*")))
+    for c in filter(None, cands):
+        if "builtins" in c or ".alt." in c:
+            continue
+        try:
+            # NVRTC dlopens its builtins by soname: load them first from the same folder
+            for b in glob.glob(os.path.join(os.path.dirname(c), "libnvrtc-builtins.so*")):
+                if ".alt." not in b:
+                    ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _load_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc is not installed (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("arch", ["75", "80", "90"])
+@pytest.mark.parametrize("unit", UNITS)
+def test_nvrtc_compiles_shipped_source(unit, arch):
+    """The fallback path: the registry's NVRTC build of the shipped source and include dir."""
+    import ctypes
+    src = kernels.shipped_source(unit[:-3]).encode()
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src, unit.encode(), 0, None, None) == 0
+    opts = [o.encode() for o in kernels.DEFAULT_NVRTC_OPTIONS] + \
+        [b"-I" + kernels.registry.cuda_dir.encode(), f"-arch=sm_{arch}".encode()]
+    rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, f"NVRTC failed on {unit} for sm_{arch}:\n{log.value.decode()}"
+    NVRTC.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetCUBIN(prog, cubin)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    declared = [k["symbol"] for k in kernels.list_kernels() if k["module"] == unit[:-3]]
+    missing = [s for s in declared if b".text." + s.encode() + b"\0" not in cubin.raw]
+    assert not missing, f"kernels missing from the NVRTC build of {unit}: {missing}"

@@ -152,8 +152,8 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nest
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
     _launch_quantize(a, codev, qv, amv, blocksize)
 
-    state_code = _arrays.to_like(codev.obj, a)
-    state_code = state_code.clone() if a.kind == "torch" else state_code.copy()
+    # the state owns its map (as in bitsandbytes): later edits of `code` do not leak in
+    state_code = codev.obj.clone() if a.kind == "torch" else codev.obj.copy()
     if nested:
         offset = _mean(absmax)
         absmax -= offset

@@ -88,7 +88,7 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
     static inline void bnbcy_q8_block_##SUFFIX(const TYPE *x, int64_t len,               \
                                                const float *code,                        \
                                                const bnbcy_q8_table *t, uint8_t *q,      \
-                                               float *absmax, int simd) {                \
+                                               float *absmax, int simd, int partial) {   \
         float m = -FLT_MAX; /* as fmaxf from -FLT_MAX: NaN ignored, all-NaN -> -FLT_MAX */ \
         if (simd) {                                                                      \
             m = bnbcy_absmax_avx512(x, DTYPE, len);                                      \
@@ -98,6 +98,7 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
                 m = a > m ? a : m;                                                       \
             }                                                                            \
         }                                                                                \
+        if (partial && !(m > 0.0f)) m = 0.0f; /* CUDA pads a partial block with zeros */ \
         if (m >= 0.0f && m < FLT_MIN) m = 0.0f; /* ftz */                                \
         *absmax = m;                                                                     \
         if (m == 0.0f) { /* 0 * inf = NaN for every element: code 0 */                   \
@@ -111,10 +112,10 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
         } else if (t) {                                                                  \
             const int steps = t->steps;                                                  \
             for (int64_t i = 0; i < len; i++)                                            \
-                q[i] = bnbcy_q8_code_table(LOAD(x[i]) * r, t, steps);                    \
+                q[i] = bnbcy_q8_code_table(bnbcy_ftz(bnbcy_ftz(LOAD(x[i])) * r), t, steps); \
         } else {                                                                         \
             for (int64_t i = 0; i < len; i++)                                            \
-                q[i] = bnbcy_q8_code_search(LOAD(x[i]) * r, code);                       \
+                q[i] = bnbcy_q8_code_search(bnbcy_ftz(bnbcy_ftz(LOAD(x[i])) * r), code); \
         }                                                                                \
     }
 
@@ -136,11 +137,14 @@ static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocks
         const int64_t start = b * blocksize;
         const int64_t len = (n - start) < blocksize ? (n - start) : blocksize;
         if (dtype == BNBCY_F32)
-            bnbcy_q8_block_f32((const float *)A + start, len, code, table, q + start, absmax + b, simd);
+            bnbcy_q8_block_f32((const float *)A + start, len, code, table, q + start, absmax + b, simd,
+                               len < blocksize);
         else if (dtype == BNBCY_F16)
-            bnbcy_q8_block_f16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd);
+            bnbcy_q8_block_f16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd,
+                               len < blocksize);
         else
-            bnbcy_q8_block_bf16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd);
+            bnbcy_q8_block_bf16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd,
+                               len < blocksize);
     }
     return 0;
 }

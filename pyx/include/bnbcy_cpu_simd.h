@@ -33,6 +33,12 @@ BNBCY_AVX512 static inline __m512 bnbcy_load16(const void *p, int dtype, __mmask
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* Denormals to signed zeros, as CUDA's .ftz does to inputs and results. */
+BNBCY_AVX512 static inline __m512 bnbcy_ftz16(__m512 v) {
+    const __mmask16 sub = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm512_mask_and_ps(v, sub, v, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)));
+}
+
 /* max |x| over the block, NaN ignored, from -FLT_MAX (as the scalar loop). */
 BNBCY_AVX512 static float bnbcy_absmax_avx512(const void *x, int dtype, int64_t len) {
     const char *p = (const char *)x;
@@ -63,7 +69,7 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
                   byte = _mm512_set1_epi32(0xFF);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 k = bnbcy_tail_mask(len - i);
-        const __m512 xn = _mm512_mul_ps(bnbcy_load16(p + i * isz, dtype, k), vr);
+        const __m512 xn = bnbcy_ftz16(_mm512_mul_ps(bnbcy_ftz16(bnbcy_load16(p + i * isz, dtype, k)), vr));
         const __m512i u = _mm512_castps_si512(xn);
         const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
         /* 4-byte gathers at byte offsets: the table is padded by 3 bytes */
@@ -95,16 +101,13 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
 /* out[i] = T(ftz(lut[q[i]] * s)) for one block. */
 BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *lut, float s,
                                                  int64_t len, void *out, int dtype) {
-    const __m512 vs = _mm512_set1_ps(s), tiny = _mm512_set1_ps(FLT_MIN);
-    const __m512 signmask = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    const __m512 vs = _mm512_set1_ps(s);
     const __m512i rne = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1),
                   qnan = _mm512_set1_epi32(0x7FC0);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 k = bnbcy_tail_mask(len - i);
         const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q + i));
-        __m512 y = _mm512_mul_ps(_mm512_i32gather_ps(c, lut, 4), vs);
-        const __mmask16 sub = _mm512_cmp_ps_mask(_mm512_abs_ps(y), tiny, _CMP_LT_OQ);
-        y = _mm512_mask_and_ps(y, sub, y, signmask); /* ftz: keep only the sign */
+        const __m512 y = bnbcy_ftz16(_mm512_mul_ps(_mm512_i32gather_ps(c, lut, 4), vs));
         if (dtype == BNBCY_F32) {
             _mm512_mask_storeu_ps((float *)out + i, k, y);
         } else if (dtype == BNBCY_F16) {
