@@ -97,3 +97,29 @@ def test_nvrtc_compiles_shipped_source(unit, arch):
     declared = [k["symbol"] for k in kernels.list_kernels() if k["module"] == unit[:-3]]
     missing = [s for s in declared if b".text." + s.encode() + b"\0" not in cubin.raw]
     assert not missing, f"kernels missing from the NVRTC build of {unit}: {missing}"
+
+
+# PTX parameter types of each signature character of bnbcy._C.cuda_launch
+_PTX_PARAM = {"p": ".u64", "q": ".u64", "i": ".u32", "u": ".u32", "f": ".f32", "d": ".f64"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("unit", UNITS)
+def test_registry_signatures_match_kernel_parameters(unit, tmp_path):
+    """What the launch path packs (KernelSpec.signature) is what each kernel takes."""
+    ptx_file = tmp_path / (unit + ".ptx")
+    res = subprocess.run([NVCC, "-ptx", "--use_fast_math", "-std=c++17", "-arch=sm_90", "-I", CUDA_SRC,
+                          os.path.join(CUDA_SRC, unit), "-o", str(ptx_file)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ptx = ptx_file.read_text()
+    entries = {name: re.findall(r"\.param\s+(\.\w+)", params)
+               for name, params in re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx)}
+    for k in kernels.list_kernels():
+        if k["module"] != unit[:-3]:
+            continue
+        assert k["symbol"] in entries, f"{k['symbol']} is not an entry of {unit}"
+        # pointers are .u64 in PTX; a .u64 slot for an int64 is the same width
+        expected = [_PTX_PARAM[c] for c in k["signature"]]
+        got = [".u64" if t in (".u64", ".s64", ".b64") else ".u32" if t in (".u32", ".s32", ".b32") else t
+               for t in entries[k["symbol"]]]
+        assert got == expected, f"{k['symbol']}: kernel takes {entries[k['symbol']]}, registry packs {k['signature']}"
