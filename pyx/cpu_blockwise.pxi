@@ -8,6 +8,7 @@ from libc.stdint cimport uint8_t
 cdef extern from "bnbcy_cpu_blockwise8.h" nogil:
     ctypedef struct bnbcy_q8_table:
         int steps
+        int one_per_bucket
     int bnbcy_q8_build_table(const float *code, bnbcy_q8_table *t)
     int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocksize,
                           const float *code, const bnbcy_q8_table *table, uint8_t *q,
@@ -39,6 +40,16 @@ cdef object _q8_table(TensorView code):
         _q8_tables.pop(next(iter(_q8_tables)))
     _q8_tables[key] = table
     return table
+
+
+def q8_search_info(TensorView code):
+    """How the CPU quantizer searches ``code``: 'literal', 'packed' (one table
+    read per element) or 'table:<k>' (k midpoint compares per element)."""
+    table = _q8_table(code)
+    if table is None:
+        return "literal"
+    cdef const bnbcy_q8_table *t = <const bnbcy_q8_table *>PyBytes_AS_STRING(table)
+    return "packed" if t.one_per_bucket else f"table:{t.steps}"
 
 
 cdef void _require(TensorView v, str name, str dtype, int64_t numel) except *:

@@ -14,6 +14,7 @@ import torch
 
 import reference as R
 import bnbcy.functional as F
+from bnbcy import _C
 
 try:
     import cupy
@@ -686,6 +687,13 @@ def test_large_inputs_parallel_path(dtype, cpu_path):
     check_dequantize(F.dequantize_blockwise(q, qs), q, absmax_d, 64, dtype)
 
 
+def test_search_paths_of_the_standard_maps():
+    info = lambda c: _C.q8_search_info(_C.view(c, "code"))  # noqa: E731
+    assert info(F.create_dynamic_map()) == "packed"
+    assert info(F.create_dynamic_map(False)) == "packed"
+    assert info(F.create_linear_map(True, 4)) == "literal"  # repeated zeros
+
+
 def test_code_map_with_duplicates_uses_literal_search():
     """Zero-padded maps: literal search and the 'closed form' disagree; bnbcy must follow the literal."""
     code = F.create_linear_map(True, 4).numpy()              # 16 values, 240 zeros in the middle
@@ -851,3 +859,28 @@ def test_cuda_nested(blocksize):
     y = F.dequantize_blockwise(q, qs)
     x32 = R.to_f32(x)
     assert np.max(np.abs(R.to_f32(y) - x32)) <= 0.02 * np.max(np.abs(x32))
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_dense_strictly_increasing_map_uses_multi_step_table(scalar, monkeypatch):
+    """A strictly increasing map whose midpoints crowd into the same 2^-7-wide bucket (two values
+    per ulp-scale cluster) takes the table path with several compares per element; it must still
+    give the literal search's codes."""
+    if scalar:
+        monkeypatch.setenv("BNBCY_CPU_SCALAR", "1")
+    rng = np.random.default_rng(1234)
+    base = np.sort(rng.uniform(-1, 1, 128)).astype(np.float32)
+    code = np.sort(np.concatenate([base, np.nextafter(base, np.float32(2), dtype=np.float32),
+                                   ])).astype(np.float32)
+    code = np.unique(code)
+    code = np.concatenate([code, np.linspace(1.5, 2.0, 256 - code.size, dtype=np.float32)])
+    code = np.sort(code).astype(np.float32)
+    assert code.size == 256 and np.all(np.diff(code) > 0)
+    assert _C.q8_search_info(_C.view(torch.from_numpy(code), "code")).startswith("table:")
+    x = np.clip(rng.standard_normal(20_000) * 0.6, -1.9, 1.9).astype(np.float32)
+    probes = np.concatenate([x, code[:128], ((code[:-1] + code[1:]) * np.float32(0.5)).astype(np.float32)])
+    probes = np.concatenate([probes, np.float32([2.0])])  # fixes absmax = 2.0, r = 0.5 exactly
+    q, qs = F.quantize_blockwise(torch.from_numpy(probes), code=torch.from_numpy(code), blocksize=probes.size)
+    assert qs.absmax.item() == 2.0
+    exp = R.search_literal(code, R.normalize(probes, np.float32([2.0]), probes.size))
+    R.assert_codes_equal(q.numpy(), exp, probes)

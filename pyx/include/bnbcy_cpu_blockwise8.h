@@ -20,6 +20,11 @@ typedef struct {
     float mids_pad;       /* +inf: SIMD code reads mids[c + 1] for c <= 255 */
     uint8_t lut[65536 + 4]; /* #{i : mids[i] < smallest value of bucket}; +4: SIMD gathers read 4 bytes */
     int32_t steps;        /* most midpoints inside one bucket: compares per element */
+    int32_t one_per_bucket; /* no bucket holds two midpoints: `packed` is valid */
+    /* packed[k] = lut[k] | key16(mid) << 8 | has_mid << 24, where mid is the midpoint
+     * inside bucket k: it shares the bucket's top 16 key bits, so comparing the low
+     * 16 key bits of xn with key16(mid) compares the values (one table read per code). */
+    uint32_t packed[65536];
 } bnbcy_q8_table;
 
 static inline uint32_t bnbcy_order_key(float v) {
@@ -59,7 +64,23 @@ static int bnbcy_q8_build_table(const float *code, bnbcy_q8_table *t) {
         if (upto - below > steps) steps = upto - below;
     }
     t->steps = steps;
+    t->one_per_bucket = 1;
+    for (uint32_t k = 0; k < 65536; k++) t->packed[k] = t->lut[k];
+    for (int i = 0; i < 255; i++) {
+        const uint32_t key = bnbcy_order_key(t->mids[i] + 0.0f); /* -0.0 -> +0.0: keys order values */
+        uint32_t *e = &t->packed[key >> 16];
+        if (*e & (1u << 24)) t->one_per_bucket = 0;
+        *e |= (1u << 24) | ((key & 0xFFFFu) << 8);
+    }
     return 0;
+}
+
+static inline uint8_t bnbcy_q8_code_packed(float xn, const uint32_t *packed) {
+    const uint32_t key = bnbcy_order_key(xn + 0.0f);
+    const uint32_t e = packed[key >> 16], lo = key & 0xFFFFu, mid = (e >> 8) & 0xFFFFu;
+    const uint32_t has = (e >> 24) & 1u, c0 = e & 0xFFu;
+    const uint32_t above = has & (lo > mid), tie = has & (lo == mid) & c0; /* tie: even index */
+    return xn == xn ? (uint8_t)(c0 + above + tie) : 0;
 }
 
 static inline uint8_t bnbcy_q8_code_table(float xn, const bnbcy_q8_table *t, int steps) {
@@ -108,7 +129,11 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
         float r = 1.0f / m;                                                              \
         if (fabsf(r) < FLT_MIN) r = 0.0f; /* ftz: |m| > 2^126 */                         \
         if (t && simd) {                                                                 \
-            bnbcy_q8_codes_avx512(x, DTYPE, len, r, t->lut, t->mids, t->steps, q);       \
+            bnbcy_q8_codes_avx512(x, DTYPE, len, r, t->lut, t->mids, t->steps,          \
+                                  t->one_per_bucket ? t->packed : NULL, q);              \
+        } else if (t && t->one_per_bucket) {                                             \
+            for (int64_t i = 0; i < len; i++)                                            \
+                q[i] = bnbcy_q8_code_packed(bnbcy_ftz(bnbcy_ftz(LOAD(x[i])) * r), t->packed); \
         } else if (t) {                                                                  \
             const int steps = t->steps;                                                  \
             for (int64_t i = 0; i < len; i++)                                            \

@@ -61,15 +61,31 @@ BNBCY_AVX512 static float bnbcy_absmax_avx512(const void *x, int dtype, int64_t 
 /* Codes of one block through the bucket table (see bnbcy_q8_code_table). */
 BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t len, float r,
                                                const uint8_t *lut, const float *mids, int steps,
-                                               uint8_t *q) {
+                                               const uint32_t *packed, uint8_t *q) {
     const char *p = (const char *)x;
     const size_t isz = dtype == BNBCY_F32 ? 4 : 2;
     const __m512 vr = _mm512_set1_ps(r);
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1),
-                  byte = _mm512_set1_epi32(0xFF);
+                  byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF),
+                  has_bit = _mm512_set1_epi32(1 << 24);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 k = bnbcy_tail_mask(len - i);
         const __m512 xn = bnbcy_ftz16(_mm512_mul_ps(bnbcy_ftz16(bnbcy_load16(p + i * isz, dtype, k)), vr));
+        if (packed) { /* one midpoint per bucket at most: one table read (bnbcy_q8_code_packed) */
+            const __m512i u = _mm512_castps_si512(_mm512_add_ps(xn, _mm512_setzero_ps()));
+            const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+            const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), packed, 4);
+            const __m512i lo = _mm512_and_si512(key, low16);
+            const __m512i mid = _mm512_and_si512(_mm512_srli_epi32(e, 8), low16);
+            const __mmask16 has = _mm512_test_epi32_mask(e, has_bit);
+            const __mmask16 above = has & _mm512_cmpgt_epu32_mask(lo, mid);
+            const __mmask16 tie = has & _mm512_cmpeq_epi32_mask(lo, mid) & _mm512_test_epi32_mask(e, one);
+            __m512i c = _mm512_and_si512(e, byte);
+            c = _mm512_mask_add_epi32(c, above | tie, c, one);
+            c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(xn, xn, _CMP_ORD_Q), c); /* NaN -> 0 */
+            _mm512_mask_cvtepi32_storeu_epi8(q + i, k, c);
+            continue;
+        }
         const __m512i u = _mm512_castps_si512(xn);
         const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
         /* 4-byte gathers at byte offsets: the table is padded by 3 bytes */
@@ -127,7 +143,7 @@ BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *
 static int bnbcy_cpu_has_avx512(void) { return 0; }
 static inline float bnbcy_absmax_avx512(const void *x, int dtype, int64_t len) { return 0.0f; }
 static inline void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t len, float r, const uint8_t *lut,
-                                         const float *mids, int steps, uint8_t *q) {}
+                                         const float *mids, int steps, const uint32_t *packed, uint8_t *q) {}
 static inline void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *lut, float s, int64_t len,
                                            void *out, int dtype) {}
 #endif
