@@ -83,36 +83,17 @@ def _functional(impl: str):
     return mod
 
 
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                       total_bits: int = 8) -> torch.Tensor:
-    """The bitsandbytes default "dynamic" 8-bit code (256 sorted float32 values).
+def dynamic_map() -> torch.Tensor:
+    """The default 8-bit "dynamic" code (256 sorted float32 values) for the torch baseline.
 
-    A port of ``bitsandbytes.functional.create_dynamic_map`` so the torch
-    baseline does not depend on either library; ``--check`` compares it with
-    the libraries' own map.
+    The map is data (identical in both libraries, bit for bit); it is taken from
+    bitsandbytes, the reference, or from bnbcy when bitsandbytes is absent.
     """
-    data = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data.append(0)
-    data.append(1.0)
-    data += [0] * (2 ** total_bits - len(data))
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    for impl in ("bitsandbytes", "bnbcy"):
+        mod, _ = load_functional(impl)
+        if mod is not None and hasattr(mod, "create_dynamic_map"):
+            return mod.create_dynamic_map().float().cpu()
+    raise ImplUnavailable("neither bitsandbytes nor bnbcy is importable for the code map")
 
 
 class TorchBlockwise:
@@ -125,7 +106,7 @@ class TorchBlockwise:
     """
 
     def __init__(self, device: str):
-        code = create_dynamic_map()
+        code = dynamic_map()
         assert bool((code[1:] >= code[:-1]).all()), "bucketize needs a sorted code"
         self.code = code.to(device)
         # Nearest code == bucket among the midpoints between neighbouring codes.
@@ -186,6 +167,33 @@ def bind_dequantize(impl: str, blocksize: int, torch_impl: TorchBlockwise):
         # Each library dequantizes its own quantize output, i.e. the usual round trip.
         q, state = F.quantize_blockwise(A, blocksize=blocksize)
         return lambda: F.dequantize_blockwise(q, state)
+    return bind
+
+
+def bind_dequantize_out(impl: str, blocksize: int, torch_impl: TorchBlockwise):
+    """Dequantize into a preallocated ``out=``: the kernel alone, without the
+    first-touch page faults of a fresh output (which dominate on some VMs)."""
+    if impl == "torch":
+        def bind_torch(A):
+            q, absmax = torch_impl.quantize(A, blocksize)
+            n = q.numel()
+            if n % blocksize or A.dtype != torch.float32:
+                raise ImplUnavailable("torch out= baseline needs float32 and whole blocks")
+            out = torch.empty_like(A)
+            idx = q.reshape(-1).int()
+            return lambda: torch.mul(torch_impl.code.index_select(0, idx).view(-1, blocksize),
+                                     absmax.unsqueeze(1), out=out.view(-1, blocksize))
+        return bind_torch
+
+    def bind(A):
+        F = _functional(impl)
+        q, state = F.quantize_blockwise(A, blocksize=blocksize)
+        out = torch.empty_like(A)
+        try:
+            F.dequantize_blockwise(q, state, out=out)
+        except NotImplementedError as exc:  # bitsandbytes' CPU backend has no out= form
+            raise ImplUnavailable(f"out= not supported: {str(exc).splitlines()[0][:120]}") from exc
+        return lambda: F.dequantize_blockwise(q, state, out=out)
     return bind
 
 
@@ -255,8 +263,10 @@ def parse_n(text: str) -> int:
 def make_cases(device: str, ns, blocksizes, dtypes, ops, impls, seed: int, rotate: Optional[int]):
     """Yield the cases lazily so only one case's inputs are alive at a time."""
     torch_impl = TorchBlockwise(device)
-    binders = {"quantize": bind_quantize, "dequantize": bind_dequantize}
-    checks = {"quantize": check_quantize, "dequantize": check_dequantize}
+    binders = {"quantize": bind_quantize, "dequantize": bind_dequantize,
+               "dequantize-out": bind_dequantize_out}
+    checks = {"quantize": check_quantize, "dequantize": check_dequantize,
+              "dequantize-out": check_dequantize}
     for op in ops:
         for dtype in dtypes:
             for n in ns:
@@ -304,8 +314,8 @@ def make_bars(device: str, threads: int):
 
 
 def code_check(device: str) -> dict:
-    """Compare the ported dynamic map with the libraries' (the torch baseline's code)."""
-    ours = create_dynamic_map()
+    """Compare the libraries' dynamic maps with the torch baseline's code."""
+    ours = dynamic_map()
     res = {}
     for impl in ("bitsandbytes", "bnbcy"):
         mod, _ = load_functional(impl)
@@ -343,7 +353,7 @@ def parse_args(argv=None):
                    help="default: 4096 on cpu; 64 256 4096 on cuda")
     p.add_argument("--dtypes", nargs="+", default=None,
                    help="float32 float16 bfloat16 (default: float32 on cpu; all three on cuda)")
-    p.add_argument("--ops", nargs="+", default=["quantize", "dequantize"])
+    p.add_argument("--ops", nargs="+", default=["quantize", "dequantize", "dequantize-out"])
     p.add_argument("--impls", nargs="+", default=list(harness.DEFAULT_IMPLS),
                    help="subset of bnbcy bitsandbytes torch")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per implementation")
@@ -369,7 +379,7 @@ def parse_args(argv=None):
         p.error(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
     args.dtypes = [DTYPES[d] for d in dtypes]
     args.ops = _list(args.ops, str)
-    bad_ops = [o for o in args.ops if o not in ("quantize", "dequantize")]
+    bad_ops = [o for o in args.ops if o not in ("quantize", "dequantize", "dequantize-out")]
     if bad_ops:
         p.error(f"unknown op(s) {bad_ops}")
     args.impls = _list(args.impls, str)
