@@ -6,6 +6,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint8_t
 
 cdef extern from "bnbcy_cpu_blockwise8.h" nogil:
+    int bnbcy_cpu_isa()
     ctypedef struct bnbcy_q8_table:
         int steps
         int one_per_bucket
@@ -40,6 +41,12 @@ cdef object _q8_table(TensorView code):
         _q8_tables.pop(next(iter(_q8_tables)))
     _q8_tables[key] = table
     return table
+
+
+def cpu_isa():
+    """Instruction set the CPU kernels use now: 'avx512', 'avx2' or 'scalar'
+    (the best the CPU has, lowered by ``BNBCY_CPU_ISA``)."""
+    return ("scalar", "avx2", "avx512")[bnbcy_cpu_isa()]
 
 
 def q8_search_info(TensorView code):

@@ -17,6 +17,7 @@ import reference as R
 from test_blockwise_numerics import check_dequantize, check_error_bound, check_quantize
 
 import bnbcy.functional as F
+from bnbcy import _C
 
 SETTINGS = settings(max_examples=50, deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -26,17 +27,30 @@ BLOCKSIZES = st.one_of(st.sampled_from([64, 128, 256, 512, 1024, 2048, 4096]),
 
 
 @contextlib.contextmanager
-def cpu_path(scalar: bool):
-    """Force bnbcy's portable scalar CPU path (read on every call) or leave the default (AVX-512)."""
-    old = os.environ.pop("BNBCY_CPU_SCALAR", None)
-    if scalar:
-        os.environ["BNBCY_CPU_SCALAR"] = "1"
+def cpu_path(isa: str):
+    """Run on one CPU kernel path (bnbcy reads BNBCY_CPU_ISA on every call)."""
+    old = os.environ.get("BNBCY_CPU_ISA")
+    os.environ["BNBCY_CPU_ISA"] = isa
     try:
         yield
     finally:
-        os.environ.pop("BNBCY_CPU_SCALAR", None)
-        if old is not None:
-            os.environ["BNBCY_CPU_SCALAR"] = old
+        if old is None:
+            os.environ.pop("BNBCY_CPU_ISA", None)
+        else:
+            os.environ["BNBCY_CPU_ISA"] = old
+
+
+def _available_isas():
+    """The CPU kernel paths this machine can run (the scalar one always)."""
+    found = []
+    for isa in ("avx512", "avx2", "scalar"):
+        with cpu_path(isa):
+            if _C.cpu_isa() == isa:
+                found.append(isa)
+    return found
+
+
+ISAS = _available_isas()
 
 
 @st.composite
@@ -84,11 +98,11 @@ def float_inputs(draw):
 
 
 @SETTINGS
-@given(x=float_inputs(), blocksize=BLOCKSIZES, scalar=st.booleans())
-def test_fuzz_quantize_dequantize(x, blocksize, scalar):
+@given(x=float_inputs(), blocksize=BLOCKSIZES, isa=st.sampled_from(ISAS))
+def test_fuzz_quantize_dequantize(x, blocksize, isa):
     dtype = R.dtype_name(x)
     before = R.bits_of(x)
-    with cpu_path(scalar):
+    with cpu_path(isa):
         q, qs = F.quantize_blockwise(x, blocksize=blocksize)
         y = F.dequantize_blockwise(q, qs)
     np.testing.assert_array_equal(R.bits_of(x), before)
@@ -102,14 +116,14 @@ FLOAT32S = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnor
 
 @SETTINGS
 @given(vals=st.lists(FLOAT32S, min_size=1, max_size=3000), blocksize=BLOCKSIZES,
-       dtype=st.sampled_from(R.DTYPE_NAMES), scalar=st.booleans())
-def test_fuzz_arbitrary_float32_values(vals, blocksize, dtype, scalar):
+       dtype=st.sampled_from(R.DTYPE_NAMES), isa=st.sampled_from(ISAS))
+def test_fuzz_arbitrary_float32_values(vals, blocksize, dtype, isa):
     """Any float32 bit pattern (NaN, ±inf, denormals, ±0, extremes) in any block layout."""
     v = np.asarray(vals, dtype=np.float64)
     if dtype == "float16":
         v = np.where(np.abs(v) > R.FP16_MAX, np.copysign(np.inf, v), v)
     x = R.make_input(v, dtype)
-    with cpu_path(scalar):
+    with cpu_path(isa):
         q, qs = F.quantize_blockwise(x, blocksize=blocksize)
         y = F.dequantize_blockwise(q, qs)
     _, _, absmax_ref = check_quantize(x, q, qs, blocksize)
@@ -119,15 +133,15 @@ def test_fuzz_arbitrary_float32_values(vals, blocksize, dtype, scalar):
 
 @SETTINGS
 @given(vals=st.lists(st.floats(-1, 1, width=32), min_size=1, max_size=2000),
-       exponent=st.integers(-100, 100), scalar=st.booleans())
-def test_fuzz_search_on_exact_values(vals, exponent, scalar):
+       exponent=st.integers(-100, 100), isa=st.sampled_from(ISAS))
+def test_fuzz_search_on_exact_values(vals, exponent, isa):
     """With absmax a power of two the normalisation is exact, so this fuzzes the §2.2 search itself
     (midpoints, ties, neighbours) through the library: codes == literal search of x/absmax."""
     scale = np.float32(2.0 ** exponent)
     xn = np.asarray(vals, dtype=np.float32)
     x32 = np.concatenate([np.float32([1.0]), xn]) * scale
     x = torch.from_numpy(x32)
-    with cpu_path(scalar):
+    with cpu_path(isa):
         q, qs = F.quantize_blockwise(x, blocksize=x32.size)
     assert qs.absmax.item() == scale
     q_ref, _ = R.quantize_ref(x32, x32.size)

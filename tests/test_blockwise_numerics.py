@@ -28,12 +28,17 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 POISON = 0xAB
 
 
-@pytest.fixture(params=["default", "scalar"])
+def use_cpu_isa(isa, monkeypatch):
+    """Select a CPU kernel path (bnbcy reads BNBCY_CPU_ISA on every call); skip where the CPU lacks it."""
+    monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+    if _C.cpu_isa() != isa:
+        pytest.skip(f"this CPU has no {isa} (hardware)")
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def cpu_path(request, monkeypatch):
-    """Run on the default CPU path (AVX-512 where the CPU has it) and on the portable scalar path;
-    bnbcy reads BNBCY_CPU_SCALAR on every call."""
-    if request.param == "scalar":
-        monkeypatch.setenv("BNBCY_CPU_SCALAR", "1")
+    """Run every CPU kernel path: AVX-512, AVX2 and the portable scalar one."""
+    use_cpu_isa(request.param, monkeypatch)
     return request.param
 
 
@@ -861,13 +866,10 @@ def test_cuda_nested(blocksize):
     assert np.max(np.abs(R.to_f32(y) - x32)) <= 0.02 * np.max(np.abs(x32))
 
 
-@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_dense_strictly_increasing_map_uses_multi_step_table(scalar, monkeypatch):
+def test_dense_strictly_increasing_map_uses_multi_step_table(cpu_path):
     """A strictly increasing map whose midpoints crowd into the same 2^-7-wide bucket (two values
     per ulp-scale cluster) takes the table path with several compares per element; it must still
     give the literal search's codes."""
-    if scalar:
-        monkeypatch.setenv("BNBCY_CPU_SCALAR", "1")
     rng = np.random.default_rng(1234)
     base = np.sort(rng.uniform(-1, 1, 128)).astype(np.float32)
     code = np.sort(np.concatenate([base, np.nextafter(base, np.float32(2), dtype=np.float32),

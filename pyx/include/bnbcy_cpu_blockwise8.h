@@ -109,15 +109,18 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
     static inline void bnbcy_q8_block_##SUFFIX(const TYPE *x, int64_t len,               \
                                                const float *code,                        \
                                                const bnbcy_q8_table *t, uint8_t *q,      \
-                                               float *absmax, int simd, int partial) {   \
+                                               float *absmax, int isa, int partial) {    \
         float m = -FLT_MAX; /* as fmaxf from -FLT_MAX: NaN ignored, all-NaN -> -FLT_MAX */ \
-        if (simd) {                                                                      \
+        int64_t done = 0;                                                                \
+        if (isa == BNBCY_ISA_AVX512) {                                                   \
             m = bnbcy_absmax_avx512(x, DTYPE, len);                                      \
-        } else {                                                                         \
-            for (int64_t i = 0; i < len; i++) {                                          \
-                float a = fabsf(LOAD(x[i]));                                             \
-                m = a > m ? a : m;                                                       \
-            }                                                                            \
+            done = len;                                                                  \
+        } else if (isa == BNBCY_ISA_AVX2) {                                              \
+            done = bnbcy_absmax_avx2(x, DTYPE, len, &m);                                 \
+        }                                                                                \
+        for (int64_t i = done; i < len; i++) {                                           \
+            float a = fabsf(LOAD(x[i]));                                                 \
+            m = a > m ? a : m;                                                           \
         }                                                                                \
         if (partial && !(m > 0.0f)) m = 0.0f; /* CUDA pads a partial block with zeros */ \
         if (m >= 0.0f && m < FLT_MIN) m = 0.0f; /* ftz */                                \
@@ -128,11 +131,12 @@ static inline uint8_t bnbcy_q8_code_search(float xn, const float *code) {
         }                                                                                \
         float r = 1.0f / m;                                                              \
         if (fabsf(r) < FLT_MIN) r = 0.0f; /* ftz: |m| > 2^126 */                         \
-        if (t && simd) {                                                                 \
+        if (t && isa == BNBCY_ISA_AVX512) {                                              \
             bnbcy_q8_codes_avx512(x, DTYPE, len, r, t->lut, t->mids, t->steps,          \
                                   t->one_per_bucket ? t->packed : NULL, q);              \
         } else if (t && t->one_per_bucket) {                                             \
-            for (int64_t i = 0; i < len; i++)                                            \
+            int64_t i = isa == BNBCY_ISA_AVX2 ? bnbcy_q8_codes_avx2(x, DTYPE, len, r, t->packed, q) : 0; \
+            for (; i < len; i++)                                                         \
                 q[i] = bnbcy_q8_code_packed(bnbcy_ftz(bnbcy_ftz(LOAD(x[i])) * r), t->packed); \
         } else if (t) {                                                                  \
             const int steps = t->steps;                                                  \
@@ -154,7 +158,7 @@ static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocks
                              const float *code, const bnbcy_q8_table *table, uint8_t *q,
                              float *absmax, int nthreads) {
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
-    const int simd = bnbcy_cpu_has_avx512() && !getenv("BNBCY_CPU_SCALAR");
+    const int isa = bnbcy_cpu_isa();
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
     bnbcy_advise_hugepages(q, (size_t)n);
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= BNBCY_OMP_MIN_WORK)
@@ -162,13 +166,13 @@ static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocks
         const int64_t start = b * blocksize;
         const int64_t len = (n - start) < blocksize ? (n - start) : blocksize;
         if (dtype == BNBCY_F32)
-            bnbcy_q8_block_f32((const float *)A + start, len, code, table, q + start, absmax + b, simd,
+            bnbcy_q8_block_f32((const float *)A + start, len, code, table, q + start, absmax + b, isa,
                                len < blocksize);
         else if (dtype == BNBCY_F16)
-            bnbcy_q8_block_f16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd,
+            bnbcy_q8_block_f16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, isa,
                                len < blocksize);
         else
-            bnbcy_q8_block_bf16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, simd,
+            bnbcy_q8_block_bf16((const uint16_t *)A + start, len, code, table, q + start, absmax + b, isa,
                                len < blocksize);
     }
     return 0;
@@ -179,7 +183,7 @@ static int bnbcy_q8_dequantize(const uint8_t *q, const float *code, const float 
                                int nthreads) {
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     float lut[256];
-    const int simd = bnbcy_cpu_has_avx512() && !getenv("BNBCY_CPU_SCALAR");
+    const int isa = bnbcy_cpu_isa();
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
     for (int i = 0; i < 256; i++) lut[i] = bnbcy_ftz(code[i]);
     bnbcy_advise_hugepages(out, (size_t)n * (dtype == BNBCY_F32 ? 4 : 2));
@@ -189,17 +193,20 @@ static int bnbcy_q8_dequantize(const uint8_t *q, const float *code, const float 
         const int64_t len = (n - start) < blocksize ? (n - start) : blocksize;
         const float s = bnbcy_ftz(absmax[b]);
         const uint8_t *qb = q + start;
-        if (simd) {
-            bnbcy_q8_dequant_avx512(qb, lut, s, len, (char *)out + start * (dtype == BNBCY_F32 ? 4 : 2), dtype);
-        } else if (dtype == BNBCY_F32) {
-            float *o = (float *)out + start;
-            for (int64_t i = 0; i < len; i++) o[i] = bnbcy_ftz(lut[qb[i]] * s);
+        void *ob = (char *)out + start * (dtype == BNBCY_F32 ? 4 : 2);
+        int64_t i = 0;
+        if (isa == BNBCY_ISA_AVX512) {
+            bnbcy_q8_dequant_avx512(qb, lut, s, len, ob, dtype);
+            i = len;
+        } else if (isa == BNBCY_ISA_AVX2) {
+            i = bnbcy_q8_dequant_avx2(qb, lut, s, len, ob, dtype);
+        }
+        if (dtype == BNBCY_F32) {
+            for (; i < len; i++) ((float *)ob)[i] = bnbcy_ftz(lut[qb[i]] * s);
         } else if (dtype == BNBCY_F16) {
-            uint16_t *o = (uint16_t *)out + start;
-            for (int64_t i = 0; i < len; i++) o[i] = bnbcy_f32_to_f16(bnbcy_ftz(lut[qb[i]] * s));
+            for (; i < len; i++) ((uint16_t *)ob)[i] = bnbcy_f32_to_f16(bnbcy_ftz(lut[qb[i]] * s));
         } else {
-            uint16_t *o = (uint16_t *)out + start;
-            for (int64_t i = 0; i < len; i++) o[i] = bnbcy_f32_to_bf16(bnbcy_ftz(lut[qb[i]] * s));
+            for (; i < len; i++) ((uint16_t *)ob)[i] = bnbcy_f32_to_bf16(bnbcy_ftz(lut[qb[i]] * s));
         }
     }
     return 0;

@@ -5,6 +5,8 @@
 #ifndef BNBCY_CPU_SIMD_H
 #define BNBCY_CPU_SIMD_H
 #include "bnbcy_cpu_common.h"
+#include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BNBCY_HAVE_AVX512_PATH 1
@@ -138,14 +140,139 @@ BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *
         }
     }
 }
-#else /* no AVX-512 path on this compiler/architecture: stubs, never called */
+/* ------------------------------------------------------------------ AVX2 */
+/* Eight lanes; whole vectors only (block tails use the scalar helpers, which
+ * compute the same bits). Codes need the packed bucket table. */
+#define BNBCY_AVX2_TARGET __attribute__((target("avx2,f16c")))
+
+static int bnbcy_cpu_has_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+
+BNBCY_AVX2_TARGET static inline __m256 bnbcy_load8(const void *p, int dtype) {
+    if (dtype == BNBCY_F32) return _mm256_loadu_ps((const float *)p);
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dtype == BNBCY_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+BNBCY_AVX2_TARGET static inline __m256 bnbcy_ftz8(__m256 v) {
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256 sub = _mm256_cmp_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm256_blendv_ps(v, _mm256_and_ps(v, sign), sub);
+}
+
+/* max |x| over whole vectors (from m, NaN ignored); returns the count handled. */
+BNBCY_AVX2_TARGET static int64_t bnbcy_absmax_avx2(const void *x, int dtype, int64_t len, float *m) {
+    const char *p = (const char *)x;
+    const size_t isz = dtype == BNBCY_F32 ? 4 : 2;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 m0 = _mm256_set1_ps(*m), m1 = m0;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) { /* maxps(a, b) returns b when a is NaN */
+        m0 = _mm256_max_ps(_mm256_and_ps(bnbcy_load8(p + i * isz, dtype), absmask), m0);
+        m1 = _mm256_max_ps(_mm256_and_ps(bnbcy_load8(p + (i + 8) * isz, dtype), absmask), m1);
+    }
+    for (; i + 8 <= len; i += 8)
+        m0 = _mm256_max_ps(_mm256_and_ps(bnbcy_load8(p + i * isz, dtype), absmask), m0);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
+    for (int k = 0; k < 8; k++) *m = lanes[k] > *m ? lanes[k] : *m;
+    return i;
+}
+
+/* Codes of whole vectors through the packed table; returns the count handled. */
+BNBCY_AVX2_TARGET static int64_t bnbcy_q8_codes_avx2(const void *x, int dtype, int64_t len, float r,
+                                                     const uint32_t *packed, uint8_t *q) {
+    const char *p = (const char *)x;
+    const size_t isz = dtype == BNBCY_F32 ? 4 : 2;
+    const __m256 vr = _mm256_set1_ps(r);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), low16 = _mm256_set1_epi32(0xFFFF),
+                  one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m256 xn = bnbcy_ftz8(_mm256_mul_ps(bnbcy_ftz8(bnbcy_load8(p + i * isz, dtype)), vr));
+        const __m256i u = _mm256_castps_si256(_mm256_add_ps(xn, _mm256_setzero_ps()));
+        const __m256i key = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), sign));
+        const __m256i e = _mm256_i32gather_epi32((const int *)packed, _mm256_srli_epi32(key, 16), 4);
+        const __m256i lo = _mm256_and_si256(key, low16);
+        const __m256i mid = _mm256_and_si256(_mm256_srli_epi32(e, 8), low16);
+        const __m256i has = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 24), one), one);
+        const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(e, one), one);
+        const __m256i above = _mm256_cmpgt_epi32(lo, mid); /* both < 2^16: signed compare is exact */
+        const __m256i tie = _mm256_and_si256(_mm256_cmpeq_epi32(lo, mid), odd);
+        const __m256i inc = _mm256_and_si256(_mm256_and_si256(_mm256_or_si256(above, tie), has), one);
+        __m256i c = _mm256_add_epi32(_mm256_and_si256(e, byte), inc);
+        c = _mm256_and_si256(c, _mm256_castps_si256(_mm256_cmp_ps(xn, xn, _CMP_ORD_Q))); /* NaN -> 0 */
+        const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
+        const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
+        const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
+        memcpy(q + i, &lo4, 4);
+        memcpy(q + i + 4, &hi4, 4);
+    }
+    return i;
+}
+
+/* out[i] = T(ftz(lut[q[i]] * s)) over whole vectors; returns the count handled. */
+BNBCY_AVX2_TARGET static int64_t bnbcy_q8_dequant_avx2(const uint8_t *q, const float *lut, float s,
+                                                       int64_t len, void *out, int dtype) {
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i rne = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1),
+                  qnan = _mm256_set1_epi32(0x7FC0);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+        const __m256 y = bnbcy_ftz8(_mm256_mul_ps(_mm256_i32gather_ps(lut, c, 4), vs));
+        if (dtype == BNBCY_F32) {
+            _mm256_storeu_ps((float *)out + i, y);
+        } else if (dtype == BNBCY_F16) {
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + i),
+                             _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        } else { /* bfloat16 as c10::BFloat16 (NaN -> 0x7FC0) */
+            const __m256i u = _mm256_castps_si256(y);
+            __m256i b = _mm256_add_epi32(u, _mm256_add_epi32(rne, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+            b = _mm256_srli_epi32(b, 16);
+            b = _mm256_blendv_epi8(b, qnan, _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+            const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(w));
+        }
+    }
+    return i;
+}
+
+#else /* no SIMD paths on this compiler/architecture: stubs, never called */
 #define BNBCY_HAVE_AVX512_PATH 0
 static int bnbcy_cpu_has_avx512(void) { return 0; }
+static int bnbcy_cpu_has_avx2(void) { return 0; }
+static inline int64_t bnbcy_absmax_avx2(const void *x, int dtype, int64_t len, float *m) { return 0; }
+static inline int64_t bnbcy_q8_codes_avx2(const void *x, int dtype, int64_t len, float r, const uint32_t *packed,
+                                          uint8_t *q) { return 0; }
+static inline int64_t bnbcy_q8_dequant_avx2(const uint8_t *q, const float *lut, float s, int64_t len, void *out,
+                                            int dtype) { return 0; }
 static inline float bnbcy_absmax_avx512(const void *x, int dtype, int64_t len) { return 0.0f; }
 static inline void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t len, float r, const uint8_t *lut,
                                          const float *mids, int steps, const uint32_t *packed, uint8_t *q) {}
 static inline void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *lut, float s, int64_t len,
                                            void *out, int dtype) {}
 #endif
+
+enum { BNBCY_ISA_SCALAR = 0, BNBCY_ISA_AVX2 = 1, BNBCY_ISA_AVX512 = 2 };
+
+/* The best instruction set this CPU has, or the one BNBCY_CPU_ISA
+ * ("scalar", "avx2", "avx512") asks for when the CPU has it (tests use it to
+ * cover every path). Read on each call: cheap, and tests flip it. */
+static int bnbcy_cpu_isa(void) {
+    int best = bnbcy_cpu_has_avx512() ? BNBCY_ISA_AVX512 : bnbcy_cpu_has_avx2() ? BNBCY_ISA_AVX2 : BNBCY_ISA_SCALAR;
+    const char *want = getenv("BNBCY_CPU_ISA");
+    if (want == NULL || *want == 0) return best;
+    int w = strcmp(want, "scalar") == 0 ? BNBCY_ISA_SCALAR : strcmp(want, "avx2") == 0 ? BNBCY_ISA_AVX2 : best;
+    if (w == BNBCY_ISA_AVX2 && !bnbcy_cpu_has_avx2()) w = BNBCY_ISA_SCALAR;
+    return w < best ? w : best;
+}
 
 #endif
