@@ -11,6 +11,7 @@ except ImportError as exc:  # pragma: no cover - only in an unbuilt source check
                       "`pip install -e .` (needs a C compiler and Cython)") from exc
 
 from . import functional, kernels
+from .autograd._functions import MatMul4Bit, matmul_4bit
 from ._features import features
 
-__all__ = ["functional", "kernels", "features", "__version__"]
+__all__ = ["MatMul4Bit", "functional", "kernels", "features", "matmul_4bit", "__version__"]

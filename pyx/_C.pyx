@@ -10,6 +10,7 @@ cdef extern from "bnbcy_omp.h" nogil:
 
 include "tensor_view.pxi"
 include "cpu_blockwise.pxi"
+include "cpu_fourbit.pxi"
 include "cuda_launch.pxi"
 
 

@@ -570,3 +570,76 @@ def seed_of(*parts) -> int:
     """A stable per-test seed (different for every parametrization)."""
     import zlib
     return zlib.crc32(repr(parts).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# 4-bit NF4 / FP4 (NUMERICS.md §1.4, §1.5, §3), written from the spec's tables, not from bnbcy
+# --------------------------------------------------------------------------------------------------
+def _f32_from_hex(words) -> np.ndarray:
+    return np.array([int(w, 16) for w in words], dtype=np.uint32).view(np.float32)
+
+
+# §1.4 table, code order
+NF4 = _f32_from_hex("bf800000 bf3239b1 bf066b30 beca32a0 be91a24d be3d353f bdba7871 00000000 "
+                    "3da2faff 3e24cae3 3e7c04dd 3ead033a 3ee1a4b8 3f1007ab 3f3913b3 3f800000".split())
+# §1.5: the CUDA dequantizer's values (code 8 is -0.0) and QuantState.code (+0.0 at 8)
+FP4_DEQUANT = _f32_from_hex("00000000 3baaaaab 3f2aaaab 3f800000 3eaaaaab 3f000000 3e2aaaab 3e800000 "
+                            "80000000 bbaaaaab bf2aaaab bf800000 beaaaaab bf000000 be2aaaab be800000".split())
+FP4_CODE = np.where(FP4_DEQUANT == 0, np.float32(0), FP4_DEQUANT).astype(np.float32)
+# §3.2: NF4 thresholds are the float32 midpoints of the table
+NF4_THRESHOLDS = ((NF4[:-1] + NF4[1:]).astype(np.float32) * np.float32(0.5)).astype(np.float32)
+# §3.2: FP4 literal tree constants
+_FP4_T = dict(zip(("t0259", "t0086", "t0208", "t0292", "t0417", "t0583", "t0833"),
+                  _f32_from_hex("3b2aaab9 3db00000 3e555555 3e955555 3ed55556 3f155550 3f555555".split())))
+
+
+def nf4_codes(xn) -> np.ndarray:
+    """code = #{k : xn > t_k}; NaN -> 0."""
+    xn = np.asarray(xn, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        return (xn[..., None] > NF4_THRESHOLDS).sum(axis=-1).astype(np.uint8)
+
+
+def fp4_codes(xn) -> np.ndarray:
+    """bitsandbytes' FP4 tree, literally: sign for xn < 0, magnitude by strict '>' tests."""
+    xn = np.asarray(xn, dtype=np.float32)
+    t = _FP4_T
+    with np.errstate(invalid="ignore"):
+        a = np.abs(xn)
+        mag = np.where(a > t["t0292"],
+                       np.where(a > t["t0583"], np.where(a > t["t0833"], 0b011, 0b010),
+                                np.where(a > t["t0417"], 0b101, 0b100)),
+                       np.where(a > t["t0086"], np.where(a > t["t0208"], 0b111, 0b110),
+                                np.where(a > t["t0259"], 0b001, 0b000)))
+        return (mag | np.where(xn < 0, 0b1000, 0)).astype(np.uint8)
+
+
+def quantize4_ref(x, blocksize: int, quant_type: str):
+    """Reference ``quantize_4bit``: (per-element codes uint8[n + n % 2] including the padding code of an
+    odd tail, absmax float32[nblocks])."""
+    flat = (x if isinstance(x, np.ndarray) and x.dtype == np.float32 else to_f32(x)).ravel()
+    n = flat.size
+    absmax = block_absmax(flat, blocksize)
+    padded = np.concatenate([flat, np.zeros(n % 2, dtype=np.float32)])  # the pad element is 0.0 * r
+    xn = normalize(padded, absmax, blocksize)  # blocksize is even: the pad lies in the last block
+    codes = nf4_codes(xn) if quant_type == "nf4" else fp4_codes(xn)
+    return codes, absmax
+
+
+def pack4(codes) -> np.ndarray:
+    """Element 2j -> high nibble of byte j, 2j+1 -> low nibble (len(codes) even)."""
+    c = np.asarray(codes, dtype=np.uint8).reshape(-1, 2)
+    return ((c[:, 0] << 4) | c[:, 1]).astype(np.uint8)
+
+
+def unpack4(packed, n: int) -> np.ndarray:
+    b = np.asarray(packed, dtype=np.uint8).ravel()
+    return np.stack([b >> 4, b & 15], axis=1).ravel()[:n]
+
+
+def dequantize4_f32(codes, absmax, blocksize: int, quant_type: str) -> np.ndarray:
+    """ftz(fl32(table[c] * absmax[i // blocksize])) with the CUDA dequantizer's tables (§3.3)."""
+    table = NF4 if quant_type == "nf4" else FP4_DEQUANT
+    c = np.asarray(codes).ravel().astype(np.intp)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        return ftz(table[c] * expand(ftz(absmax), c.size, blocksize))

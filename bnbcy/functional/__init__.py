@@ -4,12 +4,16 @@ Every op takes torch tensors, CuPy arrays or NumPy arrays and returns arrays
 of the input's kind on the input's device.
 """
 from .blockwise import dequantize_blockwise, quantize_blockwise
+from .fourbit import (dequantize_4bit, dequantize_fp4, dequantize_nf4, get_4bit_type, quantize_4bit,
+                      quantize_fp4, quantize_nf4)
+from .fourbit_matmul import gemm_4bit, gemv_4bit
 from .maps import (create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map,
                    name2qmap)
 from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
-    "QuantState", "create_dynamic_map", "create_fp8_map", "create_linear_map", "create_normal_map",
+    "QuantState", "create_dynamic_map", "dequantize_4bit", "dequantize_fp4", "dequantize_nf4",
+    "gemm_4bit", "gemv_4bit", "get_4bit_type", "quantize_4bit", "quantize_fp4", "quantize_nf4", "create_fp8_map", "create_linear_map", "create_normal_map",
     "dequantize_blockwise", "name2qmap", "pack_dict_to_tensor", "quantize_blockwise",
     "unpack_tensor_to_dict",
 ]

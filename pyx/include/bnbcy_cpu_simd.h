@@ -116,28 +116,35 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
     }
 }
 
+/* Store 16 float32 lanes (those in k) as dtype: float16 and bfloat16 rounded to
+ * nearest even, bfloat16 NaN as c10::BFloat16 writes it (0x7FC0). */
+BNBCY_AVX512 static inline void bnbcy_store16(void *out, int dtype, __mmask16 k, __m512 y) {
+    if (dtype == BNBCY_F32) {
+        _mm512_mask_storeu_ps(out, k, y);
+    } else if (dtype == BNBCY_F16) {
+        __m256i h = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(out, k, h);
+    } else {
+        const __m512i u = _mm512_castps_si512(y);
+        __m512i b = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                          _mm512_set1_epi32(1))));
+        b = _mm512_srli_epi32(b, 16);
+        b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(out, k, _mm512_cvtepi32_epi16(b));
+    }
+}
+
 /* out[i] = T(ftz(lut[q[i]] * s)) for one block. */
 BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *lut, float s,
                                                  int64_t len, void *out, int dtype) {
     const __m512 vs = _mm512_set1_ps(s);
-    const __m512i rne = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1),
-                  qnan = _mm512_set1_epi32(0x7FC0);
+    const size_t isz = dtype == BNBCY_F32 ? 4 : 2;
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 k = bnbcy_tail_mask(len - i);
         const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q + i));
         const __m512 y = bnbcy_ftz16(_mm512_mul_ps(_mm512_i32gather_ps(c, lut, 4), vs));
-        if (dtype == BNBCY_F32) {
-            _mm512_mask_storeu_ps((float *)out + i, k, y);
-        } else if (dtype == BNBCY_F16) {
-            __m256i h = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm256_mask_storeu_epi16((uint16_t *)out + i, k, h);
-        } else { /* bfloat16, rounded as c10::BFloat16 (NaN -> 0x7FC0) */
-            const __m512i u = _mm512_castps_si512(y);
-            __m512i b = _mm512_add_epi32(u, _mm512_add_epi32(rne, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-            b = _mm512_srli_epi32(b, 16);
-            b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), qnan);
-            _mm256_mask_storeu_epi16((uint16_t *)out + i, k, _mm512_cvtepi32_epi16(b));
-        }
+        bnbcy_store16((char *)out + i * isz, dtype, k, y);
     }
 }
 /* ------------------------------------------------------------------ AVX2 */

@@ -1,0 +1,4 @@
+"""Autograd functions of bnbcy (``bnbcy.autograd._functions`` as in bitsandbytes)."""
+from ._functions import MatMul4Bit, matmul_4bit
+
+__all__ = ["MatMul4Bit", "matmul_4bit"]
