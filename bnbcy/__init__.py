@@ -10,8 +10,8 @@ except ImportError as exc:  # pragma: no cover - only in an unbuilt source check
     raise ImportError("bnbcy's Cython extension is not built; install with "
                       "`pip install -e .` (needs a C compiler and Cython)") from exc
 
-from . import functional, kernels
+from . import functional, kernels, nn
 from .autograd._functions import MatMul4Bit, matmul_4bit
 from ._features import features
 
-__all__ = ["MatMul4Bit", "functional", "kernels", "features", "matmul_4bit", "__version__"]
+__all__ = ["MatMul4Bit", "functional", "kernels", "features", "matmul_4bit", "nn", "__version__"]

@@ -56,8 +56,15 @@ cdef str _kind_of(object obj):
     cls = type(obj)
     kind = _kinds.get(cls)
     if kind is None:
-        mod = cls.__module__
-        kind = next((k for k in ("torch", "cupy", "numpy") if mod.startswith(k)), mod.split(".")[0])
+        # walk the MRO: subclasses defined elsewhere (Params4bit, a user's Tensor subclass,
+        # np.ndarray subclasses) belong to the framework of their base class
+        for base in cls.__mro__:
+            mod = base.__module__ or ""
+            kind = next((k for k in ("torch", "cupy", "numpy") if mod == k or mod.startswith(k + ".")), None)
+            if kind is not None:
+                break
+        if kind is None:
+            kind = (cls.__module__ or "").split(".")[0]
         _kinds[cls] = kind
     return kind
 

@@ -1,0 +1,5 @@
+"""bnbcy.nn: quantized layers with bitsandbytes' names (``bitsandbytes.nn``)."""
+from .convert import register_weight_hook, replace_linear
+from .modules import Linear4bit, LinearFP4, LinearNF4, Params4bit
+
+__all__ = ["Linear4bit", "LinearFP4", "LinearNF4", "Params4bit", "register_weight_hook", "replace_linear"]
