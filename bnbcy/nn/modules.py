@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..functional.fourbit import quantize_4bit as _quantize_4bit
 from ..functional.quant_state import QuantState
 
 __all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weight_quant_state_from_module"]
@@ -28,22 +29,11 @@ _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "q
              "bnb_quantized", "module")
 
 
-def _quantize_4bit(*args, **kwargs):
-    # Imported at call time: the 4-bit ops live in bnbcy.functional.fourbit, which this
-    # module must not require at import time (``import bnbcy.nn`` stands on its own).
-    from ..functional.fourbit import quantize_4bit
-    return quantize_4bit(*args, **kwargs)
-
-
 def _matmul_4bit(*args, **kwargs):
-    # Through the package attribute, as bitsandbytes calls ``bnb.matmul_4bit``, so that
-    # a patched ``bnbcy.matmul_4bit`` is honoured; the autograd module is the fallback
-    # while ``bnbcy/__init__`` does not export it.
+    # through the package attribute, as bitsandbytes calls ``bnb.matmul_4bit``, so that a
+    # patched ``bnbcy.matmul_4bit`` is honoured
     import bnbcy
-    fn = getattr(bnbcy, "matmul_4bit", None)
-    if fn is None:
-        from ..autograd._functions import matmul_4bit as fn
-    return fn(*args, **kwargs)
+    return bnbcy.matmul_4bit(*args, **kwargs)
 
 
 def _rebuild_params4bit(data, requires_grad):
