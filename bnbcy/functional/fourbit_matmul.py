@@ -23,7 +23,7 @@ from .quant_state import QuantState
 
 # Rows of A up to which the fused CPU kernel beats dequantize-in-chunks + BLAS
 # (bench/bench_fourbit.py, 2-core Sapphire Rapids, bf16 4096x4096).
-CPU_FUSED_MAX_ROWS = 8
+CPU_FUSED_MAX_ROWS = 12
 # Elements of dense weight per chunk of the chunked CPU path (8 Mi: 16-32 MB).
 CPU_CHUNK_ELEMENTS = 1 << 23
 CUDA_FUSED_MAX_ROWS = 16

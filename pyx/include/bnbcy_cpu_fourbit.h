@@ -137,6 +137,33 @@ BNBCY_AVX512 static void bnbcy_q4_codes_avx512(const void *x, int dtype, int64_t
     }
 }
 
+/* CPUs with AVX512-BF16 (Sapphire Rapids, Zen 4) round float32 to bfloat16 in one instruction
+ * (RNE, like c10::BFloat16; NaN payloads would differ, so callers keep NaN away). Whole 32-value groups only; returns
+ * how many values it wrote. Same products as bnbcy_q4_dequant_avx512 (no ftz needed: the caller
+ * takes this path only when no product can be subnormal). */
+#define BNBCY_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+static int bnbcy_cpu_has_avx512bf16(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = bnbcy_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+    }
+    return cached;
+}
+
+BNBCY_AVX512BF16 static int64_t bnbcy_q4_dequant_bf16_native(const uint8_t *q, int64_t len, const float *lut,
+                                                              float s, uint16_t *out) {
+    const __m512 vs = _mm512_set1_ps(s), vlut = _mm512_loadu_ps(lut);
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)(q + i / 2));
+        const __m512 y0 = _mm512_mul_ps(_mm512_permutexvar_ps(bnbcy_nib16(b), vlut), vs);
+        const __m512 y1 = _mm512_mul_ps(_mm512_permutexvar_ps(bnbcy_nib16(_mm_unpackhi_epi64(b, b)), vlut), vs);
+        _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+    }
+    return i;
+}
+
 /* out[j] = T(ftz(lut[nibble(j)] * s)) for len elements starting at an even flat index (q at its byte). */
 BNBCY_AVX512 static void bnbcy_q4_dequant_avx512(const uint8_t *q, int64_t len, const float *lut, float s,
                                                  void *out, int dtype) {
@@ -148,6 +175,9 @@ BNBCY_AVX512 static void bnbcy_q4_dequant_avx512(const uint8_t *q, int64_t len, 
     for (int i = 0; i < 16; i++) if (lut[i] != 0.0f && fabsf(lut[i]) < lmin) lmin = fabsf(lut[i]);
     const int ftz = !(fabsf(s) * lmin >= FLT_MIN);
     int64_t i = 0;
+    /* finite s: finite products, so no NaN whose payload the native conversion would keep */
+    if (!ftz && dtype == BNBCY_BF16 && isfinite(s) && bnbcy_cpu_has_avx512bf16())
+        i = bnbcy_q4_dequant_bf16_native(q, len, lut, s, (uint16_t *)out);
     if (!ftz) {
         for (; i + 32 <= len; i += 32) { /* 16 bytes -> 32 values */
             const __m128i b = _mm_loadu_si128((const __m128i *)(q + i / 2));
