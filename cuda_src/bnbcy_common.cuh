@@ -116,3 +116,47 @@ __device__ __forceinline__ bool aligned16(const void *p) {
 __device__ __forceinline__ bool aligned8(const void *p) {
     return (reinterpret_cast<u64>(p) & 7u) == 0;
 }
+
+// Eight consecutive elements from base as float32; elements at or past n read as 0.0, as
+// bitsandbytes' blockwise kernels load them (so an all-NaN partial block has absmax 0).
+template <class Tr>
+__device__ __forceinline__ void load8_or_zero(const typename Tr::storage *__restrict__ A, long long base,
+                                              long long n, float (&x)[8]) {
+    typedef typename Tr::storage S;
+    if (base + 8 <= n && aligned16(A)) {
+        S raw[8];
+        load8(A + base, raw);
+#pragma unroll
+        for (int e = 0; e < 8; e++) x[e] = Tr::to_float(raw[e]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) x[e] = base + e < n ? Tr::to_float(A[base + e]) : 0.0f;
+    }
+}
+
+// max |x| over a quantization block of BS elements held 8 per thread by BS/8 consecutive
+// threads (NaN dropped by max, ftz as bitsandbytes' --use_fast_math build). Every thread of the
+// CUDA block must call it (it may synchronise); s_warp_max holds one float per warp.
+template <int BS>
+__device__ __forceinline__ float block_absmax8(const float (&x)[8], float *s_warp_max) {
+    constexpr int TPQ = BS / 8;
+    float m = -BNBCY_FLT_MAX;
+#pragma unroll
+    for (int e = 0; e < 8; e++) m = max_ftz(m, abs_ftz(x[e]));
+    if constexpr (TPQ <= 32) {
+#pragma unroll
+        for (int off = TPQ / 2; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
+    } else {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
+        const int warp = threadIdx.x >> 5;
+        if ((threadIdx.x & 31) == 0) s_warp_max[warp] = m;
+        __syncthreads();
+        constexpr int WPQ = TPQ / 32;
+        const int first = (warp / WPQ) * WPQ;
+        m = s_warp_max[first];
+#pragma unroll
+        for (int k = 1; k < WPQ; k++) m = max_ftz(m, s_warp_max[first + k]);
+    }
+    return m;
+}

@@ -89,43 +89,15 @@ template <class Tr, int BS, bool NF4>
 __device__ __forceinline__ void quantize_4bit(const typename Tr::storage *__restrict__ A,
                                               u8 *__restrict__ out, float *__restrict__ absmax,
                                               long long n) {
-    typedef typename Tr::storage S;
     constexpr int E = BNBCY_Q4_ITEMS;
+    static_assert(E == 8, "load8_or_zero/block_absmax8 hold 8 elements per thread");
     constexpr int TPQ = BS / E;  // threads per quantization block: 4 .. 512
     __shared__ float s_warp_max[32];
 
     const long long base = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * E;
     float x[E];
-    if (base + E <= n && aligned16(A)) {
-        S raw[E];
-        load8(A + base, raw);
-#pragma unroll
-        for (int e = 0; e < E; e++) x[e] = Tr::to_float(raw[e]);
-    } else {
-        // past the end reads as 0.0, as in bitsandbytes
-#pragma unroll
-        for (int e = 0; e < E; e++) x[e] = base + e < n ? Tr::to_float(A[base + e]) : 0.0f;
-    }
-
-    // block maximum of |x|; max drops NaN
-    float m = -BNBCY_FLT_MAX;
-#pragma unroll
-    for (int e = 0; e < E; e++) m = max_ftz(m, abs_ftz(x[e]));
-    if constexpr (TPQ <= 32) {
-#pragma unroll
-        for (int off = TPQ / 2; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
-    } else {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) m = max_ftz(m, __shfl_xor_sync(0xffffffffu, m, off));
-        const int warp = threadIdx.x >> 5;
-        if ((threadIdx.x & 31) == 0) s_warp_max[warp] = m;
-        __syncthreads();
-        constexpr int WPQ = TPQ / 32;
-        const int first = (warp / WPQ) * WPQ;
-        m = s_warp_max[first];
-#pragma unroll
-        for (int k = 1; k < WPQ; k++) m = max_ftz(m, s_warp_max[first + k]);
-    }
+    load8_or_zero<Tr>(A, base, n, x);
+    const float m = block_absmax8<BS>(x, s_warp_max);
 
     if (base >= n) return;
     if (threadIdx.x % TPQ == 0) absmax[base / BS] = m;
