@@ -14,17 +14,26 @@
 
 enum { BNBCY_F32 = 0, BNBCY_F16 = 1, BNBCY_BF16 = 2 };
 
-/* Large outputs are usually fresh allocations (torch does not cache CPU memory)
- * whose first touch costs one page fault per 4 KiB; asking for transparent huge
- * pages on the 2 MiB-aligned interior cuts that cost about threefold. Advisory
- * only: memory that is already mapped is left as it is. */
+/* Large outputs are usually fresh allocations (torch does not cache CPU memory) whose first
+ * touch costs one page fault per 4 KiB page. Asking for transparent huge pages on the 2 MiB-aligned
+ * interior and then populating the range in one call (MADV_POPULATE_WRITE, Linux 5.14+) replaces
+ * thousands of faults by a few huge-page allocations: a fresh 32 MB output costs ~3 ms instead of
+ * ~9 ms, and faulting huge pages in one call also avoids the long stalls that faulting them one
+ * by one from several threads can hit. Advisory only: pages already mapped are left as they are,
+ * contents never change, and errors (older kernels, THP off) are ignored. */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 static inline void bnbcy_advise_hugepages(void *p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    const uintptr_t huge = (uintptr_t)2 << 20;
+    const uintptr_t huge = (uintptr_t)2 << 20, page = 4096;
     if (bytes < 2 * huge) return;
     uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
     uintptr_t hi = ((uintptr_t)p + bytes) & ~(huge - 1);
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+    lo = ((uintptr_t)p + page - 1) & ~(page - 1);
+    hi = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE);
 #else
     (void)p; (void)bytes;
 #endif
