@@ -335,18 +335,9 @@ def code_check(device: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _list(values, conv):
-    """Accept both ``--x 1 2`` and ``--x 1,2``."""
-    out = []
-    for v in values:
-        out += [conv(p) for p in str(v).split(",") if p.strip()]
-    return out
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--n", nargs="+", default=None,
                    help="element counts, e.g. 16777216 or 16M (default: 16M on cpu; 16M 256M on cuda)")
     p.add_argument("--blocksizes", nargs="+", default=None,
@@ -354,105 +345,39 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=None,
                    help="float32 float16 bfloat16 (default: float32 on cpu; all three on cuda)")
     p.add_argument("--ops", nargs="+", default=["quantize", "dequantize", "dequantize-out"])
-    p.add_argument("--impls", nargs="+", default=list(harness.DEFAULT_IMPLS),
-                   help="subset of bnbcy bitsandbytes torch")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per implementation")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (at least one per copy)")
-    p.add_argument("--rotate", type=int, default=None,
-                   help="input copies to rotate among (default: auto, >2x L2 on cuda, 1 on cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--copy-mib", type=int, default=1024,
-                   help="buffer size for the copy-bandwidth measurement (cuda only)")
-    p.add_argument("--json", type=Path, default=None,
-                   help="result file (default: bench/results/<device>-<date>-<commit>.json)")
-    p.add_argument("--no-json", action="store_true", help="do not write a result file")
-    p.add_argument("--strict", action="store_true", help="exit 1 if a bar FAILs or a check fails")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    harness.add_common_args(p, repeats=20, warmup=3)
     args = p.parse_args(argv)
+    harness.check_common_args(p, args)
 
     cuda = args.device == "cuda"
-    args.n = _list(args.n or (["16M", "256M"] if cuda else ["16M"]), parse_n)
-    args.blocksizes = _list(args.blocksizes or ([64, 256, 4096] if cuda else [4096]), int)
-    dtypes = _list(args.dtypes or (list(DTYPES) if cuda else ["float32"]), str)
+    args.n = harness.list_arg(args.n or (["16M", "256M"] if cuda else ["16M"]), parse_n)
+    args.blocksizes = harness.list_arg(args.blocksizes or ([64, 256, 4096] if cuda else [4096]), int)
+    dtypes = harness.list_arg(args.dtypes or (list(DTYPES) if cuda else ["float32"]), str)
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         p.error(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
     args.dtypes = [DTYPES[d] for d in dtypes]
-    args.ops = _list(args.ops, str)
+    args.ops = harness.list_arg(args.ops, str)
     bad_ops = [o for o in args.ops if o not in ("quantize", "dequantize", "dequantize-out")]
     if bad_ops:
         p.error(f"unknown op(s) {bad_ops}")
-    args.impls = _list(args.impls, str)
-    bad_impls = [i for i in args.impls if i not in harness.DEFAULT_IMPLS]
-    if bad_impls:
-        p.error(f"unknown impl(s) {bad_impls}")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    if cuda and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device
-    impls = [i for i in harness.DEFAULT_IMPLS if i in args.impls]
-
-    # Import the libraries up front: import-time warnings and costs stay out
-    # of the cases, and the n/a reasons are known before anything runs.
-    for impl in ("bnbcy", "bitsandbytes"):
-        if impl in impls:
-            _, reason = load_functional(impl)
-            if reason and not args.quiet:
-                print(f"note: {impl} is n/a: {reason}", file=sys.stderr)
-
-    meta = harness.collect_metadata(device)
     bnbcy_mod, _ = load_functional("bnbcy")
     config = {
         "n": args.n, "blocksizes": args.blocksizes,
-        "dtypes": [str(d).replace("torch.", "") for d in args.dtypes],
-        "ops": args.ops, "impls": impls, "repeats": args.repeats, "warmup": args.warmup,
-        "rotate": args.rotate if args.rotate is not None else "auto", "seed": args.seed,
+        "dtypes": [str(d).replace("torch.", "") for d in args.dtypes], "ops": args.ops,
         "bnbcy_functional_file": getattr(bnbcy_mod, "__file__", None),
-        "dynamic_map_equal_to": code_check(device),
+        "dynamic_map_equal_to": code_check(args.device),
     }
-
-    copy_bw = None
-    if device == "cuda":
-        try:
-            copy_bw = harness.measure_copy_bandwidth("cuda", nbytes=args.copy_mib << 20)
-        except Exception as exc:
-            print(f"copy-bandwidth measurement failed: {exc}", file=sys.stderr)
-
-    cases = make_cases(device, args.n, args.blocksizes, args.dtypes, args.ops, impls,
-                       args.seed, args.rotate)
-    results = harness.run_cases(cases, warmup=args.warmup, repeats=args.repeats,
-                                copy_gbps=copy_bw["gbps"] if copy_bw else None,
-                                ratio_base="bnbcy", verbose=not args.quiet)
-    bars = harness.evaluate_bars(make_bars(device, meta["torch_num_threads"]), results)
-
-    print()
-    print(harness.format_header(meta, copy_bw))
-    print()
-    print(harness.format_table(results, impls=impls, ratio_base="bnbcy",
-                               show_pct_copy=copy_bw is not None))
-    print()
-    print("ratios are time(other)/time(bnbcy): > 1 means bnbcy is faster; "
-          "GB/s counts bytes read + written, 1 GB = 1e9 B")
-    print(harness.format_bars(bars))
-
-    if not args.no_json:
-        path = args.json or harness.default_result_path(meta)
-        harness.write_json(path, "blockwise", meta, results, copy_bandwidth=copy_bw,
-                           bars=bars, config=config)
-        print(f"results: {path}")
-
-    if args.strict:
-        failed_check = any(not e.get("check", {}).get("ok", True)
-                           for r in results for e in r["impls"].values())
-        if failed_check or any(b["status"] == "FAIL" for b in bars):
-            return 1
-    return 0
+    return harness.run_benchmark(
+        "blockwise", args,
+        lambda impls: make_cases(args.device, args.n, args.blocksizes, args.dtypes, args.ops, impls,
+                                 args.seed, args.rotate),
+        make_bars, config, load_functional)
 
 
 if __name__ == "__main__":

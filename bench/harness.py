@@ -833,3 +833,102 @@ def format_header(meta: dict, copy_bandwidth: Optional[dict]) -> str:
                      f"{copy_bandwidth['gbps_best']:.0f}), {copy_bandwidth['nbytes'] / 2**20:.0f} MiB "
                      "device-to-device copy, read + write counted")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# The command line and main flow every bench_*.py shares
+# --------------------------------------------------------------------------
+
+
+def list_arg(values, conv):
+    """Accept both ``--x 1 2`` and ``--x 1,2``."""
+    out = []
+    for v in values:
+        out += [conv(p) for p in str(v).split(",") if p.strip()]
+    return out
+
+
+def add_common_args(p, repeats: int = 20, warmup: int = 3) -> None:
+    """The options of every benchmark script (device, impls, timing, output)."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS),
+                   help="subset of bnbcy bitsandbytes torch")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed calls per implementation")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls first (at least one per copy)")
+    p.add_argument("--rotate", type=int, default=None,
+                   help="input copies to rotate among (default: auto, >2x L2 on cuda, 1 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-mib", type=int, default=1024,
+                   help="buffer size for the copy-bandwidth measurement (cuda only)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="result file (default: bench/results/<device>-<date>-<commit>.json)")
+    p.add_argument("--no-json", action="store_true", help="do not write a result file")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a bar FAILs or a check fails")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def check_common_args(p, args) -> None:
+    """Validate the options of :func:`add_common_args` (``p.error`` on bad ones)."""
+    args.impls = list_arg(args.impls, str)
+    bad = [i for i in args.impls if i not in DEFAULT_IMPLS]
+    if bad:
+        p.error(f"unknown impl(s) {bad}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+
+
+def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
+                  make_bars: Callable[[str, int], Sequence[Bar]], config: dict,
+                  load: Callable[[str], tuple], footnote: str = "") -> int:
+    """The main flow of a benchmark script; returns its exit status.
+
+    Announces unavailable libraries, measures the copy bandwidth (CUDA), runs
+    ``make_cases(impls)``, prints the table and the bars of
+    ``make_bars(device, torch_threads)``, writes the JSON (``kind``, with
+    ``config``) and applies ``--strict``. ``load(impl) -> (module, reason)``.
+    """
+    impls = [i for i in DEFAULT_IMPLS if i in args.impls]
+    # import the libraries up front: import-time warnings and costs stay out of the cases
+    for impl in ("bnbcy", "bitsandbytes"):
+        if impl in impls:
+            _, reason = load(impl)
+            if reason and not args.quiet:
+                print(f"note: {impl} is n/a: {reason}", file=sys.stderr)
+    meta = collect_metadata(args.device)
+    config = dict(config, impls=impls, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                  rotate=args.rotate if args.rotate is not None else "auto")
+
+    copy_bw = None
+    if args.device == "cuda":
+        try:
+            copy_bw = measure_copy_bandwidth("cuda", nbytes=args.copy_mib << 20)
+        except Exception as exc:
+            print(f"copy-bandwidth measurement failed: {exc}", file=sys.stderr)
+
+    results = run_cases(make_cases(impls), warmup=args.warmup, repeats=args.repeats,
+                        copy_gbps=copy_bw["gbps"] if copy_bw else None,
+                        ratio_base="bnbcy", verbose=not args.quiet)
+    bars = evaluate_bars(make_bars(args.device, meta["torch_num_threads"]), results)
+
+    print()
+    print(format_header(meta, copy_bw))
+    print()
+    print(format_table(results, impls=impls, ratio_base="bnbcy", show_pct_copy=copy_bw is not None))
+    print()
+    print("ratios are time(other)/time(bnbcy): > 1 means bnbcy is faster; "
+          "GB/s counts bytes read + written, 1 GB = 1e9 B" + (";\n" + footnote if footnote else ""))
+    print(format_bars(bars))
+
+    if not args.no_json:
+        path = args.json or default_result_path(meta)
+        write_json(path, kind, meta, results, copy_bandwidth=copy_bw, bars=bars, config=config)
+        print(f"results: {path}")
+
+    if args.strict:
+        failed_check = any(not e.get("check", {}).get("ok", True)
+                           for r in results for e in r["impls"].values())
+        if failed_check or any(b["status"] == "FAIL" for b in bars):
+            return 1
+    return 0
