@@ -405,6 +405,20 @@ bnbcy_q4_rows_dot_body(const float *a, int64_t lda, const uint8_t *q, int64_t e0
     for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(acc[r]) + extra[r];
 }
 
+/* Calls BODY(..., R) with R = rows as a compile-time constant (1..8), so the per-row
+ * accumulators of the always-inline bodies stay in registers. */
+#define BNBCY_ROWS_DISPATCH(BODY, rows, ...)                                   \
+    switch (rows) {                                                           \
+    case 1: BODY(__VA_ARGS__, 1); break;                                      \
+    case 2: BODY(__VA_ARGS__, 2); break;                                      \
+    case 3: BODY(__VA_ARGS__, 3); break;                                      \
+    case 4: BODY(__VA_ARGS__, 4); break;                                      \
+    case 5: BODY(__VA_ARGS__, 5); break;                                      \
+    case 6: BODY(__VA_ARGS__, 6); break;                                      \
+    case 7: BODY(__VA_ARGS__, 7); break;                                      \
+    default: BODY(__VA_ARGS__, 8); break;                                     \
+    }
+
 /* The K % 32 == 0 fast path: every 32-weight group lies in one block and starts at an even flat index,
  * and A comes deinterleaved per 32-group (16 even-k values, then 16 odd-k values; see
  * bnbcy_deinterleave32), so one byte load feeds high nibbles to the even half and low nibbles to the
@@ -450,31 +464,13 @@ bnbcy_q4_rows_dot32_body(const float *ad, int64_t lda, const uint8_t *q, int64_t
 BNBCY_AVX512 static void bnbcy_q4_rows_dot32_avx512(const float *ad, int64_t lda, int rows, const uint8_t *q,
                                                     int64_t e0, int64_t K, const float *lut,
                                                     const bnbcy_q4_scales *sc, int lg, float *y) {
-    switch (rows) {
-    case 1: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 1); break;
-    case 2: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 2); break;
-    case 3: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 3); break;
-    case 4: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 4); break;
-    case 5: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 5); break;
-    case 6: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 6); break;
-    case 7: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 7); break;
-    default: bnbcy_q4_rows_dot32_body(ad, lda, q, e0, K, lut, sc, lg, y, 8); break;
-    }
+    BNBCY_ROWS_DISPATCH(bnbcy_q4_rows_dot32_body, rows, ad, lda, q, e0, K, lut, sc, lg, y);
 }
 
 BNBCY_AVX512 static void bnbcy_q4_rows_dot_avx512(const float *a, int64_t lda, int rows, const uint8_t *q,
                                                   int64_t e0, int64_t K, const float *lut,
                                                   const bnbcy_q4_scales *sc, int lg, float *y) {
-    switch (rows) {
-    case 1: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 1); break;
-    case 2: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 2); break;
-    case 3: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 3); break;
-    case 4: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 4); break;
-    case 5: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 5); break;
-    case 6: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 6); break;
-    case 7: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 7); break;
-    default: bnbcy_q4_rows_dot_body(a, lda, q, e0, K, lut, sc, lg, y, 8); break;
-    }
+    BNBCY_ROWS_DISPATCH(bnbcy_q4_rows_dot_body, rows, a, lda, q, e0, K, lut, sc, lg, y);
 }
 #endif
 
