@@ -11,6 +11,7 @@ cdef extern from "bnbcy_omp.h" nogil:
 include "tensor_view.pxi"
 include "cpu_blockwise.pxi"
 include "cpu_fourbit.pxi"
+include "cpu_int8.pxi"
 include "cuda_launch.pxi"
 
 
