@@ -11,7 +11,7 @@ except ImportError as exc:  # pragma: no cover - only in an unbuilt source check
                       "`pip install -e .` (needs a C compiler and Cython)") from exc
 
 from . import functional, kernels, nn
-from .autograd._functions import MatMul4Bit, matmul_4bit
+from .autograd._functions import MatMul4Bit, MatMul8bitLt, MatmulLtState, matmul, matmul_4bit
 from ._features import features
 
-__all__ = ["MatMul4Bit", "functional", "kernels", "features", "matmul_4bit", "nn", "__version__"]
+__all__ = ["MatMul4Bit", "MatMul8bitLt", "MatmulLtState", "functional", "kernels", "features", "matmul", "matmul_4bit", "nn", "__version__"]

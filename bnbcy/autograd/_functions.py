@@ -5,12 +5,15 @@ flow to the input and the bias only.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Optional
 
 import torch
 
 from .. import _arrays
 from ..functional import fourbit_matmul as _mm
+from ..functional import int8 as _i8
 from ..functional.fourbit import dequantize_4bit, packed_bytes
 
 
@@ -83,3 +86,172 @@ def matmul_4bit(A, B, quant_state, out=None, bias=None):
     if bias is not None and _arrays.dtype_name(bias.dtype) != _arrays.dtype_name(A.dtype):
         bias = bias.to(A.dtype) if _arrays._kind(bias) == "torch" else bias.astype(A.dtype)
     return _mm.gemm_4bit(A, B, quant_state, bias=bias, out=out)
+
+
+# ------------------------------------------------------------------------------------- LLM.int8()
+@dataclasses.dataclass
+class MatmulLtState:
+    """State of an LLM.int8() matmul (``bitsandbytes.autograd._functions.MatmulLtState``):
+    the int8 weight ``CB`` with its row scales ``SCB``, the outlier threshold and columns."""
+
+    force_no_igemmlt: bool = False
+    CB: Optional[torch.Tensor] = None
+    SB: Optional[torch.Tensor] = None
+    SCB: Optional[torch.Tensor] = None
+    SBt: Optional[torch.Tensor] = None
+    CBt: Optional[torch.Tensor] = None
+    subB: Optional[torch.Tensor] = None
+    outlier_pool: Optional[object] = None
+    has_accumulated_gradients = False
+    threshold = 0.0
+    idx: Optional[torch.Tensor] = None
+    is_training = True
+    has_fp16_weights = True
+    use_pool = False
+
+    # layouts of bitsandbytes < 0.45, kept readable (always None) for downstream code
+    _deprecated_fields = frozenset({"CxB", "CxBt", "formatB", "_tile_indices"})
+
+    def __getattr__(self, name):
+        if name in MatmulLtState._deprecated_fields:
+            warnings.warn(f"MatmulLtState.{name} is deprecated and always None", FutureWarning, stacklevel=2)
+            return None
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def reset_grads(self):
+        self.CB = self.SB = self.SCB = self.SBt = self.CBt = None
+
+
+def _int8_weight(B, state):
+    """(CB, SCB) of the weight: quantized from B when it holds 16/32-bit values that changed."""
+    if state.has_fp16_weights or state.CB is None:
+        if B.dtype == torch.int8:
+            raise ValueError("the weight is int8 but state.CB/SCB are not set: pass the MatmulLtState "
+                             "that holds its scales")
+        if (state.is_training and B.grad is None) or state.CB is None or state.SCB is None:
+            state.CB, state.SCB, _ = _i8.int8_vectorwise_quant(B.detach().contiguous().to(torch.float16))
+    return state.CB, state.SCB
+
+
+def _dequant_weight(CB, SCB, dtype):
+    return (CB.to(dtype) * (SCB.unsqueeze(1) * float(_i8.INV127)).to(dtype))
+
+
+class MatMul8bitLt(torch.autograd.Function):
+    """``A @ B.T + bias`` the LLM.int8() way: int8 product of the regular input columns, 16-bit
+    product of the outlier columns (``|a| >= state.threshold``).
+
+    Backward: ``grad_A = grad @ dequant(CB)``; ``grad_B = grad.T @ A`` (dense, in A's dtype) when
+    the weight is trainable -- bitsandbytes pairs row codes with column scales there (NUMERICS
+    §5.7), bnbcy computes the product that the float64 reference gives.
+    """
+
+    @staticmethod
+    def forward(ctx, A, B, out=None, bias=None, state=None):
+        state = state or MatmulLtState()
+        ctx.state = state
+        ctx.A_shape, ctx.A_dtype = A.shape, A.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        N = B.shape[0]
+        if A.numel() == 0:
+            ctx.empty = True
+            return torch.empty(A.shape[:-1] + (N,), dtype=A.dtype, device=A.device)
+        ctx.empty = False
+        if A.shape[-1] != B.shape[-1]:
+            raise ValueError(f"matmul: A has {A.shape[-1]} features, the weight {tuple(B.shape)} expects "
+                             f"{B.shape[-1]}")
+        A2 = A.reshape(-1, A.shape[-1])
+        # bitsandbytes quantizes activations as float16 (its CUDA kernel's contract)
+        A16 = A2 if A2.dtype == torch.float16 else A2.to(torch.float16)
+        CA, SCA, cols = _i8.int8_vectorwise_quant(A16, state.threshold)
+        CB, SCB = _int8_weight(B, state)
+        bias_c = None if bias is None else bias.to(A.dtype)
+        if state.threshold > 0.0:
+            state.idx = cols
+            y, subA = _i8.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, cols, bias_c)
+        else:
+            y = _i8.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias_c, dtype=A.dtype)
+        y = y.reshape(A.shape[:-1] + (N,))
+        if out is not None:
+            out.copy_(y)
+            y = out
+        ctx.grad_B = ctx.needs_input_grad[1]
+        ctx.save_for_backward(A if ctx.grad_B else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.empty:
+            return torch.zeros(ctx.A_shape, dtype=ctx.A_dtype, device=grad_output.device), None, None, None, None
+        (A,) = ctx.saved_tensors
+        state = ctx.state
+        need_A, need_B, _, need_bias, _ = ctx.needs_input_grad
+        g2 = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_A = grad_B = grad_bias = None
+        if need_bias:
+            grad_bias = g2.sum(0, dtype=ctx.bias_dtype)
+        if need_A:
+            W = _dequant_weight(state.CB, state.SCB, grad_output.dtype)
+            grad_A = (g2 @ W).reshape(ctx.A_shape).to(ctx.A_dtype)
+        if need_B:
+            grad_B = g2.t().to(A.dtype) @ A.reshape(-1, A.shape[-1])
+        return grad_A, grad_B, None, grad_bias, None
+
+
+class MatMul8bitFp(torch.autograd.Function):
+    """Training on the CPU (as bitsandbytes): ``A @ dequant(CB).T + bias`` in A's dtype, with
+    input, weight and bias gradients."""
+
+    @staticmethod
+    def forward(ctx, A, B, out=None, bias=None, state=None):
+        state = state or MatmulLtState()
+        if A.shape[-1] != B.shape[-1]:
+            raise ValueError(f"matmul: A has {A.shape[-1]} features, the weight {tuple(B.shape)} expects "
+                             f"{B.shape[-1]}")
+        CB, SCB = _int8_weight(B, state)
+        W = _dequant_weight(CB, SCB, A.dtype)
+        ctx.save_for_backward(A, W)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        A, W = ctx.saved_tensors
+        need_A, need_B, _, need_bias, _ = ctx.needs_input_grad
+        g2 = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_A = (grad_output @ W.to(grad_output.dtype)).to(A.dtype) if need_A else None
+        grad_B = (g2.t() @ A.reshape(-1, A.shape[-1]).to(g2.dtype)) if need_B else None
+        grad_bias = g2.sum(0, dtype=ctx.bias_dtype) if need_bias else None
+        return grad_A, grad_B, None, grad_bias, None
+
+
+def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+    """LLM.int8() matmul ``A @ B.T (+ bias)`` (``bitsandbytes.matmul``).
+
+    Parameters
+    ----------
+    A : torch.Tensor
+        ``(..., K)`` float16/bfloat16/float32.
+    B : torch.Tensor
+        The weight ``[N, K]``: 16/32-bit (quantized here) or int8 with ``state.CB``/``SCB`` set.
+    out : torch.Tensor, optional
+    state : MatmulLtState, optional
+    threshold : float
+        > 0 sets ``state.threshold`` (outlier decomposition).
+    bias : torch.Tensor, optional
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., N)`` in A's dtype.
+    """
+    state = state or MatmulLtState()
+    if threshold > 0.0:
+        state.threshold = threshold
+    if state.is_training and A.device.type in ("cpu", "xpu"):
+        return MatMul8bitFp.apply(A, B, out, bias, state)
+    return MatMul8bitLt.apply(A, B, out, bias, state)
