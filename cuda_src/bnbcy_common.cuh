@@ -160,3 +160,30 @@ __device__ __forceinline__ float block_absmax8(const float (&x)[8], float *s_war
     }
     return m;
 }
+
+// a / b and __fdividef(a, b) of bitsandbytes' --use_fast_math build: div.approx.ftz.f32, pinned.
+__device__ __forceinline__ float div_approx(float a, float b) {
+    float r;
+    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// fmaf / __fmaf_rn of the --use_fast_math build (one rounding, ftz), pinned.
+__device__ __forceinline__ float fma_ftz(float a, float b, float c) {
+    float r;
+    asm("fma.rn.ftz.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
+
+// __float2int_rn of the --use_fast_math build: cvt.rni.ftz.s32.f32 (ties to even, saturating,
+// NaN -> 0), pinned.
+__device__ __forceinline__ int f2i_rni(float x) {
+    int r;
+    asm("cvt.rni.ftz.s32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// |x| by clearing the sign bit: exact, no flush of denormals (torch's abs()).
+__device__ __forceinline__ float abs_exact(float x) {
+    return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
+}

@@ -14,15 +14,11 @@ import numpy as np
 import torch
 
 from .. import _C, _arrays
+from . import _int8_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 # fl32(1/127): int8_vectorwise_dequant's constant (bits 0x3c010204)
 INV127 = np.float32(np.uint32(0x3C010204).view(np.float32))
-
-
-def _cuda():
-    from . import _int8_cuda  # registers the kernels; importable without a GPU
-    return _int8_cuda
 
 
 def _rows_cols(v, name):
@@ -90,14 +86,14 @@ def int8_vectorwise_quant(A, threshold=0.0):
         flags = _zeros(a, (cols,), "uint8")
         fv = _C.view(flags, "flags")
         if a.is_cuda:
-            _cuda().launch_outlier_cols(a, fv, rows, cols, threshold)
+            _int8_cuda.launch_outlier_cols(a, fv, rows, cols, threshold)
         else:
             _C.cpu_int8_outlier_cols(a, fv, rows, cols, threshold)
         outlier_cols = _nonzero_1d(flags)
         if rows > 1 and outlier_cols.shape[0]:
             flagsv = fv
     if a.is_cuda:
-        _cuda().launch_vectorwise_quant(a, cav, rsv, flagsv, rows, cols, threshold)
+        _int8_cuda.launch_vectorwise_quant(a, cav, rsv, flagsv, rows, cols, threshold)
     else:
         _C.cpu_int8_vectorwise_quant(a, cav, rsv, flagsv, rows, cols, threshold)
     return CA, row_stats, outlier_cols
@@ -182,7 +178,7 @@ def int8_linear_matmul(A, B, out=None, dtype=torch.int32):
         if route == "cublas":
             torch._int_mm(a.obj.reshape(M, K), b.obj.t(), out=out.reshape(M, N))
         else:
-            _cuda().launch_int8_gemm(a, b, ov, M, N, K, kernel=route)
+            _int8_cuda.launch_int8_gemm(a, b, ov, M, N, K, kernel=route)
         return out
     # CPU: torch's exact int8 GEMM (oneDNN: AMX/VNNI), zero-copy for NumPy arrays too
     At = a.obj if a.kind == "torch" else torch.from_numpy(a.obj)
@@ -244,7 +240,7 @@ def int8_mm_dequant(A, row_stats, col_stats, out=None, bias=None, dtype=None):
         raise ValueError(f"out must be float16, bfloat16 or float32, got {out_dtype}")
     ov = _arrays.output_view(out, "out", a, out_dtype, rows * cols, tuple(a.shape))
     if a.is_cuda:
-        _cuda().launch_mm_dequant(a, rs, cs, bv, ov, rows, cols)
+        _int8_cuda.launch_mm_dequant(a, rs, cs, bv, ov, rows, cols)
     else:
         _C.cpu_int8_mm_dequant(a, rs, cs, bv, ov, rows, cols)
     return out
