@@ -10,6 +10,12 @@ A second part builds a small generated bf16 MLP stack (residual blocks of
 (NF4 and FP4, double-quantized statistics) and prints the weight memory, the
 model's output error against the float64 dense model and the time of one
 forward pass, next to the dense bf16 model.
+
+A third part quantizes the same kind of MLP (float16) with LLM.int8 layers
+(``Linear8bitLt(has_fp16_weights=False)``) at outlier thresholds 0.0 and 6.0,
+on an input with a few large outlier feature columns (as in large transformers),
+and prints the same figures: with the threshold, the outlier columns are
+multiplied in float16 and the rest in int8.
 """
 from __future__ import annotations
 
@@ -95,6 +101,44 @@ class _Functional4bit(torch.nn.Module):
         return bnbcy.matmul_4bit(x, self.q.t(), self.quant_state, bias=self.bias)
 
 
+class _FunctionalInt8(torch.nn.Module):
+    """Fallback when ``bnbcy.nn`` does not import: an LLM.int8 linear layer on the functional ops."""
+
+    def __init__(self, linear, threshold):
+        super().__init__()
+        self.state = bnbcy.MatmulLtState()
+        self.state.threshold = threshold
+        self.state.has_fp16_weights = False
+        self.state.is_training = False
+        self.state.CB, self.state.SCB, _ = F.int8_vectorwise_quant(linear.weight.data.to(torch.float16))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return bnbcy.matmul(x, self.state.CB, bias=self.bias, state=self.state)
+
+
+def _quantize_model_int8(model, threshold):
+    """An LLM.int8 copy of ``model``: every nn.Linear replaced; returns ``(model, how)``."""
+    model = copy.deepcopy(model)
+    try:
+        from bnbcy import nn as bnn
+        linear_cls = bnn.Linear8bitLt
+    except Exception:  # not built yet: the same thing with the functional ops
+        linear_cls = None
+    if linear_cls is not None:
+        bnn.replace_linear(model, linear_cls, has_fp16_weights=False, threshold=threshold)
+        return model, "bnbcy.nn.replace_linear(model, Linear8bitLt, has_fp16_weights=False, threshold=...)"
+
+    def swap(parent):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, _FunctionalInt8(child, threshold))
+            else:
+                swap(child)
+    swap(model)
+    return model, "bnbcy.functional.int8_vectorwise_quant + bnbcy.matmul"
+
+
 def _quantize_model(model, quant_type):
     """A 4-bit copy of ``model``: every nn.Linear replaced; returns ``(model, how)``."""
     model = copy.deepcopy(model)
@@ -122,12 +166,19 @@ def _nbytes(*tensors):
 
 
 def _weight_bytes(model):
-    """Bytes of the linear weights: dense, or packed codes plus the whole quant state."""
+    """Bytes of the linear weights: dense, packed 4-bit codes plus the whole quant state, or
+    int8 codes plus their float32 row scales."""
     total = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         qs = getattr(m, "quant_state", None)
-        if qs is not None:
+        state = getattr(m, "state", None)  # an LLM.int8 MatmulLtState
+        if isinstance(m, _FunctionalInt8):
+            total += _nbytes(m.state.CB, m.state.SCB)
+        elif isinstance(w, torch.Tensor) and w.dtype == torch.int8:
+            scb = getattr(w, "SCB", None)
+            total += _nbytes(w, scb if scb is not None else getattr(state, "SCB", None))
+        elif qs is not None:
             codes = m.q if isinstance(m, _Functional4bit) else w
             total += _nbytes(codes, qs.absmax, qs.code, qs.offset)
             if qs.state2 is not None:
@@ -169,15 +220,43 @@ def _demo_4bit(device, hidden, ffn, blocks, batch, dtype=torch.bfloat16):
     return rows, how
 
 
+def _outlier_input(batch, hidden, outliers, device, dtype, seed=2):
+    """N(0, 1) activations with ``outliers`` feature columns of magnitude 15-25 (random signs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, hidden, generator=g)
+    cols = torch.randperm(hidden, generator=g)[:outliers].sort().values
+    sign = torch.where(torch.rand(batch, len(cols), generator=g) < 0.5, -1.0, 1.0)
+    x[:, cols] = sign * (15.0 + 10.0 * torch.rand(batch, len(cols), generator=g))
+    return x.to(device=device, dtype=dtype), cols.tolist()
+
+
+def _demo_int8(device, hidden, ffn, blocks, batch, outliers, dtype=torch.float16):
+    dense = _mlp(hidden, ffn, blocks).to(device=device, dtype=dtype)
+    x, cols = _outlier_input(batch, hidden, outliers, device, dtype)
+    with torch.inference_mode():
+        ref = copy.deepcopy(dense).double()(x.double())
+    rows, how = [], None
+    for label, threshold in (("dense", None), ("int8", 0.0), ("int8", 6.0)):
+        model = dense
+        if threshold is not None:
+            model, how = _quantize_model_int8(dense, threshold)
+        y, ms = _time_forward(model, x, device)
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        rows.append((device, label, threshold, _weight_bytes(model), rel, ms))
+    return rows, how, cols
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bnbcy", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=1024)
     ap.add_argument("--blocksizes", default="64,256,1024,4096")
-    ap.add_argument("--hidden", type=int, default=1024, help="4-bit demo: model width")
-    ap.add_argument("--ffn", type=int, default=4096, help="4-bit demo: feed-forward width")
-    ap.add_argument("--blocks", type=int, default=2, help="4-bit demo: residual MLP blocks")
-    ap.add_argument("--batch", type=int, default=8, help="4-bit demo: rows of the input batch")
+    ap.add_argument("--hidden", type=int, default=1024, help="4-bit and int8 demos: model width")
+    ap.add_argument("--ffn", type=int, default=4096, help="4-bit and int8 demos: feed-forward width")
+    ap.add_argument("--blocks", type=int, default=2, help="4-bit and int8 demos: residual MLP blocks")
+    ap.add_argument("--batch", type=int, default=8, help="4-bit and int8 demos: rows of the input batch")
+    ap.add_argument("--outliers", type=int, default=4,
+                    help="int8 demo: input feature columns holding outliers (|x| 15-25)")
     args = ap.parse_args(argv)
 
     info = bnbcy.features()
@@ -216,6 +295,27 @@ def main(argv=None):
     print(f"\nquantized with {how}; weight bytes count the linear weights (4-bit: packed codes + "
           "absmax codes + nested state),\nrel L2 err is the model output against the float64 dense "
           "model, forward ms the median of 3 forwards.")
+
+    outliers = max(0, min(args.outliers, args.hidden))
+    print(f"\nLLM.int8 linear layers (Linear8bitLt, has_fp16_weights=False) in a generated fp16 MLP: "
+          f"{args.blocks} blocks of x + down(gelu(up(x))), {args.hidden}->{args.ffn}->{args.hidden}, "
+          f"input {args.batch}x{args.hidden} with {outliers} outlier feature columns")
+    header = f"{'device':6}  {'weights':7}  {'threshold':>9}  {'weight bytes':>12}  {'ratio':>5}  " \
+             f"{'rel L2 err':>10}  {'forward ms':>10}"
+    print(header)
+    print("-" * len(header))
+    how = cols = None
+    for device in devices:
+        rows, how, cols = _demo_int8(device, args.hidden, args.ffn, args.blocks, args.batch, outliers)
+        dense_bytes = rows[0][3]
+        for dev, label, threshold, nbytes, rel, ms in rows:
+            name = "fp16" if label == "dense" else label
+            thr = "-" if threshold is None else f"{threshold:.1f}"
+            print(f"{dev:6}  {name:7}  {thr:>9}  {nbytes:>12,}  {dense_bytes / nbytes:>5.2f}  {rel:>10.3e}  "
+                  f"{ms:>10.2f}")
+    print(f"\nquantized with {how}; outlier columns {cols}. Weight bytes count int8 codes + float32 row "
+          "scales (SCB);\nthreshold 6.0 multiplies the input columns holding |x| >= 6 in fp16 (the rest in "
+          "int8), 0.0 quantizes all of them.")
 
 
 if __name__ == "__main__":

@@ -279,3 +279,13 @@ def test_bad_inputs():
         F.int8_vectorwise_dequant(A8, torch.ones(3))
     with pytest.raises(ValueError, match="features"):
         bnbcy.matmul(torch.ones(2, 5, dtype=torch.float16), torch.ones(3, 8, dtype=torch.float16), state=_state())
+
+
+def test_matmul_float64_inputs_run_in_float32():
+    A = torch.randn(4, 64, dtype=torch.float64)
+    W = torch.randn(16, 64)
+    b = torch.randn(16, dtype=torch.float64)
+    y = bnbcy.matmul(A, W, state=_state(), threshold=3.0, bias=b)
+    assert y.dtype == torch.float64
+    ref = A @ W.double().t() + b
+    assert ((y - ref).norm() / ref.norm()) < 0.02

@@ -161,17 +161,21 @@ class MatMul8bitLt(torch.autograd.Function):
             raise ValueError(f"matmul: A has {A.shape[-1]} features, the weight {tuple(B.shape)} expects "
                              f"{B.shape[-1]}")
         A2 = A.reshape(-1, A.shape[-1])
+        # outputs are produced in A's dtype, or float32 for other float dtypes (float64), then cast
+        cd = A.dtype if A.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        if cd != A.dtype:
+            A2 = A2.to(cd)
         # bitsandbytes quantizes activations as float16 (its CUDA kernel's contract)
         A16 = A2 if A2.dtype == torch.float16 else A2.to(torch.float16)
         CA, SCA, cols = _i8.int8_vectorwise_quant(A16, state.threshold)
         CB, SCB = _int8_weight(B, state)
-        bias_c = None if bias is None else bias.to(A.dtype)
+        bias_c = None if bias is None else bias.to(cd)
         if state.threshold > 0.0:
             state.idx = cols
             y, subA = _i8.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, cols, bias_c)
         else:
-            y = _i8.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias_c, dtype=A.dtype)
-        y = y.reshape(A.shape[:-1] + (N,))
+            y = _i8.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias_c, dtype=cd)
+        y = y.reshape(A.shape[:-1] + (N,)).to(A.dtype)
         if out is not None:
             out.copy_(y)
             y = out
@@ -210,7 +214,9 @@ class MatMul8bitFp(torch.autograd.Function):
                              f"{B.shape[-1]}")
         CB, SCB = _int8_weight(B, state)
         W = _dequant_weight(CB, SCB, A.dtype)
-        ctx.save_for_backward(A, W)
+        # backward rebuilds W from the int8 codes instead of keeping a float copy alive
+        ctx.state = state
+        ctx.save_for_backward(A)
         ctx.bias_dtype = None if bias is None else bias.dtype
         y = torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
         if out is not None:
@@ -220,10 +226,13 @@ class MatMul8bitFp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        A, W = ctx.saved_tensors
+        (A,) = ctx.saved_tensors
         need_A, need_B, _, need_bias, _ = ctx.needs_input_grad
         g2 = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_A = (grad_output @ W.to(grad_output.dtype)).to(A.dtype) if need_A else None
+        grad_A = None
+        if need_A:
+            W = _dequant_weight(ctx.state.CB, ctx.state.SCB, grad_output.dtype)
+            grad_A = (grad_output @ W).to(A.dtype)
         grad_B = (g2.t() @ A.reshape(-1, A.shape[-1]).to(g2.dtype)) if need_B else None
         grad_bias = g2.sum(0, dtype=ctx.bias_dtype) if need_bias else None
         return grad_A, grad_B, None, grad_bias, None

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterable
 
 from torch import nn
 
-from .modules import Linear4bit, Params4bit
+from .modules import Int8Params, Linear4bit, Linear8bitLt, Params4bit
 
 __all__ = ["replace_linear", "register_weight_hook"]
 
@@ -64,6 +64,16 @@ def _linear4bit_weight(new: Linear4bit, old: nn.Linear) -> None:
     param = Params4bit(old.weight.data, requires_grad=False, blocksize=w.blocksize,
                        compress_statistics=w.compress_statistics, quant_type=w.quant_type,
                        quant_storage=w.quant_storage, module=new)
+    new.weight = param.to(old.weight.device)
+
+
+@register_weight_hook(Linear8bitLt)
+def _linear8bit_weight(new: Linear8bitLt, old: nn.Linear) -> None:
+    # Int8Params from the old float weight with the new layer's settings, quantized at once on
+    # the weight's own device unless has_fp16_weights (then the float weight is kept, trainable
+    # as the old one was); a meta weight stays a float placeholder.
+    fp16 = new.weight.has_fp16_weights
+    param = Int8Params(old.weight.data, requires_grad=fp16 and old.weight.requires_grad, has_fp16_weights=fp16)
     new.weight = param.to(old.weight.device)
 
 

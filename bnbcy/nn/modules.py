@@ -1,11 +1,16 @@
-"""4-bit layers with bitsandbytes' names, signatures, defaults and checkpoint format
-(``bitsandbytes.nn.modules``; NUMERICS.md §3.5 and §4).
+"""4-bit and LLM.int8 layers with bitsandbytes' names, signatures, defaults and checkpoint
+format (``bitsandbytes.nn.modules``; NUMERICS.md §3.5, §4, §5.7-§5.8).
 
 * :class:`Params4bit` -- a ``torch.nn.Parameter`` holding a float weight until its first
   move to a (non-meta) device, then the packed 4-bit codes plus a :class:`QuantState`.
 * :class:`Linear4bit`, :class:`LinearNF4`, :class:`LinearFP4` -- ``nn.Linear`` over a
   :class:`Params4bit` weight, computing ``x @ dequant(W).T + bias`` through
   ``bnbcy.matmul_4bit``.
+
+* :class:`Int8Params` -- a ``torch.nn.Parameter`` quantized row-wise to int8 (``CB``) with
+  float32 row scales (``SCB``) on its first move to a (non-meta) device.
+* :class:`Linear8bitLt` -- ``nn.Linear`` of LLM.int8, computing through ``bnbcy.matmul``
+  with a :class:`~bnbcy.autograd._functions.MatmulLtState`.
 
 Quantization happens on CPU too (bnbcy's CPU kernels read the standard packed layout),
 so ``Linear4bit(...).cpu()`` or ``.to("cpu")`` quantizes.
@@ -22,7 +27,8 @@ from torch import nn
 from ..functional.fourbit import quantize_4bit as _quantize_4bit
 from ..functional.quant_state import QuantState
 
-__all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weight_quant_state_from_module"]
+__all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weight_quant_state_from_module",
+           "Int8Params", "Linear8bitLt", "maybe_rearrange_weight"]
 
 # Settings a Params4bit carries besides its data; pickling/copying keeps all of them.
 _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "quant_storage",
@@ -480,3 +486,503 @@ class LinearNF4(Linear4bit):
                  quant_storage=torch.uint8, device=None):
         super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics, "nf4",
                          quant_storage, device)
+
+
+# ===================================================================================== LLM.int8
+# Int8Params / Linear8bitLt (NUMERICS.md §5.7-§5.8): bitsandbytes' names, signatures, defaults and
+# state_dict format (``weight`` int8 [out, in], ``SCB`` float32 [out], ``weight_format`` uint8 0).
+
+# bitsandbytes.utils.LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING and its inverse
+LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING = {"row": 0, "col32": 1, "col_turing": 2, "col_ampere": 3}
+INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING = {v: k for k, v in LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING.items()}
+
+# Settings an Int8Params carries besides its data; pickling/copying keeps all of them.
+_INT8_SETTINGS = ("CB", "SCB", "has_fp16_weights")
+
+
+def _int8_vectorwise_quant(A):
+    # looked up at call time through the package, as bitsandbytes calls
+    # ``bnb.functional.int8_vectorwise_quant`` (a patched op is honoured)
+    from .. import functional
+    return functional.int8_vectorwise_quant(A)
+
+
+def _matmul(*args, **kwargs):
+    import bnbcy
+    return bnbcy.matmul(*args, **kwargs)
+
+
+def _matmul_lt_state():
+    from ..autograd import _functions
+    return _functions.MatmulLtState()
+
+
+def _rebuild_int8params(data, requires_grad):
+    """Unpickling entry point of :class:`Int8Params` (settings follow via ``__setstate__``)."""
+    return Int8Params(data, requires_grad=requires_grad)
+
+
+class Int8Params(torch.nn.Parameter):
+    """An LLM.int8 weight: quantized row-wise to int8 on its first move to a device.
+
+    Parameters
+    ----------
+    data : torch.Tensor, optional
+        The float weight ``[out_features, in_features]``, or int8 codes (with ``SCB``).
+        Default: an empty tensor.
+    requires_grad : bool
+        Default True, as in bitsandbytes; False for int8 ``data`` and once the weight is
+        quantized (integer tensors cannot require grad; bitsandbytes raises instead).
+    has_fp16_weights : bool
+        Keep the float weight (never quantize on a move); the matmul quantizes it on the
+        fly. Default False.
+    CB : torch.Tensor, optional
+        int8 codes ``[out, in]`` (the same tensor as ``data`` once quantized).
+    SCB : torch.Tensor, optional
+        float32 ``[out]`` row scales: the float16 absmax of each weight row.
+
+    Notes
+    -----
+    * ``.to(device)``, ``.cpu()``, ``.cuda()`` from a non-int8 weight to a non-meta device
+      (CPU included) quantize unless ``has_fp16_weights``:
+      ``CB, SCB, _ = int8_vectorwise_quant(W.to(float16))``; ``data`` becomes ``CB``. A
+      dtype given in the same call is ignored for the quantization, as in bitsandbytes.
+      Later moves carry ``CB`` (= ``data``) and ``SCB`` along without requantizing.
+    * Once quantized, dtype conversions (``.to(dtype)``, ``.half()``...) leave the codes
+      as they are (bitsandbytes casts them, which destroys them).
+    * Pickling and ``copy.deepcopy`` keep the subclass, ``CB``, ``SCB`` and the settings
+      (bitsandbytes' pickle gives back a plain ``Parameter``).
+    * bitsandbytes quantizes only when the float weight is on the CPU, and raises when the
+      parameter requires grad; bnbcy quantizes from any non-meta device and clears
+      ``requires_grad``.
+    """
+
+    def __new__(cls, data: Optional[torch.Tensor] = None, requires_grad: bool = True,
+                has_fp16_weights: bool = False, CB: Optional[torch.Tensor] = None,
+                SCB: Optional[torch.Tensor] = None, **kwargs) -> "Int8Params":
+        if data is None:
+            data = torch.empty(0)
+        if requires_grad and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False  # int8 codes cannot require grad
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.CB = CB
+        self.SCB = SCB
+        self.has_fp16_weights = has_fp16_weights
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether ``data`` holds int8 codes."""
+        return self.dtype == torch.int8
+
+    # ----------------------------------------------------------------- pickling / copying
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["data"] = self.data
+        state["requires_grad"] = self.requires_grad
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        data = state.pop("data", None)
+        requires_grad = state.pop("requires_grad", None)
+        cb_is_data = state.pop("_CB_is_data", False)
+        if data is not None:
+            if not (data.is_floating_point() or data.is_complex()):
+                self.requires_grad_(False)
+            self.data = data
+        if requires_grad is not None:
+            self.requires_grad = requires_grad
+        for name in _INT8_SETTINGS:
+            setattr(self, name, state.pop(name, getattr(self, name, None)))
+        if cb_is_data:
+            self.CB = self.data
+        self.__dict__.update(state)  # foreign attributes (e.g. set by other libraries)
+
+    def _settings_state(self):
+        # the settings, with CB replaced by a marker when it is the data itself (pickle would
+        # otherwise store the codes twice and unpickle two unrelated tensors)
+        state = self.__dict__.copy()
+        if self._cb_is_data():
+            state["CB"] = None
+            state["_CB_is_data"] = True
+        return state
+
+    def _cb_is_data(self) -> bool:
+        cb = self.__dict__.get("CB")
+        return (isinstance(cb, torch.Tensor) and cb.device == self.device and cb.shape == self.shape
+                and cb.dtype == self.dtype and cb.numel() > 0 and cb.data_ptr() == self.data_ptr())
+
+    def __reduce_ex__(self, proto):
+        return _rebuild_int8params, (self.data, self.requires_grad), self._settings_state()
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        new = type(self).__new__(type(self), self.data.clone(memory_format=torch.preserve_format),
+                                 requires_grad=self.requires_grad)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._settings_state(), memo))
+        return new
+
+    def __copy__(self):
+        new = type(self).__new__(type(self), self.data, requires_grad=self.requires_grad)
+        new.__setstate__(self.__getstate__())
+        return new
+
+    # ------------------------------------------------------------------------ moves
+    def _quantize(self, device):
+        """Quantize the float weight on ``device`` (in place; returns ``self``)."""
+        if self.has_fp16_weights:
+            return self._moved(self.data.to(device))
+        if self.data.is_complex():
+            raise TypeError(f"Int8Params: cannot quantize a {self.dtype} weight")
+        w = self.data.contiguous().to(device=device, dtype=torch.float16)
+        CB, SCB, _ = _int8_vectorwise_quant(w)
+        if self.requires_grad:
+            self.requires_grad_(False)  # integer codes cannot require grad (bitsandbytes raises)
+        self.data = CB
+        self.CB = self.data
+        self.SCB = SCB
+        return self
+
+    def _moved(self, data):
+        return Int8Params(data, requires_grad=self.requires_grad, has_fp16_weights=self.has_fp16_weights)
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+    def cuda(self, device=None, non_blocking: bool = False):
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def xpu(self, device=None, non_blocking: bool = False):
+        return self.to(device="xpu" if device is None else device, non_blocking=non_blocking)
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        quantized = self.is_quantized
+        if (not quantized and not self.has_fp16_weights and device is not None and device.type != "meta"
+                and self.device.type != "meta"):
+            return self._quantize(device)
+        if quantized:
+            dtype = None  # the codes are bytes: never cast them
+        new = self._moved(self.data.to(device=device, dtype=dtype, non_blocking=non_blocking))
+        if quantized:
+            new.CB = new.data
+            scb = self.SCB
+            if scb is not None and device is not None and scb.device.type != "meta":
+                scb = scb.to(device, non_blocking=non_blocking)
+            new.SCB = scb
+        return new
+
+    def _cast(self, dtype):
+        return self.to(dtype=dtype)
+
+    def half(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float16)
+
+    def float(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float32)
+
+    def bfloat16(self, memory_format=torch.preserve_format):
+        return self._cast(torch.bfloat16)
+
+    def double(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float64)
+
+
+def _parse_weight_format(weight_format):
+    if isinstance(weight_format, torch.Tensor):
+        if weight_format.numel() != 1:
+            raise ValueError(f"Expected a scalar weight_format, got a tensor of shape {tuple(weight_format.shape)}")
+        weight_format = weight_format.item()
+    if isinstance(weight_format, bool) or not isinstance(weight_format, (int, str)):
+        raise ValueError(f"Expected supported weight format - got {weight_format!r}")
+    if isinstance(weight_format, int):
+        if weight_format not in INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING:
+            raise ValueError(f"Expected supported weight format - got {weight_format}")
+        weight_format = INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING[weight_format]
+    if weight_format != "row":
+        raise ValueError(f"Only 'row' weight format is supported, got {weight_format}")
+    return weight_format
+
+
+def maybe_rearrange_weight(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load pre-hook of :class:`Linear8bitLt`: pops ``weight_format`` (int, str or a scalar
+    tensor; ``{0: 'row', 1: 'col32', 2: 'col_turing', 3: 'col_ampere'}``) and accepts only
+    'row'.
+
+    Raises
+    ------
+    ValueError
+        For any other format, naming it.
+    """
+    key = f"{prefix}weight_format"
+    if key not in state_dict:
+        return
+    # bitsandbytes leaves the key alone when the weight is absent (then it is reported as
+    # unexpected); bnbcy checks and consumes it either way
+    _parse_weight_format(state_dict.pop(key))
+
+
+class Linear8bitLt(nn.Linear):
+    """Linear layer of LLM.int8 (https://arxiv.org/abs/2208.07339).
+
+    Parameters
+    ----------
+    input_features, output_features : int
+    bias : bool
+    has_fp16_weights : bool
+        Default True: the weight stays float (trainable) and is quantized on the fly in
+        each forward pass. False: the weight is quantized to int8 when the module is moved
+        (``.to(device)``, ``.cpu()``, ``.cuda()``; CPU included) -- inference.
+    threshold : float
+        Outlier threshold of the mixed-precision decomposition: input (activation) columns
+        holding a value with ``|x| >= threshold`` are multiplied in the input's precision,
+        the rest in int8. 0.0 (default) disables it.
+    index : optional
+        Kept for signature compatibility (unused, as in bitsandbytes).
+    device : torch.device or str, optional
+        Where the (float, not yet quantized) weight is created.
+
+    Notes
+    -----
+    The forward pass is ``bnbcy.matmul(x, weight, bias=bias, state=self.state)``
+    (NUMERICS.md §5.7): in training mode on the CPU the int8 weight is dequantized and
+    used densely (``MatMul8bitFp``); otherwise the input is quantized row-wise to int8 too.
+
+    The ``state_dict`` is bitsandbytes': ``weight`` (int8 once quantized), ``bias``, and
+    when ``has_fp16_weights=False`` also ``SCB`` (float32 ``[out]``) and ``weight_format``
+    (uint8 scalar 0 = row-major). Differences from bitsandbytes 0.50.2:
+
+    * a quantized ``state_dict`` loads into a freshly constructed
+      ``Linear8bitLt(..., has_fp16_weights=False)`` (no ``.to(device)`` first); a float
+      weight loaded into an already quantized module is quantized (bitsandbytes would
+      copy the floats into the int8 codes);
+    * the bias is cast to the input dtype per call (bitsandbytes replaces ``bias.data``);
+    * ``.cpu()``/``.cuda()`` move ``state.CB``/``state.SCB`` along as ``.to()`` does.
+    """
+
+    def __init__(self, input_features: int, output_features: int, bias=True, has_fp16_weights=True,
+                 threshold=0.0, index=None, device=None):
+        super().__init__(input_features, output_features, bias, device)
+        self.state = _matmul_lt_state()
+        self.index = index
+
+        self.state.threshold = threshold
+        self.state.has_fp16_weights = has_fp16_weights
+        if threshold > 0.0 and not has_fp16_weights:
+            self.state.use_pool = True
+
+        self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
+                                 requires_grad=has_fp16_weights)
+        self._register_load_state_dict_pre_hook(maybe_rearrange_weight)
+
+    # ------------------------------------------------------------------------ state
+    def init_8bit_state(self):
+        """Hand the weight's ``CB``/``SCB`` to ``self.state`` (bitsandbytes' first-forward step)."""
+        self.state.CB = self.weight.CB
+        self.state.SCB = self.weight.SCB
+        self.weight.CB = None
+        self.weight.SCB = None
+
+    def _scb(self):
+        scb = getattr(self.weight, "SCB", None)
+        return scb if scb is not None else self.state.SCB
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module keeps the parameter object and swaps its .data, so the CB/SCB attributes
+        # of the parameter and the state tensors are brought along here
+        result = super()._apply(fn, recurse)
+        w = self.weight
+        if isinstance(w, Int8Params) and w.is_quantized:
+            dev = w.device
+            if w.CB is not None:
+                w.CB = w.data
+            if w.SCB is not None and w.SCB.device != dev and dev.type != "meta":
+                w.SCB = w.SCB.to(dev)
+            if self.state.CB is not None and self.state.CB.device != dev and dev.type != "meta":
+                self.state.CB = w.data if not self.state.has_fp16_weights else self.state.CB.to(dev)
+            if self.state.SCB is not None and self.state.SCB.device != dev and dev.type != "meta":
+                self.state.SCB = self.state.SCB.to(dev)
+        return result
+
+    # ----------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point tensor input, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input's last dimension is "
+                             f"{x.shape[-1] if x.dim() else 'missing (0-d input)'}, expected "
+                             f"in_features={self.in_features} (input shape {tuple(x.shape)})")
+        if self.weight.device.type == "meta":
+            raise RuntimeError(f"{type(self).__name__}: the weight is on the meta device; load a state_dict "
+                               f"or materialize the module before calling it")
+        self.state.is_training = self.training
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            # differentiable cast; the parameter itself keeps its dtype (bnb swaps .data)
+            bias = bias.to(x.dtype)
+
+        out = _matmul(x, self.weight, bias=bias, state=self.state)
+
+        if not self.state.has_fp16_weights and self.state.CB is not None:
+            self.weight.data = self.state.CB
+        return out
+
+    # -------------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """``weight`` and ``bias`` as nn.Linear; with ``has_fp16_weights=False`` and a
+        quantized weight also ``SCB`` and ``weight_format`` (bitsandbytes' keys)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        scb = self._scb()
+        if not self.state.has_fp16_weights and scb is not None:
+            destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
+            destination[prefix + "weight_format"] = torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"],
+                                                                 dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Load a quantized (bitsandbytes-format) or a float state dict.
+
+        * int8 ``weight`` + ``SCB``: into a quantized module, copied in place (as
+          bitsandbytes); into a not yet quantized one (e.g. freshly constructed), the weight
+          becomes an int8 :class:`Int8Params` with ``CB``/``SCB`` on the current weight's
+          device (the incoming codes' device when the current weight is on ``meta``).
+        * float ``weight`` into a not yet quantized module: as ``nn.Linear``.
+        * float ``weight`` into a quantized module: quantized on the current device.
+        """
+        wkey, skey = prefix + "weight", prefix + "SCB"
+        incoming = state_dict.get(wkey)
+        scb_in = state_dict.get(skey)
+        quantized = isinstance(self.weight, Int8Params) and self.weight.is_quantized
+        float_in = incoming is not None and incoming.is_floating_point()
+        if (incoming is None and scb_in is None) or (float_in and not quantized):
+            old = self.weight
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self._rewrap_weight(old)
+            return
+
+        popped = {k: state_dict.pop(k) for k in (wkey, skey) if k in state_dict}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            state_dict.update(popped)
+        if wkey in missing_keys:
+            missing_keys.remove(wkey)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        try:
+            if incoming is None:
+                if strict:
+                    missing_keys.append(wkey)
+                self._load_scb_only(scb_in, skey, error_msgs)
+            elif float_in:
+                self._load_float_into_quantized(incoming, wkey, error_msgs)
+                if scb_in is not None and strict:
+                    unexpected_keys.append(skey)
+            else:
+                self._load_int8(incoming, scb_in, wkey, skey, assign, error_msgs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error_msgs.append(f"While loading {wkey}: {exc}")
+
+    def _expected_shape(self):
+        return (self.out_features, self.in_features)
+
+    def _check_scb(self, scb, skey, error_msgs):
+        if not isinstance(scb, torch.Tensor) or not scb.is_floating_point():
+            error_msgs.append(f"{skey}: expected a float32 tensor of row scales, got "
+                              f"{getattr(scb, 'dtype', type(scb).__name__)}")
+            return False
+        if tuple(scb.shape) != (self.out_features,):
+            error_msgs.append(f"size mismatch for {skey}: copying a param with shape {tuple(scb.shape)} from "
+                              f"checkpoint, the shape in current model is ({self.out_features},)")
+            return False
+        return True
+
+    def _reset_8bit_state(self, scb):
+        # CB/SCB live on the weight again; the next forward hands them to the state
+        self.weight.CB = self.weight.data
+        self.weight.SCB = scb
+        self.state.CB = None
+        self.state.SCB = None
+
+    def _load_scb_only(self, scb_in, skey, error_msgs):
+        if not self._check_scb(scb_in, skey, error_msgs):
+            return
+        current = self._scb()
+        if current is None:
+            error_msgs.append(f"{skey}: row scales without an int8 weight, into a {type(self).__name__} whose "
+                              f"weight is not quantized; load the weight too")
+            return
+        with torch.no_grad():
+            current.copy_(scb_in)
+
+    def _load_float_into_quantized(self, incoming, wkey, error_msgs):
+        if tuple(incoming.shape) != self._expected_shape():
+            error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(incoming.shape)} from "
+                              f"checkpoint, the shape in current model is {self._expected_shape()}")
+            return
+        device = self.weight.device
+        new = Int8Params(incoming.detach().clone(), requires_grad=False, has_fp16_weights=False)._quantize(device)
+        self.weight = new
+        self.state.CB = None
+        self.state.SCB = None
+
+    def _load_int8(self, incoming, scb_in, wkey, skey, assign, error_msgs):
+        name = type(self).__name__
+        if self.state.has_fp16_weights:
+            error_msgs.append(f"{wkey}: an int8 (quantized) weight cannot be loaded into {name} with "
+                              f"has_fp16_weights=True; construct it with has_fp16_weights=False")
+            return
+        if incoming.dtype != torch.int8:
+            error_msgs.append(f"{wkey}: expected a float or an int8 weight, got {incoming.dtype}")
+            return
+        if tuple(incoming.shape) != self._expected_shape():
+            error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(incoming.shape)} from "
+                              f"checkpoint, the shape in current model is {self._expected_shape()}")
+            return
+        quantized = isinstance(self.weight, Int8Params) and self.weight.is_quantized
+        if scb_in is None:
+            if not quantized or self._scb() is None:
+                error_msgs.append(f"{skey} is missing: an int8 weight needs its row scales to load into a "
+                                  f"{name} that is not quantized yet")
+                return
+            with torch.no_grad():  # bitsandbytes: codes copied, the module's scales kept
+                self.weight.data.copy_(incoming)
+            self._reset_8bit_state(self._scb())
+            return
+        if not self._check_scb(scb_in, skey, error_msgs):
+            return
+        if quantized and not assign and self.weight.device.type != "meta":
+            # in place (as bitsandbytes): the parameter object stays the same
+            current = self._scb()
+            with torch.no_grad():
+                self.weight.data.copy_(incoming)
+                if current is None or current.dtype != torch.float32:
+                    current = scb_in.detach().to(self.weight.device, torch.float32, copy=True)
+                else:
+                    current.copy_(scb_in)
+            self._reset_8bit_state(current)
+            return
+        device = incoming.device if self.weight.device.type == "meta" else self.weight.device
+        if assign:
+            data, scb = incoming.detach(), scb_in.detach().to(torch.float32)
+        else:
+            data = incoming.detach().to(device, copy=True)
+            scb = scb_in.detach().to(device, torch.float32, copy=True)
+        self.weight = Int8Params(data, requires_grad=False, has_fp16_weights=False)
+        self._reset_8bit_state(scb)
+
+    def _rewrap_weight(self, old):
+        # load_state_dict(assign=True) replaces the parameter by a plain one: restore the
+        # subclass and the settings of the parameter it replaced, so the next move quantizes
+        w = self.weight
+        if isinstance(w, Int8Params) or not isinstance(old, Int8Params):
+            return
+        self.weight = Int8Params(w.data, requires_grad=w.requires_grad, has_fp16_weights=old.has_fp16_weights)
