@@ -39,3 +39,20 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     return f"bnbcy CUDA tests: {'enabled' if HAS_CUDA else 'skipped: ' + CUDA_SKIP_REASON}"
+
+
+@pytest.fixture(scope="module")
+def bnbF():
+    """bitsandbytes.functional with its CUDA library loaded (for bit-identity tests on a GPU)."""
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.functional as BF
+            from bitsandbytes.cextension import CudaBNBNativeLibrary, lib
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"bitsandbytes is not importable: {exc!r}")
+    if not isinstance(lib, CudaBNBNativeLibrary):
+        pytest.skip(f"bitsandbytes' CUDA library is not loaded (got {type(lib).__name__}); "
+                    "its ops would not run the CUDA kernels")
+    return BF

@@ -11,7 +11,6 @@ bnbcy.functional._fourbit_cuda with torch CUDA tensors.
 All tests carry the ``cuda`` marker (skipped without a GPU); the bnb comparisons skip when the
 bitsandbytes CUDA library cannot be loaded.
 """
-import warnings
 import zlib
 
 import pytest
@@ -47,19 +46,6 @@ def _assert_same_floats(a, b, what):
     assert bad.numel() == 0, f"{what}: {bad.numel()} values differ, first at {bad[:5].flatten().tolist()}"
 
 
-@pytest.fixture(scope="module")
-def bnbF():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes.functional as BF
-            from bitsandbytes.cextension import CudaBNBNativeLibrary, lib
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"bitsandbytes is not importable: {exc!r}")
-    if not isinstance(lib, CudaBNBNativeLibrary):
-        pytest.skip(f"bitsandbytes' CUDA library is not loaded (got {type(lib).__name__}); "
-                    "its 4-bit ops would not run the CUDA kernels")
-    return BF
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ bnbcy.functional._int8_cuda with torch CUDA tensors.
 Everything launching a kernel carries the ``cuda`` marker (skipped without a GPU); the bnb
 comparisons skip when the bitsandbytes CUDA library cannot be loaded.
 """
-import warnings
 
 import pytest
 import torch
@@ -49,19 +48,6 @@ def _assert_same_floats(a, b, what, signed_zeros=True):
                               f"{a.cpu()[~na][bad[:5, 0]].tolist()} vs {b.cpu()[~nb][bad[:5, 0]].tolist()}")
 
 
-@pytest.fixture(scope="module")
-def bnbF():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes.functional as BF
-            from bitsandbytes.cextension import CudaBNBNativeLibrary, lib
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"bitsandbytes is not importable: {exc!r}")
-    if not isinstance(lib, CudaBNBNativeLibrary):
-        pytest.skip(f"bitsandbytes' CUDA library is not loaded (got {type(lib).__name__}); "
-                    "its int8 ops would not run the CUDA kernels")
-    return BF
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,24 @@ def _rebuild_params4bit(data, requires_grad):
     return Params4bit(data, requires_grad=requires_grad)
 
 
-class Params4bit(torch.nn.Parameter):
+class _DtypeCastsThroughTo:
+    """``half()``/``float()``/``bfloat16()``/``double()`` routed through the class's ``to``, which
+    leaves quantized codes untouched (a plain cast would turn the codes into numbers)."""
+
+    def half(self, memory_format=torch.preserve_format):
+        return self.to(dtype=torch.float16)
+
+    def float(self, memory_format=torch.preserve_format):
+        return self.to(dtype=torch.float32)
+
+    def bfloat16(self, memory_format=torch.preserve_format):
+        return self.to(dtype=torch.bfloat16)
+
+    def double(self, memory_format=torch.preserve_format):
+        return self.to(dtype=torch.float64)
+
+
+class Params4bit(_DtypeCastsThroughTo, torch.nn.Parameter):
     """A weight that is quantized to 4 bits on its first move to a device.
 
     Parameters
@@ -236,20 +253,6 @@ class Params4bit(torch.nn.Parameter):
                           quant_type=self.quant_type, quant_storage=self.quant_storage,
                           module=self.module, bnb_quantized=self.bnb_quantized)
 
-    def _cast(self, dtype):
-        return self.to(dtype=dtype)
-
-    def half(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float16)
-
-    def float(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float32)
-
-    def bfloat16(self, memory_format=torch.preserve_format):
-        return self._cast(torch.bfloat16)
-
-    def double(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float64)
 
     # ------------------------------------------------------------------ torch functions
     _SPLITS = frozenset({torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split})
@@ -522,7 +525,7 @@ def _rebuild_int8params(data, requires_grad):
     return Int8Params(data, requires_grad=requires_grad)
 
 
-class Int8Params(torch.nn.Parameter):
+class Int8Params(_DtypeCastsThroughTo, torch.nn.Parameter):
     """An LLM.int8 weight: quantized row-wise to int8 on its first move to a device.
 
     Parameters
@@ -675,20 +678,6 @@ class Int8Params(torch.nn.Parameter):
             new.SCB = scb
         return new
 
-    def _cast(self, dtype):
-        return self.to(dtype=dtype)
-
-    def half(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float16)
-
-    def float(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float32)
-
-    def bfloat16(self, memory_format=torch.preserve_format):
-        return self._cast(torch.bfloat16)
-
-    def double(self, memory_format=torch.preserve_format):
-        return self._cast(torch.float64)
 
 
 def _parse_weight_format(weight_format):
