@@ -93,23 +93,9 @@ MAX_DEQUANT_REL_DIFF_NESTED = 2e-2
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def load_functional(impl: str):
-    """Import ``<impl>.functional`` once; return ``(module, None)`` or ``(None, reason)``."""
-    modname = LIB_MODULES[impl]
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as exc:  # ImportError, or a broken extension raising anything
-        hint = ""
-        if isinstance(exc, ModuleNotFoundError) and impl == "bnbcy":
-            hint = " (not installed? pip install --no-build-isolation -e .)"
-        return None, f"import {modname} failed: {type(exc).__name__}: {exc}{hint}"
-    missing = [a for a in ("quantize_4bit", "dequantize_4bit") if not hasattr(mod, a)]
-    if missing:
-        where = getattr(mod, "__file__", None) or list(getattr(mod, "__path__", []))
-        return None, (f"{modname} has no {', '.join(missing)} (module at {where}; "
-                      "not built/installed yet?)")
-    return mod, None
+    """``<impl>.functional``, imported once: ``(module, None)`` or ``(None, reason)``."""
+    return harness.load_module(LIB_MODULES[impl], ("quantize_4bit", "dequantize_4bit"))
 
 
 def _functional(impl: str):

@@ -44,15 +44,12 @@ OPS = ("gemm", "linear")
 OUTLIER_COLS = (7, 1000, 2047)
 
 
-@functools.lru_cache(maxsize=None)
 def load_lib(impl: str):
-    """Import the library once; ``(module, None)`` or ``(None, reason)``."""
-    try:
-        mod = importlib.import_module(LIBS[impl])
-        mod.functional.int8_linear_matmul, mod.nn.Linear8bitLt  # noqa: B018 (presence check)
-    except Exception as exc:
-        return None, f"{LIBS[impl]}: {type(exc).__name__}: {exc}"
-    return mod, None
+    """The library, imported once: ``(module, None)`` or ``(None, reason)``."""
+    mod, reason = harness.load_module(LIBS[impl], ("functional", "nn"))
+    if mod is not None and not (hasattr(mod.functional, "int8_linear_matmul") and hasattr(mod.nn, "Linear8bitLt")):
+        return None, f"{LIBS[impl]} has no int8_linear_matmul / nn.Linear8bitLt"
+    return mod, reason
 
 
 def _lib(impl):

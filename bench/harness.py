@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -932,3 +933,21 @@ def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
         if failed_check or any(b["status"] == "FAIL" for b in bars):
             return 1
     return 0
+
+
+@functools.lru_cache(maxsize=None)
+def load_module(modname: str, attrs: tuple = ()) -> tuple:
+    """Import ``modname`` once and check it has ``attrs``; ``(module, None)`` or ``(None, reason)``
+    (the reason is what the table prints for an ``n/a`` implementation)."""
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as exc:  # ImportError, or a broken extension raising anything
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and modname.startswith("bnbcy"):
+            hint = " (not installed? pip install --no-build-isolation -e .)"
+        return None, f"import {modname} failed: {type(exc).__name__}: {exc}{hint}"
+    missing = [a for a in attrs if not hasattr(mod, a)]
+    if missing:
+        where = getattr(mod, "__file__", None) or list(getattr(mod, "__path__", []))
+        return None, f"{modname} has no {', '.join(missing)} (module at {where}; not built/installed yet?)"
+    return mod, None

@@ -13,6 +13,8 @@
 #define BNBCY_CPU_FOURBIT_H
 #include "bnbcy_cpu_blockwise8.h"
 
+#define BNBCY_OMP_MIN_GEMM ((int64_t)1 << 20)
+
 /* NF4 decision thresholds t_0..t_14 (fl32 midpoints of the table), +inf pad. */
 static const uint32_t bnbcy_nf4_thresh_bits[16] = {
     0xbf591cd8u, 0xbf1c5270u, 0xbeeb8480u, 0xbeadea76u, 0xbe703cecu, 0xbe0d38bcu, 0xbd3a7871u,
@@ -505,7 +507,9 @@ static int bnbcy_q4_gemm(const void *A, int dtype, int64_t M, const uint8_t *q, 
         af = aconv;
     }
     int failed = 0;
-    #pragma omp parallel num_threads(nthreads) if (N * K * (M < 4 ? M : 4) >= BNBCY_OMP_MIN_WORK)
+    /* a matmul streams 4 bits per weight: below ~1M weight-rows one thread finishes before a
+     * parallel region pays for itself */
+    #pragma omp parallel num_threads(nthreads) if (N * K * M >= BNBCY_OMP_MIN_GEMM)
     {
         /* the scalar path decodes a weight row once into w for all rows of A */
         const int need_w = M > 1 && isa != BNBCY_ISA_AVX512;
