@@ -29,8 +29,6 @@ the exit status):
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import sys
 from pathlib import Path
 from typing import Optional

@@ -58,7 +58,6 @@ Bars (printed as PASS/FAIL/N/A lines, ``--strict`` makes FAIL the exit status):
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import sys
 from pathlib import Path

@@ -27,8 +27,6 @@ GPU: raw kernel >= 70% of cuBLAS int8 throughput; linear >= 1.5x bitsandbytes.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import sys
 from pathlib import Path
 
