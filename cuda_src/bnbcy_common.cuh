@@ -187,3 +187,47 @@ __device__ __forceinline__ int f2i_rni(float x) {
 __device__ __forceinline__ float abs_exact(float x) {
     return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
 }
+
+// ---- fast-math helpers of the optimizer kernels (NUMERICS.md §0), pinned -------------------
+// sqrtf of the --use_fast_math build: sqrt.approx.ftz.f32.
+__device__ __forceinline__ float sqrt_approx(float x) {
+    float r;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float lg2_approx(float x) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// powf(b, (float)e) / __powf of the --use_fast_math build: ex2~(lg2~(b) * e).
+__device__ __forceinline__ float pow_approx(float b, float e) {
+    return ex2_approx(mul_ftz(lg2_approx(b), e));
+}
+
+__device__ __forceinline__ float add_ftz(float a, float b) {
+    float r;
+    asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float sub_ftz(float a, float b) {
+    float r;
+    asm("sub.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// x == 0.0f compared with ftz (a denormal compares equal to zero), as the --use_fast_math build.
+__device__ __forceinline__ bool is_zero_ftz(float x) {
+    u32 r;
+    asm("set.eq.ftz.u32.f32 %0, %1, 0f00000000;" : "=r"(r) : "f"(x));
+    return r != 0u;
+}

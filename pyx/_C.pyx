@@ -12,6 +12,7 @@ include "tensor_view.pxi"
 include "cpu_blockwise.pxi"
 include "cpu_fourbit.pxi"
 include "cpu_int8.pxi"
+include "cpu_optim.pxi"
 include "cuda_launch.pxi"
 
 

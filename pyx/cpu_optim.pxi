@@ -1,0 +1,217 @@
+# CPU optimizer updates (NUMERICS.md §6.3-§6.6): one call updates every tensor of a
+# parameter group in one OpenMP pass; the loops live in include/bnbcy_cpu_optim.h.
+
+from libc.stdlib cimport malloc, free
+
+cdef extern from "bnbcy_cpu_optim.h" nogil:
+    int BNBCY_OPT_ADAM, BNBCY_OPT_MOMENTUM, BNBCY_OPT_RMSPROP, BNBCY_OPT_ADAGRAD
+    int BNBCY_OPT_LION, BNBCY_OPT_ADEMAMIX
+    ctypedef struct bnbcy_opt_tensor:
+        void *p
+        const void *g
+        void *s1
+        void *s2
+        float *absmax1
+        float *absmax2
+        int64_t n
+        int step
+        float param_norm
+        float us
+        double unorm
+    ctypedef struct bnbcy_opt_args:
+        int opt, dtype, skip_zeros
+        float b1, b2, b3, alpha, eps, wd, lr, gnorm_scale, max_unorm
+        const float *qmap1
+        const float *qmap2
+        const bnbcy_q8_table *t1
+        const bnbcy_q8_table *t2
+    int bnbcy_opt_uses_unorm(int opt)
+    int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
+                         int nthreads)
+
+cdef dict _OPT_NAMES = {
+    "adam": BNBCY_OPT_ADAM, "lamb": BNBCY_OPT_ADAM, "momentum": BNBCY_OPT_MOMENTUM,
+    "lars": BNBCY_OPT_MOMENTUM, "rmsprop": BNBCY_OPT_RMSPROP, "adagrad": BNBCY_OPT_ADAGRAD,
+    "lion": BNBCY_OPT_LION, "ademamix": BNBCY_OPT_ADEMAMIX,
+}
+
+
+cdef int _opt_code(str name) except -1:
+    try:
+        return _OPT_NAMES[name]
+    except KeyError:
+        raise ValueError(f"Unsupported optimizer name {name!r}; expected one of "
+                         f"{', '.join(sorted(_OPT_NAMES))}") from None
+
+
+cdef void _opt_check_lists(int count, list lists, tuple names) except *:
+    for lst, nm in zip(lists, names):
+        if lst is not None and len(lst) != count:
+            raise ValueError(f"{nm} has {len(lst)} entries but params has {count}")
+
+
+cdef void _opt_require_state(object v, str name, str dtype, int64_t numel) except *:
+    if not isinstance(v, TensorView):
+        raise ValueError(f"{name} must be a TensorView, got {type(v).__name__}")
+    _require(<TensorView>v, name, dtype, numel)
+    if (<TensorView>v).readonly:
+        raise ValueError(f"{name} must be writable")
+
+
+cdef int _opt_fill(bnbcy_opt_args *a, bnbcy_opt_tensor *ts, list params, list grads, list steps,
+                   list param_norms) except -1:
+    """Validate params/grads/steps and fill the pointers shared by both kernels; returns the dtype."""
+    cdef int k, dtype = -1
+    cdef TensorView p, g
+    for k in range(len(params)):
+        if not isinstance(params[k], TensorView) or not isinstance(grads[k], TensorView):
+            raise ValueError(f"params[{k}] and grads[{k}] must be TensorViews")
+        p = params[k]
+        g = grads[k]
+        _require(p, f"params[{k}]", None, -1)
+        _require(g, f"grads[{k}]", None, p.numel)
+        if p.readonly:
+            raise ValueError(f"params[{k}] must be writable")
+        d = _float_code(p, f"params[{k}]")
+        if g.dtype != p.dtype:
+            raise ValueError(f"grads[{k}] must have the dtype of params[{k}] ({p.dtype}), got {g.dtype}")
+        if dtype == -1:
+            dtype = d
+        elif d != dtype:
+            raise ValueError(f"all params of one call must share a dtype: params[{k}] is {p.dtype}")
+        step = steps[k]
+        if isinstance(step, bool) or int(step) != step or step < 1:
+            raise ValueError(f"steps[{k}] must be a positive int, got {step!r}")
+        ts[k].p = p.data
+        ts[k].g = g.data
+        ts[k].n = p.numel
+        ts[k].step = <int>int(step)
+        ts[k].param_norm = float(param_norms[k]) if param_norms is not None else 0.0
+        ts[k].s1 = NULL
+        ts[k].s2 = NULL
+        ts[k].absmax1 = NULL
+        ts[k].absmax2 = NULL
+    return dtype
+
+
+cdef _opt_result(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int count):
+    if a.max_unorm > 0.0 and bnbcy_opt_uses_unorm(a.opt):
+        return [ts[k].unorm for k in range(count)]
+    return None
+
+
+def cpu_optimizer_update_32bit(str name, list params, list grads, list state1, list state2,
+                               float beta1, float beta2, float beta3, float alpha, float eps,
+                               float weight_decay, float lr, list steps, float gnorm_scale,
+                               float max_unorm, list param_norms, bint skip_zeros):
+    """One 32-bit update (§6.3/§6.4) of every tensor of a parameter group, in place.
+
+    ``state1``/``state2`` hold float32 TensorViews (``state2`` entries None for 1-state
+    optimizers; ademamix state1 has 2·n elements). Returns the per-tensor sums of the
+    squared would-be updates (what bnb writes to ``unorm_vec``) when ``max_unorm > 0``
+    and the optimizer uses it, else None.
+    """
+    cdef bnbcy_opt_args a
+    a.opt = _opt_code(name)
+    cdef int count = len(params), k, rc
+    _opt_check_lists(count, [grads, state1, state2, steps, param_norms],
+                     ("grads", "state1", "state2", "steps", "param_norms"))
+    if max_unorm > 0.0 and param_norms is None:
+        raise ValueError("max_unorm > 0 needs param_norms")
+    cdef bint two = a.opt == BNBCY_OPT_ADAM or a.opt == BNBCY_OPT_ADEMAMIX
+    if two and state2 is None:
+        raise ValueError(f"{name} needs state2")
+    if count == 0:
+        return None
+    cdef bnbcy_opt_tensor *ts = <bnbcy_opt_tensor *>malloc(count * sizeof(bnbcy_opt_tensor))
+    if ts == NULL:
+        raise MemoryError()
+    try:
+        a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
+        for k in range(count):
+            _opt_require_state(state1[k], f"state1[{k}]", "float32",
+                               2 * ts[k].n if a.opt == BNBCY_OPT_ADEMAMIX else ts[k].n)
+            ts[k].s1 = (<TensorView>state1[k]).data
+            if two:
+                _opt_require_state(state2[k], f"state2[{k}]", "float32", ts[k].n)
+                ts[k].s2 = (<TensorView>state2[k]).data
+        a.skip_zeros = skip_zeros
+        a.b1, a.b2, a.b3, a.alpha, a.eps = beta1, beta2, beta3, alpha, eps
+        a.wd, a.lr, a.gnorm_scale, a.max_unorm = weight_decay, lr, gnorm_scale, max_unorm
+        a.qmap1 = a.qmap2 = NULL
+        a.t1 = a.t2 = NULL
+        nthreads = omp_get_max_threads()
+        with nogil:
+            rc = bnbcy_opt_update(&a, ts, count, 0, nthreads)
+        if rc != 0:
+            raise MemoryError()
+        return _opt_result(&a, ts, count)
+    finally:
+        free(ts)
+
+
+def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list state1, list state2,
+                                        TensorView qmap1, TensorView qmap2, list absmax1, list absmax2,
+                                        float beta1, float beta2, float beta3, float alpha, float eps,
+                                        float weight_decay, float lr, list steps, float gnorm_scale,
+                                        float max_unorm, list param_norms, bint skip_zeros):
+    """One 8-bit blockwise update (§6.5, blocks of 256) of every tensor of a group, in place.
+
+    ``state1``/``state2`` hold uint8 codes (``state2``/``absmax2``/``qmap2`` None for
+    1-state optimizers; ademamix: state1 2·n codes, absmax1 2·nblocks values), ``qmap1``
+    the signed and ``qmap2`` the unsigned dynamic map. Returns what
+    :func:`cpu_optimizer_update_32bit` returns.
+    """
+    cdef bnbcy_opt_args a
+    a.opt = _opt_code(name)
+    cdef int count = len(params), k, rc
+    cdef int64_t nb
+    _opt_check_lists(count, [grads, state1, state2, absmax1, absmax2, steps, param_norms],
+                     ("grads", "state1", "state2", "absmax1", "absmax2", "steps", "param_norms"))
+    if max_unorm > 0.0 and param_norms is None:
+        raise ValueError("max_unorm > 0 needs param_norms")
+    cdef bint two = a.opt == BNBCY_OPT_ADAM or a.opt == BNBCY_OPT_ADEMAMIX
+    cdef bint ademamix = a.opt == BNBCY_OPT_ADEMAMIX
+    if two and (state2 is None or absmax2 is None or qmap2 is None):
+        raise ValueError(f"{name} needs state2, absmax2 and qmap2")
+    if qmap1 is None:
+        raise ValueError("qmap1 is required")
+    _require(qmap1, "qmap1", "float32", 256)
+    table1 = _q8_table(qmap1)
+    table2 = None
+    if two:
+        _require(qmap2, "qmap2", "float32", 256)
+        table2 = _q8_table(qmap2)
+    if count == 0:
+        return None
+    cdef bnbcy_opt_tensor *ts = <bnbcy_opt_tensor *>malloc(count * sizeof(bnbcy_opt_tensor))
+    if ts == NULL:
+        raise MemoryError()
+    try:
+        a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
+        for k in range(count):
+            nb = (ts[k].n + 255) // 256
+            _opt_require_state(state1[k], f"state1[{k}]", "uint8", 2 * ts[k].n if ademamix else ts[k].n)
+            _opt_require_state(absmax1[k], f"absmax1[{k}]", "float32", 2 * nb if ademamix else nb)
+            ts[k].s1 = (<TensorView>state1[k]).data
+            ts[k].absmax1 = <float *>(<TensorView>absmax1[k]).data
+            if two:
+                _opt_require_state(state2[k], f"state2[{k}]", "uint8", ts[k].n)
+                _opt_require_state(absmax2[k], f"absmax2[{k}]", "float32", nb)
+                ts[k].s2 = (<TensorView>state2[k]).data
+                ts[k].absmax2 = <float *>(<TensorView>absmax2[k]).data
+        a.skip_zeros = skip_zeros
+        a.b1, a.b2, a.b3, a.alpha, a.eps = beta1, beta2, beta3, alpha, eps
+        a.wd, a.lr, a.gnorm_scale, a.max_unorm = weight_decay, lr, gnorm_scale, max_unorm
+        a.qmap1 = <const float *>qmap1.data
+        a.qmap2 = <const float *>qmap2.data if two else NULL
+        a.t1 = <const bnbcy_q8_table *>PyBytes_AS_STRING(table1) if table1 is not None else NULL
+        a.t2 = <const bnbcy_q8_table *>PyBytes_AS_STRING(table2) if table2 is not None else NULL
+        nthreads = omp_get_max_threads()
+        with nogil:
+            rc = bnbcy_opt_update(&a, ts, count, 1, nthreads)
+        if rc != 0:
+            raise MemoryError()
+        return _opt_result(&a, ts, count)
+    finally:
+        free(ts)

@@ -1,0 +1,647 @@
+/* CPU optimizer update kernels (NUMERICS.md §6.3-§6.6): bitsandbytes' 32-bit and
+ * 8-bit blockwise updates for adam/lamb, ademamix, momentum/lars, rmsprop, adagrad
+ * and lion, for many tensors of one parameter group in ONE OpenMP pass.
+ *
+ * The float32 rounding points and fma pairings are those of bnb's CUDA kernels;
+ * CUDA's fast-math approximations (rcp/div/sqrt/pow .approx) are replaced by the IEEE
+ * operations (1/x, /, sqrtf, powf). fma is written as fmaf (the build uses
+ * -std=c11, so the compiler never contracts other products).
+ *
+ * Work split: every tensor is cut into chunks of BNBCY_OPT_CHUNK elements (a multiple
+ * of the 256-element 8-bit block); the chunks of all tensors form one list that a
+ * single `omp parallel for` walks. With max_unorm > 0 a first pass sums the squared
+ * would-be update per chunk in double; the per-tensor sum adds the chunk partials in
+ * chunk order, so the result does not depend on the thread count. */
+#ifndef BNBCY_CPU_OPTIM_H
+#define BNBCY_CPU_OPTIM_H
+#include "bnbcy_cpu_blockwise8.h"
+#include "bnbcy_omp.h"
+#include <stdlib.h>
+
+enum {
+    BNBCY_OPT_ADAM = 0, /* adam, lamb */
+    BNBCY_OPT_MOMENTUM = 1, /* momentum, lars */
+    BNBCY_OPT_RMSPROP = 2,
+    BNBCY_OPT_ADAGRAD = 3,
+    BNBCY_OPT_LION = 4,
+    BNBCY_OPT_ADEMAMIX = 5
+};
+
+#define BNBCY_OPT_BLOCK 256
+#define BNBCY_OPT_CHUNK 16384
+
+typedef struct {
+    void *p;             /* n elements of dtype */
+    const void *g;       /* n elements of dtype */
+    void *s1;            /* float32 (32-bit) or uint8 codes (8-bit); ademamix: 2n */
+    void *s2;            /* float32 / uint8 or NULL (1-state) */
+    float *absmax1;      /* 8-bit: [nblocks] ([2, nblocks] for ademamix) */
+    float *absmax2;      /* 8-bit 2-state: [nblocks] */
+    int64_t n;
+    int32_t step;
+    float param_norm;    /* used when max_unorm > 0 */
+    /* filled by the driver */
+    float c1, c2, ss, c2eps, r1, r2, us;
+    double unorm;        /* sum of squared would-be updates (0 when not computed) */
+} bnbcy_opt_tensor;
+
+typedef struct {
+    int opt, dtype, skip_zeros;
+    float b1, b2, b3, alpha, eps, wd, lr, gnorm_scale, max_unorm;
+    /* 8-bit */
+    const float *qmap1, *qmap2;
+    const bnbcy_q8_table *t1, *t2; /* NULL: literal search */
+} bnbcy_opt_args;
+
+/* Optimizers whose update takes the trust ratio (adagrad computes the norm but, as in bnb,
+ * does not apply it; lion and ademamix ignore max_unorm as bnb effectively does). */
+static inline int bnbcy_opt_uses_unorm(int opt) {
+    return opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_MOMENTUM || opt == BNBCY_OPT_RMSPROP ||
+           opt == BNBCY_OPT_ADAGRAD;
+}
+
+static inline float bnbcy_opt_load(const void *x, int64_t i, int dtype) {
+    if (dtype == BNBCY_F32) return ((const float *)x)[i];
+    if (dtype == BNBCY_F16) return bnbcy_f16_to_f32(((const uint16_t *)x)[i]);
+    return bnbcy_bf16_to_f32(((const uint16_t *)x)[i]);
+}
+
+static inline void bnbcy_opt_store(void *x, int64_t i, int dtype, float v) {
+    if (dtype == BNBCY_F32) ((float *)x)[i] = v;
+    else if (dtype == BNBCY_F16) ((uint16_t *)x)[i] = bnbcy_f32_to_f16(v);
+    else ((uint16_t *)x)[i] = bnbcy_f32_to_bf16(v);
+}
+
+/* T(x) as a float: the value x takes when stored as dtype. */
+static inline float bnbcy_opt_round(float x, int dtype) {
+    if (dtype == BNBCY_F32) return x;
+    if (dtype == BNBCY_F16) return bnbcy_f16_to_f32(bnbcy_f32_to_f16(x));
+    return bnbcy_bf16_to_f32(bnbcy_f32_to_bf16(x));
+}
+
+static inline float bnbcy_opt_sgn(float d) { return d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f); }
+
+/* ---------------------------------------------------------------- 32-bit --- */
+
+/* Sum of u^2 over [start, start+len) from the would-be new states (§6.4). */
+static double bnbcy_opt32_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                      int64_t start, int64_t len) {
+    const int dt = a->dtype;
+    const float b1 = a->b1, b2 = a->b2, omb1 = 1.0f - a->b1, omb2 = 1.0f - a->b2, eps = a->eps;
+    const float *s1 = (const float *)t->s1, *s2 = (const float *)t->s2;
+    double acc = 0.0;
+    for (int64_t i = start; i < start + len; i++) {
+        const float g = bnbcy_opt_round(a->gnorm_scale * bnbcy_opt_load(t->g, i, dt), dt);
+        float u;
+        switch (a->opt) {
+        case BNBCY_OPT_ADAM: {
+            const float m = fmaf(s1[i], b1, omb1 * g), v = fmaf(s2[i], b2, omb2 * (g * g));
+            u = (m * t->r1) / (sqrtf(v * t->r2) + eps);
+            break;
+        }
+        case BNBCY_OPT_MOMENTUM: u = t->step == 1 ? g : fmaf(s1[i], b1, g); break;
+        case BNBCY_OPT_RMSPROP: u = g / (sqrtf(fmaf(s1[i], b1, g * (omb1 * g))) + eps); break;
+        case BNBCY_OPT_ADAGRAD: u = g / (sqrtf(fmaf(g, g, s1[i])) + eps); break;
+        default: u = 0.0f;
+        }
+        acc += (double)(u * u);
+    }
+    return acc;
+}
+
+static void bnbcy_opt32_chunk_scalar(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                     int64_t start, int64_t len) {
+    const int dt = a->dtype, skip = a->skip_zeros;
+    const float b1 = a->b1, b2 = a->b2, b3 = a->b3, eps = a->eps, lr = a->lr, wd = a->wd;
+    const float omb1 = 1.0f - b1, omb2 = 1.0f - b2, omb3 = 1.0f - b3, decay = 1.0f - lr * wd;
+    const float gns = a->gnorm_scale, us = t->us;
+    float *s1 = (float *)t->s1, *s2 = (float *)t->s2;
+    const int64_t end = start + len;
+    switch (a->opt) {
+    case BNBCY_OPT_ADAM: {
+        const float ssus = t->ss * us, c2eps = t->c2eps;
+        for (int64_t i = start; i < end; i++) {
+            const float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
+            if (skip && g == 0.0f) continue;
+            const float m = fmaf(s1[i], b1, omb1 * g), v = fmaf(s2[i], b2, omb2 * (g * g));
+            s1[i] = m;
+            s2[i] = v;
+            float p = bnbcy_opt_round(fmaf(ssus, m / (sqrtf(v) + c2eps), bnbcy_opt_load(t->p, i, dt)), dt);
+            if (wd > 0.0f) p = p * decay;
+            bnbcy_opt_store(t->p, i, dt, p);
+        }
+        break;
+    }
+    case BNBCY_OPT_ADEMAMIX: {
+        float *m2s = s1 + t->n;
+        const float c1 = t->c1, c2 = t->c2, alpha = a->alpha;
+        for (int64_t i = start; i < end; i++) {
+            const float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
+            const float m1 = fmaf(s1[i], b1, omb1 * g), m2 = fmaf(m2s[i], b3, omb3 * g);
+            const float nu = fmaf(s2[i], b2, g * (omb2 * g));
+            s1[i] = m1;
+            m2s[i] = m2;
+            s2[i] = nu;
+            const float upd = (fmaf(m2, alpha, m1 / c1) / (sqrtf(nu) / c2 + eps)) * lr;
+            float p = bnbcy_opt_round(bnbcy_opt_load(t->p, i, dt) - upd, dt);
+            if (wd > 0.0f) p = p * decay;
+            bnbcy_opt_store(t->p, i, dt, p);
+        }
+        break;
+    }
+    default: { /* 1-state */
+        const int opt = a->opt, first = t->step == 1;
+        for (int64_t i = start; i < end; i++) {
+            float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
+            float p = bnbcy_opt_load(t->p, i, dt);
+            if (wd > 0.0f && opt != BNBCY_OPT_LION) g = bnbcy_opt_round(fmaf(p, wd, g), dt);
+            if (skip && g == 0.0f) continue;
+            float s = s1[i];
+            switch (opt) {
+            case BNBCY_OPT_MOMENTUM:
+                s = first ? g : fmaf(s, b1, g);
+                p = p - us * (s * lr);
+                break;
+            case BNBCY_OPT_RMSPROP:
+                s = fmaf(s, b1, g * (omb1 * g));
+                p = p - us * ((g / (sqrtf(s) + eps)) * lr);
+                break;
+            case BNBCY_OPT_ADAGRAD:
+                s = fmaf(g, g, s);
+                p = p - (g / (sqrtf(s) + eps)) * lr;
+                break;
+            default: { /* lion */
+                if (wd > 0.0f) p = bnbcy_opt_round(p * decay, dt);
+                const float d = fmaf(s, b1, omb1 * g);
+                p = p - us * (bnbcy_opt_sgn(d) * lr);
+                s = fmaf(s, b2, omb2 * g);
+            }
+            }
+            s1[i] = s;
+            bnbcy_opt_store(t->p, i, dt, p);
+        }
+    }
+    }
+}
+
+#if BNBCY_HAVE_AVX512_PATH
+/* The same operations as bnbcy_opt32_chunk_scalar, 16 lanes at a time. */
+BNBCY_AVX512 static inline __m512 bnbcy_opt_round16(__m512 x, int dtype) {
+    if (dtype == BNBCY_F32) return x;
+    if (dtype == BNBCY_F16)
+        return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512i u = _mm512_castps_si512(x);
+    __m512i b = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                      _mm512_set1_epi32(1))));
+    b = _mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u));
+    b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+    return _mm512_castsi512_ps(b);
+}
+
+BNBCY_AVX512 static inline __m512 bnbcy_opt_sgn16(__m512 d) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __mmask16 neg = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 r = _mm512_mask_mov_ps(_mm512_setzero_ps(), pos, _mm512_set1_ps(1.0f));
+    return _mm512_mask_mov_ps(r, neg, _mm512_set1_ps(-1.0f));
+}
+
+BNBCY_AVX512 static void bnbcy_opt32_chunk_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                  int64_t start, int64_t len) {
+    const int dt = a->dtype, skip = a->skip_zeros, opt = a->opt;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const char *gp = (const char *)t->g;
+    char *pp = (char *)t->p;
+    float *s1 = (float *)t->s1, *s2 = (float *)t->s2;
+    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), b3 = _mm512_set1_ps(a->b3);
+    const __m512 omb1 = _mm512_set1_ps(1.0f - a->b1), omb2 = _mm512_set1_ps(1.0f - a->b2),
+                 omb3 = _mm512_set1_ps(1.0f - a->b3);
+    const __m512 eps = _mm512_set1_ps(a->eps), lr = _mm512_set1_ps(a->lr), wd = _mm512_set1_ps(a->wd);
+    const __m512 decay = _mm512_set1_ps(1.0f - a->lr * a->wd), gns = _mm512_set1_ps(a->gnorm_scale);
+    const __m512 us = _mm512_set1_ps(t->us), zero = _mm512_setzero_ps();
+    const int has_wd = a->wd > 0.0f, scale_g = a->gnorm_scale != 1.0f, first = t->step == 1;
+    for (int64_t i = start; i < start + len; i += 16) {
+        __mmask16 k = bnbcy_tail_mask(start + len - i);
+        __m512 g = bnbcy_load16(gp + i * isz, dt, k);
+        if (scale_g) g = bnbcy_opt_round16(_mm512_mul_ps(gns, g), dt);
+        __m512 p = bnbcy_load16(pp + i * isz, dt, k);
+        if (opt == BNBCY_OPT_ADAM) {
+            if (skip) k &= _mm512_cmp_ps_mask(g, zero, _CMP_NEQ_UQ);
+            const __m512 m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s1 + i), b1, _mm512_mul_ps(omb1, g));
+            const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s2 + i), b2,
+                                             _mm512_mul_ps(omb2, _mm512_mul_ps(g, g)));
+            _mm512_mask_storeu_ps(s1 + i, k, m);
+            _mm512_mask_storeu_ps(s2 + i, k, v);
+            const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(t->c2eps));
+            p = bnbcy_opt_round16(_mm512_fmadd_ps(_mm512_set1_ps(t->ss * t->us), _mm512_div_ps(m, den), p), dt);
+            if (has_wd) p = _mm512_mul_ps(p, decay);
+        } else if (opt == BNBCY_OPT_ADEMAMIX) {
+            const __m512 m1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s1 + i), b1, _mm512_mul_ps(omb1, g));
+            const __m512 m2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s1 + t->n + i), b3, _mm512_mul_ps(omb3, g));
+            const __m512 nu = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s2 + i), b2,
+                                              _mm512_mul_ps(g, _mm512_mul_ps(omb2, g)));
+            _mm512_mask_storeu_ps(s1 + i, k, m1);
+            _mm512_mask_storeu_ps(s1 + t->n + i, k, m2);
+            _mm512_mask_storeu_ps(s2 + i, k, nu);
+            const __m512 num = _mm512_fmadd_ps(m2, _mm512_set1_ps(a->alpha), _mm512_div_ps(m1, _mm512_set1_ps(t->c1)));
+            const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(nu), _mm512_set1_ps(t->c2)), eps);
+            p = bnbcy_opt_round16(_mm512_sub_ps(p, _mm512_mul_ps(_mm512_div_ps(num, den), lr)), dt);
+            if (has_wd) p = _mm512_mul_ps(p, decay);
+        } else {
+            if (has_wd && opt != BNBCY_OPT_LION) g = bnbcy_opt_round16(_mm512_fmadd_ps(p, wd, g), dt);
+            if (skip) k &= _mm512_cmp_ps_mask(g, zero, _CMP_NEQ_UQ);
+            __m512 s = _mm512_maskz_loadu_ps(k, s1 + i);
+            if (opt == BNBCY_OPT_MOMENTUM) {
+                s = first ? g : _mm512_fmadd_ps(s, b1, g);
+                p = _mm512_sub_ps(p, _mm512_mul_ps(us, _mm512_mul_ps(s, lr)));
+            } else if (opt == BNBCY_OPT_RMSPROP) {
+                s = _mm512_fmadd_ps(s, b1, _mm512_mul_ps(g, _mm512_mul_ps(omb1, g)));
+                const __m512 q = _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
+                p = _mm512_sub_ps(p, _mm512_mul_ps(us, _mm512_mul_ps(q, lr)));
+            } else if (opt == BNBCY_OPT_ADAGRAD) {
+                s = _mm512_fmadd_ps(g, g, s);
+                const __m512 q = _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
+                p = _mm512_sub_ps(p, _mm512_mul_ps(q, lr));
+            } else { /* lion */
+                if (has_wd) p = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
+                const __m512 d = _mm512_fmadd_ps(s, b1, _mm512_mul_ps(omb1, g));
+                p = _mm512_sub_ps(p, _mm512_mul_ps(us, _mm512_mul_ps(bnbcy_opt_sgn16(d), lr)));
+                s = _mm512_fmadd_ps(s, b2, _mm512_mul_ps(omb2, g));
+            }
+            _mm512_mask_storeu_ps(s1 + i, k, s);
+        }
+        bnbcy_store16(pp + i * isz, dt, k, p);
+    }
+}
+#endif
+
+/* ----------------------------------------------------------------- 8-bit --- */
+
+static inline uint8_t bnbcy_opt_code(float xn, const float *code, const bnbcy_q8_table *t) {
+    if (t == NULL) return bnbcy_q8_code_search(xn, code);
+    if (t->one_per_bucket) return bnbcy_q8_code_packed(xn, t->packed);
+    return bnbcy_q8_code_table(xn, t, t->steps);
+}
+
+/* Requantize one block of new states with its new absmax M (§6.5), sign fix if signed. */
+static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const float *code,
+                                     const bnbcy_q8_table *t, int sign_fix, uint8_t *q) {
+    for (int64_t i = 0; i < len; i++) {
+        uint32_t c = bnbcy_opt_code(bnbcy_ftz(s[i] / M), code, t);
+        if (sign_fix && (signbit(code[c]) != 0) != (signbit(s[i]) != 0))
+            c = s[i] > 0.0f ? ((c + 1) & 255u) : ((c - 1) & 255u);
+        q[i] = (uint8_t)c;
+    }
+}
+
+static inline float bnbcy_opt_absmax_acc(float m, float s) {
+    const float a = fabsf(s);
+    return a > m ? a : m; /* NaN never enters (as fmaxf from -FLT_MAX) */
+}
+
+/* One 2-state element (adam/lamb, ademamix). Returns the new p (unstored). */
+static inline float bnbcy_opt8_elem2(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, float gr,
+                                     float p, float d1, float d2, float d3, float *s1, float *s2,
+                                     float *s3, int *finite) {
+    const int dt = a->dtype;
+    *finite = isfinite(gr);
+    if (*finite) {
+        const float gv = gr * a->gnorm_scale;
+        *s2 = bnbcy_ftz(fmaf(gv, (1.0f - a->b2) * gv, bnbcy_ftz(d2 * a->b2)));
+        *s1 = bnbcy_ftz(fmaf(1.0f - a->b1, gv, bnbcy_ftz(d1 * a->b1)));
+        if (a->opt == BNBCY_OPT_ADEMAMIX) *s3 = bnbcy_ftz(fmaf(1.0f - a->b3, gv, bnbcy_ftz(d3 * a->b3)));
+        if (a->opt == BNBCY_OPT_ADAM) {
+            p = bnbcy_opt_round(fmaf(t->ss * t->us, *s1 / (sqrtf(*s2) + t->c2eps), p), dt);
+        } else {
+            const float upd = (fmaf(*s3, a->alpha, *s1 / t->c1) / (sqrtf(*s2) / t->c2 + a->eps)) * a->lr;
+            p = bnbcy_opt_round(p - upd, dt);
+        }
+        if (a->wd > 0.0f) p = bnbcy_opt_round(p * (1.0f - a->lr * a->wd), dt);
+    } else {
+        *s1 = *s2 = *s3 = 0.0f;
+    }
+    return p;
+}
+
+/* One 1-state element (momentum/lars, rmsprop, adagrad, lion). Returns the new p. */
+static inline float bnbcy_opt8_elem1(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, float gr,
+                                     float p, float d1, float *s1) {
+    const int dt = a->dtype;
+    const float lr = a->lr;
+    float gv = gr * a->gnorm_scale;
+    if (a->skip_zeros && gr == 0.0f) {
+        *s1 = d1; /* bnb leaves it uninitialised; keep the old state */
+        return p;
+    }
+    if (a->wd > 0.0f) {
+        if (a->opt == BNBCY_OPT_LION) p = bnbcy_opt_round(p * (1.0f - lr * a->wd), dt);
+        else gv = fmaf(p, a->wd, gv);
+    }
+    float s;
+    switch (a->opt) {
+    case BNBCY_OPT_MOMENTUM:
+        s = bnbcy_ftz(t->step == 1 ? gv : fmaf(d1, a->b1, gv));
+        return *s1 = s, bnbcy_opt_round(p - t->us * (s * lr), dt);
+    case BNBCY_OPT_RMSPROP:
+        s = bnbcy_ftz(fmaf(1.0f - a->b1, gv * gv, bnbcy_ftz(d1 * a->b1)));
+        return *s1 = s, bnbcy_opt_round(p - t->us * ((gr / (sqrtf(s) + a->eps)) * lr), dt);
+    case BNBCY_OPT_ADAGRAD:
+        s = bnbcy_ftz(fmaf(gv, gv, d1));
+        return *s1 = s, bnbcy_opt_round(p - (gr / (sqrtf(s) + a->eps)) * lr, dt);
+    default: { /* lion */
+        const float gs = bnbcy_opt_round(bnbcy_opt_sgn(fmaf(1.0f - a->b1, gv, bnbcy_ftz(d1 * a->b1))) * lr, dt);
+        *s1 = bnbcy_ftz(fmaf(1.0f - a->b2, gv, bnbcy_ftz(d1 * a->b2)));
+        if (a->skip_zeros && gs == 0.0f) return p;
+        return bnbcy_opt_round(p - gs, dt);
+    }
+    }
+}
+
+/* The would-be update u of one element for the trust ratio (no weight decay). */
+static inline float bnbcy_opt8_unorm_elem(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, float gr,
+                                          float d1, float d2) {
+    const float gv = gr * a->gnorm_scale;
+    switch (a->opt) {
+    case BNBCY_OPT_ADAM: {
+        if (!isfinite(gr)) return 0.0f;
+        const float v = bnbcy_ftz(fmaf(gv, (1.0f - a->b2) * gv, bnbcy_ftz(d2 * a->b2)));
+        const float m = bnbcy_ftz(fmaf(1.0f - a->b1, gv, bnbcy_ftz(d1 * a->b1)));
+        return (m * t->r1) / (sqrtf(v * t->r2) + a->eps);
+    }
+    case BNBCY_OPT_MOMENTUM: return t->step == 1 ? gv : fmaf(d1, a->b1, gv);
+    case BNBCY_OPT_RMSPROP:
+        return gv / (sqrtf(fmaf(1.0f - a->b1, gv * gv, bnbcy_ftz(d1 * a->b1))) + a->eps);
+    case BNBCY_OPT_ADAGRAD: return gv / (sqrtf(fmaf(gv, gv, d1)) + a->eps);
+    default: return 0.0f;
+    }
+}
+
+static double bnbcy_opt8_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                     int64_t start, int64_t len) {
+    const uint8_t *q1 = (const uint8_t *)t->s1, *q2 = (const uint8_t *)t->s2;
+    double acc = 0.0;
+    for (int64_t i = start; i < start + len; i++) {
+        const int64_t b = i / BNBCY_OPT_BLOCK;
+        const float d1 = bnbcy_ftz(a->qmap1[q1[i]] * t->absmax1[b]);
+        const float d2 = q2 ? bnbcy_ftz(a->qmap2[q2[i]] * t->absmax2[b]) : 0.0f;
+        const float u = bnbcy_opt8_unorm_elem(a, t, bnbcy_opt_load(t->g, i, a->dtype), d1, d2);
+        acc += (double)(u * u);
+    }
+    return acc;
+}
+
+/* One 256-block [start, start+len) of an 8-bit update. */
+static void bnbcy_opt8_block(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b,
+                             int64_t start, int64_t len) {
+    float n1[BNBCY_OPT_BLOCK], n2[BNBCY_OPT_BLOCK], n3[BNBCY_OPT_BLOCK];
+    const int dt = a->dtype, two = a->opt == BNBCY_OPT_ADAM || a->opt == BNBCY_OPT_ADEMAMIX;
+    const int ademamix = a->opt == BNBCY_OPT_ADEMAMIX;
+    const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
+    uint8_t *q1 = (uint8_t *)t->s1 + start, *q2 = two ? (uint8_t *)t->s2 + start : NULL;
+    uint8_t *q3 = ademamix ? (uint8_t *)t->s1 + t->n + start : NULL;
+    const float a1 = bnbcy_ftz(t->absmax1[b]), a2 = two ? bnbcy_ftz(t->absmax2[b]) : 0.0f;
+    const float a3 = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
+    const float *m1 = a->qmap1, *m2 = a->qmap2;
+    float M1 = -FLT_MAX, M2 = -FLT_MAX, M3 = -FLT_MAX;
+    for (int64_t i = 0; i < len; i++) {
+        const float gr = bnbcy_opt_load(t->g, start + i, dt), p = bnbcy_opt_load(t->p, start + i, dt);
+        const float d1 = bnbcy_ftz(m1[q1[i]] * a1);
+        float np;
+        if (two) {
+            const float d2 = bnbcy_ftz(m2[q2[i]] * a2), d3 = ademamix ? bnbcy_ftz(m1[q3[i]] * a3) : 0.0f;
+            int finite;
+            np = bnbcy_opt8_elem2(a, t, gr, p, d1, d2, d3, n1 + i, n2 + i, n3 + i, &finite);
+            M2 = bnbcy_opt_absmax_acc(M2, n2[i]);
+            if (ademamix) M3 = bnbcy_opt_absmax_acc(M3, n3[i]);
+        } else {
+            np = bnbcy_opt8_elem1(a, t, gr, p, d1, n1 + i);
+        }
+        M1 = bnbcy_opt_absmax_acc(M1, n1[i]);
+        bnbcy_opt_store(t->p, start + i, dt, np);
+    }
+    if (len < BNBCY_OPT_BLOCK) { /* padding lanes: c1 = 128, c2 = 0, g = 0, p = 0 */
+        float s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        const float d1 = bnbcy_ftz(m1[128] * a1);
+        if (two) {
+            int finite;
+            bnbcy_opt8_elem2(a, t, 0.0f, 0.0f, d1, bnbcy_ftz(m2[0] * a2), bnbcy_ftz(m1[128] * a3),
+                             &s1, &s2, &s3, &finite);
+            M2 = bnbcy_opt_absmax_acc(M2, s2);
+            if (ademamix) M3 = bnbcy_opt_absmax_acc(M3, s3);
+        } else {
+            bnbcy_opt8_elem1(a, t, 0.0f, 0.0f, d1, &s1);
+        }
+        M1 = bnbcy_opt_absmax_acc(M1, s1);
+    }
+    t->absmax1[b] = M1;
+    bnbcy_opt_requant(n1, len, M1, m1, a->t1, 1, q1);
+    if (two) {
+        t->absmax2[b] = M2;
+        bnbcy_opt_requant(n2, len, M2, m2, a->t2, 0, q2);
+    }
+    if (ademamix) {
+        t->absmax1[nblocks + b] = M3;
+        bnbcy_opt_requant(n3, len, M3, m1, a->t1, 1, q3);
+    }
+}
+
+#if BNBCY_HAVE_AVX512_PATH
+/* Codes of 16 values xn (bnbcy_opt_code lane by lane; t != NULL). */
+BNBCY_AVX512 static inline __m512i bnbcy_opt_codes16(__m512 xn, const bnbcy_q8_table *t) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1),
+                  byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF);
+    __m512i c;
+    if (t->one_per_bucket) {
+        const __m512i u = _mm512_castps_si512(_mm512_add_ps(xn, _mm512_setzero_ps()));
+        const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), t->packed, 4);
+        const __m512i lo = _mm512_and_si512(key, low16);
+        const __m512i mid = _mm512_and_si512(_mm512_srli_epi32(e, 8), low16);
+        const __mmask16 has = _mm512_test_epi32_mask(e, _mm512_set1_epi32(1 << 24));
+        const __mmask16 above = has & _mm512_cmpgt_epu32_mask(lo, mid);
+        const __mmask16 tie = has & _mm512_cmpeq_epi32_mask(lo, mid) & _mm512_test_epi32_mask(e, one);
+        c = _mm512_and_si512(e, byte);
+        c = _mm512_mask_add_epi32(c, above | tie, c, one);
+    } else {
+        const __m512i u = _mm512_castps_si512(xn);
+        const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+        c = _mm512_and_si512(_mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), t->lut, 1), byte);
+        for (int s = 0; s < t->steps; s++) {
+            const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, t->mids, 4), xn, _CMP_LT_OQ);
+            c = _mm512_mask_add_epi32(c, lt, c, one);
+        }
+        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, t->mids, 4), xn, _CMP_EQ_OQ) &
+                              _mm512_test_epi32_mask(c, one);
+        c = _mm512_mask_add_epi32(c, tie, c, one);
+    }
+    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(xn, xn, _CMP_ORD_Q), c); /* NaN -> 0 */
+}
+
+/* bnbcy_opt_requant for a full block (len 256), 16 lanes at a time. */
+BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const float *code,
+                                                  const bnbcy_q8_table *t, int sign_fix, uint8_t *q) {
+    const __m512 vM = _mm512_set1_ps(M);
+    const __m512i signbit = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1),
+                  byte = _mm512_set1_epi32(0xFF);
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
+        const __m512 v = _mm512_loadu_ps(s + i);
+        __m512i c = bnbcy_opt_codes16(bnbcy_ftz16(_mm512_div_ps(v, vM)), t);
+        if (sign_fix) {
+            const __m512i qs = _mm512_castps_si512(_mm512_i32gather_ps(c, code, 4));
+            const __mmask16 bad = _mm512_test_epi32_mask(_mm512_xor_si512(qs, _mm512_castps_si512(v)), signbit);
+            const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+            c = _mm512_mask_add_epi32(c, bad & pos, c, one);
+            c = _mm512_mask_sub_epi32(c, bad & ~pos, c, one);
+            c = _mm512_and_si512(c, byte);
+        }
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(c));
+    }
+}
+
+/* A full 256-block of 8-bit adam/lamb (bnbcy_opt8_block, 16 lanes at a time). */
+BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                      int64_t b, int64_t start) {
+    float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), n2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+    const int dt = a->dtype;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const char *gp = (const char *)t->g + start * isz;
+    char *pp = (char *)t->p + start * isz;
+    uint8_t *q1 = (uint8_t *)t->s1 + start, *q2 = (uint8_t *)t->s2 + start;
+    const __m512 a1 = _mm512_set1_ps(bnbcy_ftz(t->absmax1[b])), a2 = _mm512_set1_ps(bnbcy_ftz(t->absmax2[b]));
+    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), omb1 = _mm512_set1_ps(1.0f - a->b1),
+                 omb2 = _mm512_set1_ps(1.0f - a->b2), gns = _mm512_set1_ps(a->gnorm_scale),
+                 ssus = _mm512_set1_ps(t->ss * t->us), c2eps = _mm512_set1_ps(t->c2eps),
+                 decay = _mm512_set1_ps(1.0f - a->lr * a->wd);
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    const int has_wd = a->wd > 0.0f;
+    __m512 M1 = _mm512_set1_ps(-FLT_MAX), M2 = M1;
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
+        const __m512 g = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
+        __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
+        const __mmask16 fin = ~_mm512_fpclass_ps_mask(g, 0x99); /* not NaN / inf */
+        const __m512 d1 = bnbcy_ftz16(_mm512_mul_ps(
+            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1));
+        const __m512 d2 = bnbcy_ftz16(_mm512_mul_ps(
+            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q2 + i))), a->qmap2, 4), a2));
+        const __m512 gv = _mm512_mul_ps(g, gns);
+        const __m512 s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv),
+                                                                               bnbcy_ftz16(_mm512_mul_ps(d2, b2)))));
+        const __m512 s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(omb1, gv,
+                                                                               bnbcy_ftz16(_mm512_mul_ps(d1, b1)))));
+        p = bnbcy_opt_round16(_mm512_fmadd_ps(ssus, _mm512_div_ps(s1, _mm512_add_ps(_mm512_sqrt_ps(s2), c2eps)), p), dt);
+        if (has_wd) p = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
+        bnbcy_store16(pp + i * isz, dt, fin, p);
+        _mm512_store_ps(n1 + i, s1);
+        _mm512_store_ps(n2 + i, s2);
+        M1 = _mm512_max_ps(_mm512_and_ps(s1, absmask), M1); /* NaN never enters */
+        M2 = _mm512_max_ps(_mm512_and_ps(s2, absmask), M2);
+    }
+    const float m1 = _mm512_reduce_max_ps(M1), m2 = _mm512_reduce_max_ps(M2);
+    t->absmax1[b] = m1;
+    t->absmax2[b] = m2;
+    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, q1);
+    bnbcy_opt_requant_avx512(n2, m2, a->qmap2, a->t2, 0, q2);
+}
+#endif
+
+static void bnbcy_opt8_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
+                             int64_t len) {
+#if BNBCY_HAVE_AVX512_PATH
+    const int simd = bnbcy_cpu_isa() == BNBCY_ISA_AVX512 && a->opt == BNBCY_OPT_ADAM && a->t1 && a->t2;
+#else
+    const int simd = 0;
+#endif
+    for (int64_t s = start; s < start + len; s += BNBCY_OPT_BLOCK) {
+        const int64_t l = start + len - s < BNBCY_OPT_BLOCK ? start + len - s : BNBCY_OPT_BLOCK;
+#if BNBCY_HAVE_AVX512_PATH
+        if (simd && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_adam_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
+#endif
+        (void)simd;
+        bnbcy_opt8_block(a, t, s / BNBCY_OPT_BLOCK, s, l);
+    }
+}
+
+/* ---------------------------------------------------------------- driver --- */
+
+/* Fills the per-tensor scalars of §6.3 (IEEE pow/sqrt/div in place of the approximations). */
+static void bnbcy_opt_scalars(const bnbcy_opt_args *a, bnbcy_opt_tensor *t) {
+    const float step = (float)t->step;
+    const float pb1 = powf(a->b1, step), pb2 = powf(a->b2, step);
+    t->c1 = 1.0f - pb1;
+    t->c2 = sqrtf(1.0f - pb2);
+    t->ss = -(t->c2 * a->lr) / t->c1;
+    t->c2eps = t->c2 * a->eps;
+    t->r1 = 1.0f / (1.0f - pb1);
+    t->r2 = 1.0f / (1.0f - pb2);
+    t->us = 1.0f;
+    t->unorm = 0.0;
+}
+
+/* Runs one update of every tensor. bits8: 8-bit blockwise states. Returns 0, or -1 when
+ * memory for the chunk list cannot be had. */
+static int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
+                            int nthreads) {
+    int64_t nchunks = 0, total = 0;
+    for (int k = 0; k < ntensors; k++) {
+        bnbcy_opt_scalars(a, &ts[k]);
+        nchunks += (ts[k].n + BNBCY_OPT_CHUNK - 1) / BNBCY_OPT_CHUNK;
+        total += ts[k].n;
+    }
+    if (nchunks == 0) return 0;
+    int32_t *ct = (int32_t *)malloc((size_t)nchunks * sizeof(int32_t));
+    int64_t *cs = (int64_t *)malloc((size_t)nchunks * sizeof(int64_t));
+    double *part = NULL;
+    const int unorm = a->max_unorm > 0.0f && bnbcy_opt_uses_unorm(a->opt);
+    if (unorm) part = (double *)malloc((size_t)nchunks * sizeof(double));
+    if (!ct || !cs || (unorm && !part)) {
+        free(ct); free(cs); free(part);
+        return -1;
+    }
+    int64_t c = 0;
+    for (int k = 0; k < ntensors; k++)
+        for (int64_t s = 0; s < ts[k].n; s += BNBCY_OPT_CHUNK) { ct[c] = k; cs[c] = s; c++; }
+    const int isa = bnbcy_cpu_isa();
+    const int par = total >= BNBCY_OMP_MIN_WORK && nchunks > 1;
+    #pragma omp parallel num_threads(nthreads) if (par)
+    {
+        if (unorm) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < nchunks; i++) {
+                const bnbcy_opt_tensor *t = &ts[ct[i]];
+                const int64_t len = t->n - cs[i] < BNBCY_OPT_CHUNK ? t->n - cs[i] : BNBCY_OPT_CHUNK;
+                part[i] = bits8 ? bnbcy_opt8_unorm_chunk(a, t, cs[i], len)
+                                : bnbcy_opt32_unorm_chunk(a, t, cs[i], len);
+            }
+            /* implicit barrier */
+            #pragma omp single
+            {
+                for (int64_t i = 0; i < nchunks; i++) ts[ct[i]].unorm += part[i];
+                for (int k = 0; k < ntensors; k++) {
+                    bnbcy_opt_tensor *t = &ts[k];
+                    const float u = sqrtf((float)t->unorm);
+                    const float L = a->opt == BNBCY_OPT_ADAM ? a->max_unorm * t->param_norm
+                                                             : fmaf(a->max_unorm, t->param_norm, a->eps);
+                    if (u > L) t->us = L / u;
+                }
+            } /* implicit barrier */
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < nchunks; i++) {
+            const bnbcy_opt_tensor *t = &ts[ct[i]];
+            const int64_t len = t->n - cs[i] < BNBCY_OPT_CHUNK ? t->n - cs[i] : BNBCY_OPT_CHUNK;
+            if (bits8) {
+                bnbcy_opt8_chunk(a, t, cs[i], len);
+            } else {
+#if BNBCY_HAVE_AVX512_PATH
+                if (isa == BNBCY_ISA_AVX512) { bnbcy_opt32_chunk_avx512(a, t, cs[i], len); continue; }
+#endif
+                (void)isa;
+                bnbcy_opt32_chunk_scalar(a, t, cs[i], len);
+            }
+        }
+    }
+    free(ct); free(cs); free(part);
+    return 0;
+}
+
+#endif
