@@ -51,6 +51,9 @@ typedef struct {
     /* 8-bit */
     const float *qmap1, *qmap2;
     const bnbcy_q8_table *t1, *t2; /* NULL: literal search */
+    /* set by bnbcy_opt_update: k when signbit(qmap1[c]) == (c < k) for every c (the signed
+     * dynamic map: 127), so the sign fix needs no table read; -1 otherwise */
+    int neg_below1;
 } bnbcy_opt_args;
 
 /* Optimizers whose update takes the trust ratio (adagrad computes the norm but, as in bnb,
@@ -479,7 +482,8 @@ BNBCY_AVX512 static inline __m512i bnbcy_opt_codes16(__m512 xn, const bnbcy_q8_t
 
 /* bnbcy_opt_requant for a full block (len 256), 16 lanes at a time. */
 BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const float *code,
-                                                  const bnbcy_q8_table *t, int sign_fix, uint8_t *q) {
+                                                  const bnbcy_q8_table *t, int sign_fix, int neg_below,
+                                                  uint8_t *q) {
     const __m512 vM = _mm512_set1_ps(M);
     const __m512i signbit = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1),
                   byte = _mm512_set1_epi32(0xFF);
@@ -487,8 +491,14 @@ BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const
         const __m512 v = _mm512_loadu_ps(s + i);
         __m512i c = bnbcy_opt_codes16(bnbcy_ftz16(_mm512_div_ps(v, vM)), t);
         if (sign_fix) {
-            const __m512i qs = _mm512_castps_si512(_mm512_i32gather_ps(c, code, 4));
-            const __mmask16 bad = _mm512_test_epi32_mask(_mm512_xor_si512(qs, _mm512_castps_si512(v)), signbit);
+            __mmask16 bad;
+            if (neg_below >= 0) { /* the map's sign is a threshold on the code: no gather */
+                const __mmask16 negc = _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(neg_below));
+                bad = negc ^ _mm512_test_epi32_mask(_mm512_castps_si512(v), signbit);
+            } else {
+                const __m512i qs = _mm512_castps_si512(_mm512_i32gather_ps(c, code, 4));
+                bad = _mm512_test_epi32_mask(_mm512_xor_si512(qs, _mm512_castps_si512(v)), signbit);
+            }
             const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
             c = _mm512_mask_add_epi32(c, bad & pos, c, one);
             c = _mm512_mask_sub_epi32(c, bad & ~pos, c, one);
@@ -539,8 +549,8 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     const float m1 = _mm512_reduce_max_ps(M1), m2 = _mm512_reduce_max_ps(M2);
     t->absmax1[b] = m1;
     t->absmax2[b] = m2;
-    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, q1);
-    bnbcy_opt_requant_avx512(n2, m2, a->qmap2, a->t2, 0, q2);
+    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, a->neg_below1, q1);
+    bnbcy_opt_requant_avx512(n2, m2, a->qmap2, a->t2, 0, -1, q2);
 }
 #endif
 
@@ -579,8 +589,18 @@ static void bnbcy_opt_scalars(const bnbcy_opt_args *a, bnbcy_opt_tensor *t) {
 
 /* Runs one update of every tensor. bits8: 8-bit blockwise states. Returns 0, or -1 when
  * memory for the chunk list cannot be had. */
-static int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
+static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, int ntensors, int bits8,
                             int nthreads) {
+    bnbcy_opt_args local = *args;
+    local.neg_below1 = -1;
+    if (bits8 && local.qmap1) {
+        int k = 0;
+        while (k < 256 && signbit(local.qmap1[k])) k++;
+        int ok = 1;
+        for (int c = k; c < 256; c++) ok &= !signbit(local.qmap1[c]);
+        if (ok) local.neg_below1 = k;
+    }
+    const bnbcy_opt_args *a = &local;
     int64_t nchunks = 0, total = 0;
     for (int k = 0; k < ntensors; k++) {
         bnbcy_opt_scalars(a, &ts[k]);
