@@ -11,6 +11,7 @@ except ImportError as exc:  # pragma: no cover - only in an unbuilt source check
                       "`pip install -e .` (needs a C compiler and Cython)") from exc
 
 from . import functional, kernels, nn
+from . import optim
 from .autograd._functions import MatMul4Bit, MatMul8bitLt, MatmulLtState, matmul, matmul_4bit
 from ._features import features
 

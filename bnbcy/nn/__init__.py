@@ -1,6 +1,6 @@
 """bnbcy.nn: quantized layers with bitsandbytes' names (``bitsandbytes.nn``)."""
 from .convert import register_weight_hook, replace_linear
-from .modules import Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit
+from .modules import Embedding, Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit, StableEmbedding
 
-__all__ = ["Int8Params", "Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Params4bit",
+__all__ = ["Embedding", "StableEmbedding", "Int8Params", "Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Params4bit",
            "register_weight_hook", "replace_linear"]

@@ -28,7 +28,7 @@ from ..functional.fourbit import quantize_4bit as _quantize_4bit
 from ..functional.quant_state import QuantState
 
 __all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weight_quant_state_from_module",
-           "Int8Params", "Linear8bitLt", "maybe_rearrange_weight"]
+           "Int8Params", "Linear8bitLt", "maybe_rearrange_weight", "Embedding", "StableEmbedding"]
 
 # Settings a Params4bit carries besides its data; pickling/copying keeps all of them.
 _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "quant_storage",
@@ -975,3 +975,105 @@ class Linear8bitLt(nn.Linear):
         if isinstance(w, Int8Params) or not isinstance(old, Int8Params):
             return
         self.weight = Int8Params(w.data, requires_grad=w.requires_grad, has_fp16_weights=old.has_fp16_weights)
+
+
+# --------------------------------------------------------------------------- embeddings (NUMERICS.md §8)
+def _register_32bit_optim_state(module):
+    # the weight always gets 32-bit optimizer state, even under an 8-bit optimizer
+    from ..optim.optimizer import GlobalOptimManager
+    GlobalOptimManager.get_instance().register_module_override(module, "weight", {"optim_bits": 32})
+
+
+class _XavierEmbeddingInit:
+    def reset_parameters(self) -> None:
+        """Xavier-uniform initialisation, then zero the ``padding_idx`` row."""
+        torch.nn.init.xavier_uniform_(self.weight)
+        self._fill_padding_idx_with_zero()
+
+    def _fill_padding_idx_with_zero(self) -> None:
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+
+    def _lookup(self, input):
+        return torch.nn.functional.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                                             self.scale_grad_by_freq, self.sparse)
+
+
+class StableEmbedding(_XavierEmbeddingInit, nn.Embedding):
+    """Embedding with Xavier-uniform init, a LayerNorm on its output and 32-bit optimizer state.
+
+    Registers ``{"optim_bits": 32}`` for its ``weight`` with
+    :class:`bnbcy.optim.GlobalOptimManager`, so 8-bit optimizers keep 32-bit state for it
+    (bitsandbytes' ``nn.StableEmbedding``).
+
+    Parameters
+    ----------
+    num_embeddings : int
+        Vocabulary size.
+    embedding_dim : int
+        Size of each embedding vector.
+    padding_idx : int, optional
+        Row that gets no gradient and is initialised to zeros.
+    max_norm : float, optional
+        Renormalise looked-up rows to at most this norm.
+    norm_type : float, default 2.0
+        The p of the norm for ``max_norm``.
+    scale_grad_by_freq : bool, default False
+        Scale gradients by the inverse frequency of the words in the batch.
+    sparse : bool, default False
+        Sparse gradients (not supported by bnbcy's optimizers).
+    _weight : torch.Tensor, optional
+        Initial weight.
+    device, dtype : optional
+        Factory arguments of the weight (the LayerNorm uses the default dtype).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                         sparse, _weight, device, dtype)
+        self.norm = torch.nn.LayerNorm(embedding_dim, device=device)
+        _register_32bit_optim_state(self)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        emb = self._lookup(input).to(torch.get_default_dtype())   # layer norm in full precision
+        return self.norm(emb).to(self.weight.dtype)
+
+
+class Embedding(_XavierEmbeddingInit, nn.Embedding):
+    """Embedding with Xavier-uniform init and 32-bit optimizer state (bitsandbytes' ``nn.Embedding``).
+
+    Parameters
+    ----------
+    num_embeddings : int
+        Vocabulary size.
+    embedding_dim : int
+        Size of each embedding vector.
+    padding_idx : int, optional
+        Row that gets no gradient and is initialised to zeros.
+    max_norm : float, optional
+        Renormalise looked-up rows to at most this norm.
+    norm_type : float, default 2.0
+        The p of the norm for ``max_norm``.
+    scale_grad_by_freq : bool, default False
+        Scale gradients by the inverse frequency of the words in the batch.
+    sparse : bool, default False
+        Sparse gradients (not supported by bnbcy's optimizers).
+    _weight : torch.Tensor, optional
+        Initial weight.
+    device : torch.device, optional
+        Device of the weight.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                         sparse, _weight, device=device)
+        _register_32bit_optim_state(self)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._lookup(input)

@@ -1,0 +1,769 @@
+"""Optimizer machinery with bitsandbytes' names and formats (``bitsandbytes.optim.optimizer``;
+NUMERICS.md §6.2, §6.7, §6.9, §7).
+
+* :class:`GlobalOptimManager` -- singleton of per-parameter config overrides
+  (``register_parameters``, ``override_config``, ``register_module_override``).
+* :class:`Optimizer8bit` -- base class: config lookup, state allocation (one function,
+  :meth:`Optimizer8bit.get_state_buffer`), input validation, ``step``, and the
+  ``state_dict`` / ``load_state_dict`` pair with bitsandbytes' nested
+  ``"__bnb_optimizer_quant_state__"`` wrapping.
+* :class:`Optimizer2State` (Adam-like: ``state1``, ``state2``) and :class:`Optimizer1State`
+  (SGD-like: ``state1``).
+
+``step()`` validates every parameter that has a gradient *before* it allocates or changes
+anything, then issues one multi-tensor kernel call per parameter group and state kind
+(32-bit / 8-bit; params whose per-parameter hyper-parameters differ are split off into
+their own call) with no host synchronisation per parameter.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import abc as container_abcs
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Optional
+
+import torch
+
+__all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
+
+_BLOCKSIZE = 256                      # 8-bit blockwise state: one absmax per 256 elements
+_PAGED_MIN_NUMEL = 1e5                # bitsandbytes pages state1/state2 from this size on
+_GNORM_HISTORY = 100                  # percentile_clipping keeps the last 100 squared norms
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Per-parameter state keys that are never dtype-cast on load (bitsandbytes' set).
+_NON_CASTABLE = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
+                           "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
+
+
+def _F():
+    """The optimizer-update functional API (imported lazily: it carries the kernels)."""
+    from ..functional import optim_update
+    return optim_update
+
+
+class MockArgs:
+    """Attribute bag for the ``args`` object bitsandbytes' optimizers keep in ``self.args``."""
+
+    def __init__(self, initial_data):
+        for key in initial_data:
+            setattr(self, key, initial_data[key])
+
+
+class GlobalOptimManager:
+    """Process-wide registry of per-parameter optimizer config overrides.
+
+    Obtain it with :meth:`get_instance` (the constructor raises). Overrides are keyed by
+    ``id(parameter)`` and win over the optimizer's group settings in
+    :meth:`Optimizer8bit.get_config`.
+    """
+
+    _instance = None
+
+    def __init__(self):
+        raise RuntimeError("Call get_instance() instead")
+
+    def initialize(self):
+        """Forget every registered parameter and override."""
+        self.pid2config = {}
+        self.index2config = {}
+        self.optimizer = None
+        self.uses_config_override = False
+        self.module_weight_config_triple = []
+
+    @classmethod
+    def get_instance(cls):
+        """Return the singleton, creating it on first use."""
+        if cls._instance is None:
+            cls._instance = cls.__new__(cls)
+            cls._instance.initialize()
+        return cls._instance
+
+    def register_parameters(self, params):
+        """Map ``(group_index, param_index)`` of ``params`` to the configs already set by id.
+
+        Parameters
+        ----------
+        params : iterable of torch.Tensor or of dict
+            Parameters or parameter groups, in the order the optimizer will get them.
+        """
+        groups = list(params)
+        if not groups:
+            return
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for gindex, group in enumerate(groups):
+            plist = group["params"]
+            plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
+            for pindex, p in enumerate(plist):
+                if id(p) in self.pid2config:
+                    self.index2config[(gindex, pindex)] = self.pid2config[id(p)]
+
+    def override_config(self, parameters, key=None, value=None, key_value_dict=None):
+        """Override optimizer hyper-parameters (``lr``, ``betas``, ``optim_bits``, ...) per parameter.
+
+        Parameters
+        ----------
+        parameters : torch.Tensor or list of torch.Tensor
+            The parameters the override applies to.
+        key : str, optional
+            The hyper-parameter to override.
+        value : object, optional
+            Its value.
+        key_value_dict : dict, optional
+            Several key/value pairs at once (not together with ``key``/``value``).
+        """
+        self.uses_config_override = True
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        if key is not None and value is not None:
+            if key_value_dict is not None:
+                raise ValueError("pass either key/value or key_value_dict, not both")
+            key_value_dict = {key: value}
+        if key_value_dict is None:
+            return
+        for p in parameters:
+            if id(p) in self.pid2config:
+                self.pid2config[id(p)].update(key_value_dict)
+            else:
+                self.pid2config[id(p)] = dict(key_value_dict)
+
+    def register_module_override(self, module, param_name, config):
+        """Override the config of ``getattr(module, param_name)``; resolved at the first ``step()``.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            Module owning the parameter.
+        param_name : str
+            Attribute name of the parameter (e.g. ``"weight"``).
+        config : dict
+            Overrides, e.g. ``{"optim_bits": 32}``.
+        """
+        self.module_weight_config_triple.append((module, param_name, config))
+
+
+def _parse_betas(betas):
+    """Betas as a tuple of floats; bitsandbytes also accepts the string ``"(b1, b2)"``."""
+    if isinstance(betas, str):
+        betas = [float(b) for b in betas.replace("(", "").replace(")", "").strip().split(",") if b.strip()]
+    return tuple(betas)
+
+
+def _check_hyper(cfg, nbetas):
+    """Range checks of bitsandbytes' constructors, applied to a group or a resolved config."""
+    lr, eps, wd = cfg["lr"], cfg["eps"], cfg["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = float(lr)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+    betas = cfg["betas"]
+    try:
+        n = len(betas)
+    except TypeError:
+        raise ValueError(f"betas must be a tuple of floats, got {betas!r}") from None
+    if n < nbetas:
+        raise ValueError(f"betas needs at least {nbetas} values, got {tuple(betas)}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+
+
+class Optimizer8bit(torch.optim.Optimizer):
+    """Base class of bitsandbytes-style optimizers with 32-bit or 8-bit blockwise state.
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters to optimize, or dicts defining parameter groups.
+    defaults : dict
+        Default hyper-parameters of a group.
+    optim_bits : int, default 32
+        Bits of the optimizer state (32 or 8).
+    is_paged : bool, default False
+        Request paged (managed-memory) state buffers; see :meth:`get_state_buffer`.
+    """
+
+    _FSDP_WRAPPED_QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+    # set by subclasses: how many moments the kernel keeps, the leading dim of state1
+    _n_states = 1
+    _min_betas = 1
+
+    def __init__(self, params, defaults, optim_bits=32, is_paged=False):
+        super().__init__(params, defaults)
+        self.initialized = False
+        self.name2qmap = {}
+        self.is_paged = is_paged
+        self.mng = GlobalOptimManager.get_instance()
+        self.non_castable_tensor_keys = set(_NON_CASTABLE)
+        if optim_bits == 8:
+            self.fill_qmap()
+
+    # ------------------------------------------------------------------ set-up
+    def fill_qmap(self):
+        """Build the signed (``dynamic``) and unsigned (``udynamic``) 8-bit state maps."""
+        from ..functional.maps import create_dynamic_map
+        self.name2qmap["dynamic"] = create_dynamic_map(signed=True)
+        self.name2qmap["udynamic"] = create_dynamic_map(signed=False)
+
+    def add_param_group(self, param_group):
+        """Add a parameter group; its hyper-parameters are validated before it is added."""
+        merged = dict(self.defaults)
+        merged.update({k: v for k, v in param_group.items() if k != "params"})
+        if "betas" in param_group:
+            param_group["betas"] = _parse_betas(param_group["betas"])
+            merged["betas"] = param_group["betas"]
+        _check_hyper(merged, self._min_betas)
+        plist = param_group["params"]
+        plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
+        for p in plist:
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        param_group["params"] = plist
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ configs
+    def get_config(self, gindex, pindex, group):
+        """Hyper-parameters of one parameter: group values, optimizer args, then overrides."""
+        args = self.args
+        config = {
+            "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"],
+            "lr": group["lr"], "alpha": group.get("alpha", 0.0), "t_alpha": group.get("t_alpha", None),
+            "t_beta3": group.get("t_beta3", None),
+            "optim_bits": args.optim_bits, "min_8bit_size": args.min_8bit_size,
+            "max_unorm": getattr(args, "max_unorm", 0.0), "skip_zeros": getattr(args, "skip_zeros", False),
+            "percentile_clipping": getattr(args, "percentile_clipping", 100),
+            "block_wise": getattr(args, "block_wise", True),
+        }
+        if (gindex, pindex) in self.mng.index2config:
+            config.update(self.mng.index2config[(gindex, pindex)])
+        p = self.param_groups[gindex]["params"][pindex]
+        if id(p) in self.mng.pid2config:
+            config.update(self.mng.pid2config[id(p)])
+        config["betas"] = _parse_betas(config["betas"])
+        return config
+
+    def check_overrides(self):
+        """Resolve ``register_module_override`` entries against this optimizer's parameters."""
+        for module, attr, config in self.mng.module_weight_config_triple:
+            target = getattr(module, attr, None)
+            if not isinstance(target, torch.Tensor):
+                raise ValueError(f"module override: {type(module).__name__}.{attr} is not a tensor")
+            for gindex, group in enumerate(self.param_groups):
+                hit = next((i for i, p in enumerate(group["params"]) if p is target), None)
+                if hit is not None:
+                    self.mng.pid2config[id(target)] = config
+                    self.mng.index2config[(gindex, hit)] = config
+                    break
+
+    def to_gpu(self):
+        """Move non-paged state tensors of accelerator parameters to their parameter's device."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.device.type == "cpu" or p not in self.state:
+                    continue
+                st = self.state[p]
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and not getattr(v, "is_paged", False):
+                        st[k] = v.to(p.device)
+
+    # ------------------------------------------------------------------ state allocation
+    def get_state_buffer(self, p, dtype=torch.float32, *, shape=None, pageable=True):
+        """Allocate one zero-filled optimizer state tensor for parameter ``p``.
+
+        Every state tensor (``state1``, ``state2``, ``absmax*``, ``unorm_vec``, ``gnorm_vec``)
+        is allocated here, so a managed-memory (paged) backing plugs in at one place.
+
+        Parameters
+        ----------
+        p : torch.Tensor
+            The parameter (gives the device, and the shape unless ``shape`` is given).
+        dtype : torch.dtype, default torch.float32
+            Element type (float32 for 32-bit state, uint8 for 8-bit codes).
+        shape : tuple of int, optional
+            Shape of the buffer; ``p.shape`` if omitted.
+        pageable : bool, default True
+            Whether this buffer may be paged (only ``state1``/``state2`` are, as in bitsandbytes,
+            and only for parameters of at least 1e5 elements).
+
+        Returns
+        -------
+        torch.Tensor
+            Zeros of ``shape`` and ``dtype`` on ``p.device``.
+        """
+        shape = tuple(p.shape) if shape is None else tuple(shape)
+        if pageable and self.is_paged and (p.device.type == "cpu" or p.numel() >= _PAGED_MIN_NUMEL):
+            self._warn_unpaged(p)         # the managed-memory backing plugs in here
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _warn_unpaged(self, p):
+        if getattr(self, "_cpu_paged_warned", False):
+            return
+        self._cpu_paged_warned = True
+        if p.device.type == "cpu":
+            msg = "Paged optimizers are not supported on CPU. Falling back to non-paged optimizer behavior."
+        else:
+            msg = ("bnbcy has no managed-memory (paged) state buffers yet; the paged optimizer keeps its "
+                   "state in ordinary device memory.")
+        warnings.warn(msg, stacklevel=4)
+
+    def _qmap(self, name, device):
+        """The shared ``dynamic``/``udynamic`` map on ``device`` (one tensor per device)."""
+        if name not in self.name2qmap:
+            self.fill_qmap()
+        q = self.name2qmap[name]
+        if q.device != device:
+            q = self.name2qmap[name] = q.to(device)
+        return q
+
+    @torch.no_grad()
+    def init_state(self, group, p, gindex, pindex):
+        """Create the state of ``p`` (first step with a gradient); NUMERICS.md §6.7."""
+        config = self.get_config(gindex, pindex, group)
+        bits = config["optim_bits"]
+        if bits not in (8, 32):
+            raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
+        eight = bits == 8 and p.numel() >= config["min_8bit_size"]
+        dtype = torch.uint8 if eight else torch.float32
+        lead = getattr(self, "_state1_lead", None)
+        s1_shape = (lead, *p.shape) if lead else tuple(p.shape)
+
+        state = self.state[p]
+        state["step"] = 0
+        state["state1"] = self.get_state_buffer(p, dtype, shape=s1_shape)
+        if self._n_states == 2:
+            state["state2"] = self.get_state_buffer(p, dtype)
+        if eight:
+            nblocks = (p.numel() + _BLOCKSIZE - 1) // _BLOCKSIZE
+            state["qmap1"] = self._qmap("dynamic", p.device)
+            state["absmax1"] = self.get_state_buffer(p, torch.float32, shape=((lead, nblocks) if lead else (nblocks,)),
+                                                     pageable=False)
+            if self._n_states == 2:
+                state["qmap2"] = self._qmap("udynamic", p.device)
+                state["absmax2"] = self.get_state_buffer(p, torch.float32, shape=(nblocks,), pageable=False)
+        if config["max_unorm"] > 0.0 and not lead:
+            state["unorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(1,), pageable=False)
+        if config["percentile_clipping"] < 100:
+            state["gnorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(_GNORM_HISTORY,), pageable=False)
+
+    def prefetch_state(self, p):
+        """Prefetch paged state of ``p`` to its device (no-op until paged buffers exist)."""
+        state = self.state[p]
+        for key in ("state1", "state2"):
+            t = state.get(key)
+            if t is not None and getattr(t, "is_paged", False):
+                prefetch = getattr(_F(), "prefetch_tensor", None)
+                if prefetch is not None:
+                    prefetch(t)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_config(self, config, p):
+        _check_hyper(config, self._min_betas)
+        bits = config["optim_bits"]
+        if bits not in (8, 32):
+            raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
+        pc = config["percentile_clipping"]
+        if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
+            raise ValueError(f"percentile_clipping must be an int in [0, 100], got {pc!r}")
+        if bits == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
+            raise ValueError("block_wise=False (one absmax per tensor) was removed in bitsandbytes 0.50; "
+                             "bnbcy only implements block-wise 8-bit optimizer state (block_wise=True)")
+        if not config["max_unorm"] >= 0.0:
+            raise ValueError(f"Invalid max_unorm value: {config['max_unorm']}")
+
+    def _validate_param(self, p, device):
+        g = p.grad
+        name = type(self).__name__
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients (got layout {g.layout}); "
+                               "use a dense gradient (e.g. Embedding(sparse=False))")
+        if p.is_complex() or g.is_complex():
+            raise TypeError(f"{name} does not support complex tensors (param {p.dtype}, grad {g.dtype})")
+        if p.dtype not in _PARAM_DTYPES:
+            raise TypeError(f"{name} supports float32, float16 and bfloat16 parameters, got {p.dtype}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
+        if g.device != p.device:
+            raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
+        if device is not None and p.device != device:
+            raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
+                               f"found {device} and {p.device}")
+        supported = getattr(_F(), "SUPPORTED_DEVICE_TYPES", ("cpu", "cuda"))
+        if p.device.type not in supported:
+            raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
+                                      f"tensors yet (supported: {', '.join(supported)})")
+        state = self.state.get(p)
+        if state:
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.device != p.device and not getattr(v, "is_paged", False):
+                    raise RuntimeError(f"optimizer state '{k}' is on {v.device} but its parameter on {p.device}")
+            if "state1" not in state or "step" not in state:
+                raise KeyError(f"optimizer state of a parameter lacks 'state1'/'step' (keys: {sorted(state)})")
+
+    def _plan(self):
+        """Validate everything this step will touch; return per-group lists of work.
+
+        Nothing is allocated or modified here, so an exception leaves parameters and state as
+        they were.
+        """
+        plan = []
+        for gindex, group in enumerate(self.param_groups):
+            items = []
+            device = None
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                self._validate_param(p, device)
+                device = p.device
+                config = self.get_config(gindex, pindex, group)
+                self._validate_config(config, p)
+                items.append((pindex, p, config))
+            if items:
+                plan.append((gindex, group, items))
+        return plan
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (run with gradients enabled).
+
+        Returns
+        -------
+        object
+            The closure's return value, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+
+        plan = self._plan()
+        for gindex, group, items in plan:
+            for pindex, p, _ in items:
+                if len(self.state[p]) == 0:
+                    self.init_state(group, p, gindex, pindex)
+        for gindex, group, items in plan:
+            for _, p, _ in items:
+                self.prefetch_state(p)
+            self._update_group(group, items)
+        return loss
+
+    def _hyper(self, config, step):
+        """Per-step scalars of the kernel: (beta1, beta2, beta3, alpha)."""
+        betas = config["betas"]
+        beta1 = betas[0]
+        beta2 = betas[1] if len(betas) > 1 else 0.0
+        beta3 = betas[2] if len(betas) >= 3 else 0.0
+        alpha = config.get("alpha", 0.0) or 0.0
+        t_alpha, t_beta3 = config.get("t_alpha"), config.get("t_beta3")
+        if self._n_states == 2 and (t_alpha or t_beta3):         # AdEMAMix schedules (§6.7)
+            if t_alpha:
+                alpha = min(step * alpha / t_alpha, alpha)
+            if t_beta3:
+                ln1, ln3 = math.log(beta1), math.log(beta3)
+                s = step / t_beta3
+                beta3 = min(math.exp(ln1 * ln3 / ((1 - s) * ln3 + s * ln1)), beta3)
+        return beta1, beta2, beta3, alpha
+
+    def _update_group(self, group, items):
+        """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
+
+        A bucket is (state kind, per-step hyper-parameters); with no per-parameter overrides
+        that is one call per group and state kind. Steps travel as a list, so parameters whose
+        step counts differ share a call (except under the AdEMAMix schedules, whose alpha and
+        beta3 depend on the step). ``percentile_clipping < 100`` needs a per-tensor
+        ``gnorm_scale``, which the multi-tensor kernels take as one scalar: those parameters get
+        a call each.
+        """
+        buckets = {}
+        for _, p, config in items:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            state = self.state[p]
+            state["step"] += 1
+            step = state["step"]
+            beta1, beta2, beta3, alpha = self._hyper(config, step)
+            eight = state["state1"].dtype == torch.uint8
+            pc = config["percentile_clipping"]
+            key = (eight, float(config["lr"]), beta1, beta2, beta3, alpha, config["eps"], config["weight_decay"],
+                   config["max_unorm"], bool(config["skip_zeros"]), pc,
+                   id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
+            buckets.setdefault(key, []).append(p)
+        for key, ps in buckets.items():
+            self._launch(key, ps)
+
+    def _launch(self, key, ps):
+        eight, lr, beta1, beta2, beta3, alpha, eps, wd, max_unorm, skip_zeros, pc = key[:11]
+        F = _F()
+        st = [self.state[p] for p in ps]
+        gs = [p.grad for p in ps]
+        steps = [s["step"] for s in st]
+        two = self._n_states == 2
+        gnorm_scale = 1.0
+        if pc < 100:                                    # one parameter per bucket here
+            gnorm_scale = F.percentile_clipping(gs[0], st[0]["gnorm_vec"], steps[0], pc)[2]
+        unorm = [s["unorm_vec"] for s in st] if max_unorm > 0.0 else None
+        if not eight:
+            F.optimizer_update_32bit_multi(
+                self.optimizer_name, gs, ps, [s["state1"] for s in st], beta1, eps, steps, lr,
+                state2s=[s["state2"] for s in st] if two else None, beta2=beta2, beta3=beta3, alpha=alpha,
+                weight_decay=wd, gnorm_scale=gnorm_scale, unorm_vecs=unorm, max_unorm=max_unorm,
+                skip_zeros=skip_zeros)
+        else:
+            F.optimizer_update_8bit_blockwise_multi(
+                self.optimizer_name, gs, ps, [s["state1"] for s in st], [s["state2"] for s in st] if two else None,
+                beta1, beta2, beta3, alpha, eps, steps, lr, st[0]["qmap1"], st[0]["qmap2"] if two else None,
+                [s["absmax1"] for s in st], [s["absmax2"] for s in st] if two else None,
+                weight_decay=wd, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros, max_unorm=max_unorm,
+                unorm_vecs=unorm)
+
+    @torch.no_grad()
+    def update_step(self, group, p, gindex, pindex):
+        """Update one parameter (bitsandbytes' per-parameter entry point)."""
+        config = self.get_config(gindex, pindex, group)
+        self._validate_param(p, None)
+        self._validate_config(config, p)
+        if len(self.state[p]) == 0:
+            self.init_state(group, p, gindex, pindex)
+        self._update_group(group, [(pindex, p, config)])
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """Optimizer state with the quantization tensors nested under
+        ``"__bnb_optimizer_quant_state__"`` per parameter (keeps FSDP from gathering them)."""
+        sd = super().state_dict()
+        wrapped = {}
+        for k, v in sd["state"].items():
+            if isinstance(v, dict):
+                v = dict(v)
+                quant = {kk: v.pop(kk) for kk in [kk for kk in v if kk in self.non_castable_tensor_keys]}
+                if quant:
+                    v[self._FSDP_WRAPPED_QUANT_STATE_KEY] = quant
+            wrapped[k] = v
+        sd["state"] = wrapped
+        return sd
+
+    def load_state_dict(self, state_dict, move_to_device=True):
+        """Load a state produced by :meth:`state_dict` (bnbcy's or bitsandbytes').
+
+        Parameters
+        ----------
+        state_dict : dict
+            The optimizer state.
+        move_to_device : bool, default True
+            Move the quantization tensors (``state1``, ``absmax1``, ...) to their parameter's
+            device. They are never dtype-cast; other floating tensors take the parameter's dtype.
+        """
+        state_dict = deepcopy(state_dict)
+        key = self._FSDP_WRAPPED_QUANT_STATE_KEY
+        for v in state_dict["state"].values():
+            if isinstance(v, dict) and key in v:
+                v.update(v.pop(key))
+
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        non_castable = self.non_castable_tensor_keys
+
+        def cast(param, value):
+            if isinstance(value, torch.Tensor):
+                if param.is_floating_point() and value.dtype != torch.uint8:
+                    value = value.to(param.dtype)
+                return value
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if k in non_castable:
+                        if move_to_device and isinstance(v, torch.Tensor):
+                            value[k] = v.to(param.device)
+                    else:
+                        value[k] = cast(param, v)
+                return value
+            if isinstance(value, container_abcs.Iterable) and not isinstance(value, str):
+                return type(value)(cast(param, v) for v in value)
+            return value
+
+        state = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k in id_map:
+                state[id_map[k]] = cast(id_map[k], v)
+            else:
+                state[k] = v
+
+        for p, st in state.items():             # share one qmap tensor per device again
+            if isinstance(p, torch.Tensor) and isinstance(st, dict):
+                for k, name in (("qmap1", "dynamic"), ("qmap2", "udynamic")):
+                    q = st.get(k)
+                    if isinstance(q, torch.Tensor) and q.device == p.device:
+                        shared = self._qmap(name, p.device)
+                        if q.shape == shared.shape and q.dtype == shared.dtype and torch.equal(q, shared):
+                            st[k] = shared
+
+        new_groups = []
+        for g, s in zip(groups, saved_groups):
+            s["params"] = g["params"]
+            new_groups.append(s)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+
+
+def _make_args(args, optim_bits, min_8bit_size, max_unorm, skip_zeros, percentile_clipping, block_wise):
+    if args is not None:
+        return args
+    return MockArgs({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size, "max_unorm": max_unorm,
+                     "skip_zeros": skip_zeros, "percentile_clipping": percentile_clipping,
+                     "block_wise": block_wise})
+
+
+def _check_ctor(lr, eps, betas, weight_decay, nbetas):
+    _check_hyper({"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}, nbetas)
+
+
+def _check_pc(percentile_clipping):
+    if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
+            or not 0 <= percentile_clipping <= 100:
+        raise ValueError(f"percentile_clipping must be an int in [0, 100], got {percentile_clipping!r}")
+
+
+class Optimizer2State(Optimizer8bit):
+    """Base class of 2-state optimizers (Adam, AdamW, LAMB, AdEMAMix).
+
+    Parameters
+    ----------
+    optimizer_name : str
+        Kernel name (``"adam"``, ``"lamb"``, ``"ademamix"``).
+    params : iterable
+        Parameters to optimize, or dicts defining parameter groups.
+    lr : float, default 1e-3
+        Learning rate.
+    betas : tuple of float, default (0.9, 0.999)
+        Decay rates of the moments (a third value is AdEMAMix's slow-EMA beta3).
+    eps : float, default 1e-8
+        Term added to the denominator.
+    weight_decay : float, default 0.0
+        Decoupled weight decay.
+    optim_bits : int, default 32
+        Bits of the optimizer state (32 or 8).
+    args : object, optional
+        Object with ``optim_bits``, ``min_8bit_size``, ``max_unorm``, ``skip_zeros`` attributes that
+        replaces the individual arguments.
+    min_8bit_size : int, default 4096
+        Parameters with fewer elements keep 32-bit state.
+    percentile_clipping : int, default 100
+        Clip the gradient at this percentile of the last 100 gradient norms (100 = off).
+    block_wise : bool, default True
+        Block-wise 8-bit state; ``False`` (removed in bitsandbytes 0.50) raises for 8-bit state.
+    max_unorm : float, default 0.0
+        Maximum update norm relative to the parameter norm (LAMB trust ratio; 0 = off).
+    skip_zeros : bool, default False
+        Leave elements with a zero gradient untouched.
+    is_paged : bool, default False
+        Paged state buffers.
+    alpha : float, default 0.0
+        AdEMAMix slow-EMA mixing coefficient.
+    t_alpha : int, optional
+        AdEMAMix alpha warm-up steps.
+    t_beta3 : int, optional
+        AdEMAMix beta3 warm-up steps.
+    """
+
+    _n_states = 2
+    _min_betas = 2
+
+    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 max_unorm=0.0, skip_zeros=False, is_paged=False, alpha=0.0, t_alpha: Optional[int] = None,
+                 t_beta3: Optional[int] = None):
+        betas = _parse_betas(betas)
+        if optimizer_name == "ademamix":
+            self._min_betas = 3
+            self._state1_lead = 2
+        _check_ctor(lr, eps, betas, weight_decay, self._min_betas)
+        _check_pc(percentile_clipping)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
+                        t_beta3=t_beta3)
+        super().__init__(params, defaults, optim_bits, is_paged)
+        self.args = _make_args(args, optim_bits, min_8bit_size, max_unorm, skip_zeros, percentile_clipping,
+                               block_wise)
+        self.optimizer_name = optimizer_name
+
+
+class Optimizer1State(Optimizer8bit):
+    """Base class of 1-state optimizers (SGD, LARS, RMSprop, Adagrad, Lion).
+
+    Parameters
+    ----------
+    optimizer_name : str
+        Kernel name (``"momentum"``, ``"lars"``, ``"rmsprop"``, ``"adagrad"``, ``"lion"``).
+    params : iterable
+        Parameters to optimize, or dicts defining parameter groups.
+    lr : float, default 1e-3
+        Learning rate.
+    betas : tuple of float, default (0.9, 0.0)
+        Kernel betas (momentum / RMSprop alpha / Lion's two betas).
+    eps : float, default 1e-8
+        Term added to the denominator.
+    weight_decay : float, default 0.0
+        Weight decay (L2 added to the gradient; decoupled for Lion).
+    optim_bits : int, default 32
+        Bits of the optimizer state (32 or 8).
+    args : object, optional
+        Object replacing ``optim_bits``, ``min_8bit_size``, ``max_unorm``, ``skip_zeros``.
+    min_8bit_size : int, default 4096
+        Parameters with fewer elements keep 32-bit state.
+    percentile_clipping : int, default 100
+        Clip the gradient at this percentile of the last 100 gradient norms (100 = off).
+    block_wise : bool, default True
+        Block-wise 8-bit state; ``False`` (removed in bitsandbytes 0.50) raises for 8-bit state.
+    max_unorm : float, default 0.0
+        Maximum update norm relative to the parameter norm (LARS; 0 = off).
+    skip_zeros : bool, default False
+        Leave elements with a zero gradient untouched.
+    is_paged : bool, default False
+        Paged state buffers.
+    """
+
+    _n_states = 1
+    _min_betas = 1
+
+    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0,
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 max_unorm=0.0, skip_zeros=False, is_paged=False):
+        betas = _parse_betas(betas)
+        _check_ctor(lr, eps, betas, weight_decay, 1)
+        _check_pc(percentile_clipping)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, optim_bits, is_paged)
+        self.args = _make_args(args, optim_bits, min_8bit_size, max_unorm, skip_zeros, percentile_clipping,
+                               block_wise)
+        self.optimizer_name = optimizer_name
