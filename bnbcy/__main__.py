@@ -257,6 +257,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="4-bit and int8 demos: rows of the input batch")
     ap.add_argument("--outliers", type=int, default=4,
                     help="int8 demo: input feature columns holding outliers (|x| 15-25)")
+    ap.add_argument("--optim-steps", type=int, default=200, help="optimizer demo: training steps")
     args = ap.parse_args(argv)
 
     info = bnbcy.features()
@@ -316,6 +317,10 @@ def main(argv=None):
     print(f"\nquantized with {how}; outlier columns {cols}. Weight bytes count int8 codes + float32 row "
           "scales (SCB);\nthreshold 6.0 multiplies the input columns holding |x| >= 6 in fp16 (the rest in "
           "int8), 0.0 quantizes all of them.")
+
+    from ._main_optim import run as run_optimizers
+    for device in devices:
+        run_optimizers(device, steps=args.optim_steps)
 
 
 if __name__ == "__main__":
