@@ -88,4 +88,17 @@ static inline uint16_t bnbcy_f32_to_f16(float f) {
     return (uint16_t)(o | (sign >> 16));
 }
 
+/* Element i of a float32/float16/bfloat16 array as float32, and the store back (RNE). */
+static inline float bnbcy_load_any(const void *p, int dtype, int64_t i) {
+    if (dtype == BNBCY_F32) return ((const float *)p)[i];
+    if (dtype == BNBCY_F16) return bnbcy_f16_to_f32(((const uint16_t *)p)[i]);
+    return bnbcy_bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void bnbcy_store_any(void *p, int dtype, int64_t i, float y) {
+    if (dtype == BNBCY_F32) ((float *)p)[i] = y;
+    else if (dtype == BNBCY_F16) ((uint16_t *)p)[i] = bnbcy_f32_to_f16(y);
+    else ((uint16_t *)p)[i] = bnbcy_f32_to_bf16(y);
+}
+
 #endif

@@ -56,18 +56,6 @@ static inline uint8_t bnbcy_fp4_code(float xn) {
     return (uint8_t)(bnbcy_fp4_rank_code[r] | (xn < 0.0f ? 8 : 0)); /* -0.0 and NaN: sign 0 */
 }
 
-static inline float bnbcy_load_any(const void *p, int dtype, int64_t i) {
-    if (dtype == BNBCY_F32) return ((const float *)p)[i];
-    if (dtype == BNBCY_F16) return bnbcy_f16_to_f32(((const uint16_t *)p)[i]);
-    return bnbcy_bf16_to_f32(((const uint16_t *)p)[i]);
-}
-
-static inline void bnbcy_store_any(void *p, int dtype, int64_t i, float y) {
-    if (dtype == BNBCY_F32) ((float *)p)[i] = y;
-    else if (dtype == BNBCY_F16) ((uint16_t *)p)[i] = bnbcy_f32_to_f16(y);
-    else ((uint16_t *)p)[i] = bnbcy_f32_to_bf16(y);
-}
-
 static inline int bnbcy_nibble(const uint8_t *q, int64_t e) {
     return (q[e >> 1] >> ((e & 1) ? 0 : 4)) & 15;
 }

@@ -63,18 +63,6 @@ static inline int bnbcy_opt_uses_unorm(int opt) {
            opt == BNBCY_OPT_ADAGRAD;
 }
 
-static inline float bnbcy_opt_load(const void *x, int64_t i, int dtype) {
-    if (dtype == BNBCY_F32) return ((const float *)x)[i];
-    if (dtype == BNBCY_F16) return bnbcy_f16_to_f32(((const uint16_t *)x)[i]);
-    return bnbcy_bf16_to_f32(((const uint16_t *)x)[i]);
-}
-
-static inline void bnbcy_opt_store(void *x, int64_t i, int dtype, float v) {
-    if (dtype == BNBCY_F32) ((float *)x)[i] = v;
-    else if (dtype == BNBCY_F16) ((uint16_t *)x)[i] = bnbcy_f32_to_f16(v);
-    else ((uint16_t *)x)[i] = bnbcy_f32_to_bf16(v);
-}
-
 /* T(x) as a float: the value x takes when stored as dtype. */
 static inline float bnbcy_opt_round(float x, int dtype) {
     if (dtype == BNBCY_F32) return x;
@@ -94,7 +82,7 @@ static double bnbcy_opt32_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_t
     const float *s1 = (const float *)t->s1, *s2 = (const float *)t->s2;
     double acc = 0.0;
     for (int64_t i = start; i < start + len; i++) {
-        const float g = bnbcy_opt_round(a->gnorm_scale * bnbcy_opt_load(t->g, i, dt), dt);
+        const float g = bnbcy_opt_round(a->gnorm_scale * bnbcy_load_any(t->g, dt, i), dt);
         float u;
         switch (a->opt) {
         case BNBCY_OPT_ADAM: {
@@ -124,14 +112,14 @@ static void bnbcy_opt32_chunk_scalar(const bnbcy_opt_args *a, const bnbcy_opt_te
     case BNBCY_OPT_ADAM: {
         const float ssus = t->ss * us, c2eps = t->c2eps;
         for (int64_t i = start; i < end; i++) {
-            const float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
+            const float g = bnbcy_opt_round(gns * bnbcy_load_any(t->g, dt, i), dt);
             if (skip && g == 0.0f) continue;
             const float m = fmaf(s1[i], b1, omb1 * g), v = fmaf(s2[i], b2, omb2 * (g * g));
             s1[i] = m;
             s2[i] = v;
-            float p = bnbcy_opt_round(fmaf(ssus, m / (sqrtf(v) + c2eps), bnbcy_opt_load(t->p, i, dt)), dt);
+            float p = bnbcy_opt_round(fmaf(ssus, m / (sqrtf(v) + c2eps), bnbcy_load_any(t->p, dt, i)), dt);
             if (wd > 0.0f) p = p * decay;
-            bnbcy_opt_store(t->p, i, dt, p);
+            bnbcy_store_any(t->p, dt, i, p);
         }
         break;
     }
@@ -139,24 +127,24 @@ static void bnbcy_opt32_chunk_scalar(const bnbcy_opt_args *a, const bnbcy_opt_te
         float *m2s = s1 + t->n;
         const float c1 = t->c1, c2 = t->c2, alpha = a->alpha;
         for (int64_t i = start; i < end; i++) {
-            const float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
+            const float g = bnbcy_opt_round(gns * bnbcy_load_any(t->g, dt, i), dt);
             const float m1 = fmaf(s1[i], b1, omb1 * g), m2 = fmaf(m2s[i], b3, omb3 * g);
             const float nu = fmaf(s2[i], b2, g * (omb2 * g));
             s1[i] = m1;
             m2s[i] = m2;
             s2[i] = nu;
             const float upd = (fmaf(m2, alpha, m1 / c1) / (sqrtf(nu) / c2 + eps)) * lr;
-            float p = bnbcy_opt_round(bnbcy_opt_load(t->p, i, dt) - upd, dt);
+            float p = bnbcy_opt_round(bnbcy_load_any(t->p, dt, i) - upd, dt);
             if (wd > 0.0f) p = p * decay;
-            bnbcy_opt_store(t->p, i, dt, p);
+            bnbcy_store_any(t->p, dt, i, p);
         }
         break;
     }
     default: { /* 1-state */
         const int opt = a->opt, first = t->step == 1;
         for (int64_t i = start; i < end; i++) {
-            float g = bnbcy_opt_round(gns * bnbcy_opt_load(t->g, i, dt), dt);
-            float p = bnbcy_opt_load(t->p, i, dt);
+            float g = bnbcy_opt_round(gns * bnbcy_load_any(t->g, dt, i), dt);
+            float p = bnbcy_load_any(t->p, dt, i);
             if (wd > 0.0f && opt != BNBCY_OPT_LION) g = bnbcy_opt_round(fmaf(p, wd, g), dt);
             if (skip && g == 0.0f) continue;
             float s = s1[i];
@@ -181,7 +169,7 @@ static void bnbcy_opt32_chunk_scalar(const bnbcy_opt_args *a, const bnbcy_opt_te
             }
             }
             s1[i] = s;
-            bnbcy_opt_store(t->p, i, dt, p);
+            bnbcy_store_any(t->p, dt, i, p);
         }
     }
     }
@@ -387,7 +375,7 @@ static double bnbcy_opt8_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_te
         const int64_t b = i / BNBCY_OPT_BLOCK;
         const float d1 = bnbcy_ftz(a->qmap1[q1[i]] * t->absmax1[b]);
         const float d2 = q2 ? bnbcy_ftz(a->qmap2[q2[i]] * t->absmax2[b]) : 0.0f;
-        const float u = bnbcy_opt8_unorm_elem(a, t, bnbcy_opt_load(t->g, i, a->dtype), d1, d2);
+        const float u = bnbcy_opt8_unorm_elem(a, t, bnbcy_load_any(t->g, a->dtype, i), d1, d2);
         acc += (double)(u * u);
     }
     return acc;
@@ -407,7 +395,7 @@ static void bnbcy_opt8_block(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
     const float *m1 = a->qmap1, *m2 = a->qmap2;
     float M1 = -FLT_MAX, M2 = -FLT_MAX, M3 = -FLT_MAX;
     for (int64_t i = 0; i < len; i++) {
-        const float gr = bnbcy_opt_load(t->g, start + i, dt), p = bnbcy_opt_load(t->p, start + i, dt);
+        const float gr = bnbcy_load_any(t->g, dt, start + i), p = bnbcy_load_any(t->p, dt, start + i);
         const float d1 = bnbcy_ftz(m1[q1[i]] * a1);
         float np;
         if (two) {
@@ -420,7 +408,7 @@ static void bnbcy_opt8_block(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
             np = bnbcy_opt8_elem1(a, t, gr, p, d1, n1 + i);
         }
         M1 = bnbcy_opt_absmax_acc(M1, n1[i]);
-        bnbcy_opt_store(t->p, start + i, dt, np);
+        bnbcy_store_any(t->p, dt, start + i, np);
     }
     if (len < BNBCY_OPT_BLOCK) { /* padding lanes: c1 = 128, c2 = 0, g = 0, p = 0 */
         float s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
