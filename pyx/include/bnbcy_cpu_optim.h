@@ -54,6 +54,8 @@ typedef struct {
     /* set by bnbcy_opt_update: k when signbit(qmap1[c]) == (c < k) for every c (the signed
      * dynamic map: 127), so the sign fix needs no table read; -1 otherwise */
     int neg_below1;
+    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal) */
+    float qmin1, qmin2;
 } bnbcy_opt_args;
 
 /* Optimizers whose update takes the trust ratio (adagrad computes the norm but, as in bnb,
@@ -274,11 +276,17 @@ static inline uint8_t bnbcy_opt_code(float xn, const float *code, const bnbcy_q8
     return bnbcy_q8_code_table(xn, t, t->steps);
 }
 
+/* 1/M for the requantization, flushed: xn = ftz(s * ftz(1/M)) has the shape of CUDA's
+ * div.approx.ftz (a multiplication by an approximate reciprocal, 0 for |M| > 2^126) and costs a
+ * multiplication per element instead of a division. */
+static inline float bnbcy_opt_recip(float M) { return bnbcy_ftz(1.0f / M); }
+
 /* Requantize one block of new states with its new absmax M (§6.5), sign fix if signed. */
 static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const float *code,
                                      const bnbcy_q8_table *t, int sign_fix, uint8_t *q) {
+    const float r = bnbcy_opt_recip(M);
     for (int64_t i = 0; i < len; i++) {
-        uint32_t c = bnbcy_opt_code(bnbcy_ftz(s[i] / M), code, t);
+        uint32_t c = bnbcy_opt_code(bnbcy_ftz(s[i] * r), code, t);
         if (sign_fix && (signbit(code[c]) != 0) != (signbit(s[i]) != 0))
             c = s[i] > 0.0f ? ((c + 1) & 255u) : ((c - 1) & 255u);
         q[i] = (uint8_t)c;
@@ -472,12 +480,12 @@ BNBCY_AVX512 static inline __m512i bnbcy_opt_codes16(__m512 xn, const bnbcy_q8_t
 BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const float *code,
                                                   const bnbcy_q8_table *t, int sign_fix, int neg_below,
                                                   uint8_t *q) {
-    const __m512 vM = _mm512_set1_ps(M);
+    const __m512 vr = _mm512_set1_ps(bnbcy_opt_recip(M));
     const __m512i signbit = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(1),
                   byte = _mm512_set1_epi32(0xFF);
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 v = _mm512_loadu_ps(s + i);
-        __m512i c = bnbcy_opt_codes16(bnbcy_ftz16(_mm512_div_ps(v, vM)), t);
+        __m512i c = bnbcy_opt_codes16(bnbcy_ftz16(_mm512_mul_ps(v, vr)), t);
         if (sign_fix) {
             __mmask16 bad;
             if (neg_below >= 0) { /* the map's sign is a threshold on the code: no gather */
@@ -513,19 +521,26 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     const int has_wd = a->wd > 0.0f;
     __m512 M1 = _mm512_set1_ps(-FLT_MAX), M2 = M1;
+    /* The flushes of the dequantized states and of their products with beta can only act when
+     * the smallest nonzero product is subnormal: skip them when it provably is not (almost always). */
+    const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = bnbcy_ftz(t->absmax2[b]);
+    const int ftz1 = !(am1 == 0.0f || (am1 * a->qmin1 >= FLT_MIN && (a->b1 == 0.0f || am1 * a->qmin1 * a->b1 >= FLT_MIN)));
+    const int ftz2 = !(am2 == 0.0f || (am2 * a->qmin2 >= FLT_MIN && (a->b2 == 0.0f || am2 * a->qmin2 * a->b2 >= FLT_MIN)));
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 g = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
         const __mmask16 fin = ~_mm512_fpclass_ps_mask(g, 0x99); /* not NaN / inf */
-        const __m512 d1 = bnbcy_ftz16(_mm512_mul_ps(
-            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1));
-        const __m512 d2 = bnbcy_ftz16(_mm512_mul_ps(
-            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q2 + i))), a->qmap2, 4), a2));
+        const __m512 d1 = _mm512_mul_ps(
+            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1);
+        const __m512 d2 = _mm512_mul_ps(
+            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q2 + i))), a->qmap2, 4), a2);
+        __m512 d1b = _mm512_mul_ps(ftz1 ? bnbcy_ftz16(d1) : d1, b1);
+        __m512 d2b = _mm512_mul_ps(ftz2 ? bnbcy_ftz16(d2) : d2, b2);
+        if (ftz1) d1b = bnbcy_ftz16(d1b);
+        if (ftz2) d2b = bnbcy_ftz16(d2b);
         const __m512 gv = _mm512_mul_ps(g, gns);
-        const __m512 s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv),
-                                                                               bnbcy_ftz16(_mm512_mul_ps(d2, b2)))));
-        const __m512 s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(omb1, gv,
-                                                                               bnbcy_ftz16(_mm512_mul_ps(d1, b1)))));
+        const __m512 s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv), d2b)));
+        const __m512 s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(omb1, gv, d1b)));
         p = bnbcy_opt_round16(_mm512_fmadd_ps(ssus, _mm512_div_ps(s1, _mm512_add_ps(_mm512_sqrt_ps(s2), c2eps)), p), dt);
         if (has_wd) p = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
         bnbcy_store16(pp + i * isz, dt, fin, p);
@@ -587,6 +602,12 @@ static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, in
         int ok = 1;
         for (int c = k; c < 256; c++) ok &= !signbit(local.qmap1[c]);
         if (ok) local.neg_below1 = k;
+    }
+    local.qmin1 = local.qmin2 = 0.0f;
+    for (int c = 0; bits8 && c < 256; c++) {
+        const float v1 = local.qmap1 ? fabsf(local.qmap1[c]) : 0.0f, v2 = local.qmap2 ? fabsf(local.qmap2[c]) : 0.0f;
+        if (v1 > 0.0f && (local.qmin1 == 0.0f || v1 < local.qmin1)) local.qmin1 = v1;
+        if (v2 > 0.0f && (local.qmin2 == 0.0f || v2 < local.qmin2)) local.qmin2 = v2;
     }
     const bnbcy_opt_args *a = &local;
     int64_t nchunks = 0, total = 0;
