@@ -471,6 +471,44 @@ def test_scalar_path_equals_simd(bits, monkeypatch):
                 res.append([pp] + ss)
             for a, b in zip(*res):
                 assert a is None or torch.equal(a, b), (name, dt)
+    if bits == 8:
+        _scalar_equals_simd_8bit_1state(rng, monkeypatch)
+
+
+def _scalar_equals_simd_8bit_1state(rng, monkeypatch):
+    """The AVX-512 full-block path of the 8-bit 1-state optimizers against the scalar path, bit for
+    bit: weight decay, skip_zeros, max_unorm (lars), step 1, NaN gradients, fp16/bf16, partial
+    last blocks and a subnormal regime (flushed dequantized states, products and new states)."""
+    for name in ("momentum", "lars", "rmsprop", "adagrad", "lion"):
+        for dt in ("float32", "float16", "bfloat16"):
+            for wd, skip, n, step, sub in ((0.0, False, 4096, 2, False), (0.1, True, 5000, 2, False),
+                                           (0.1, False, 1000, 1, False), (0.0, True, 2304 + 77, 3, True),
+                                           (0.1, True, 1536, 1, True)):
+                d = hparams(name, wd, 0.5 if step == 3 else 1.0)
+                p = torch.from_numpy(rng.standard_normal(n).astype(f32)).to(TORCH_DT[dt])
+                g = make_grad(n, dt, rng, zeros=True)
+                q1, _, a1, _ = init8(name, n, rng)
+                if sub:  # dequantized states (and their products with beta) are subnormal
+                    a1 = a1 * f32(1e-36)
+                    a1[::3] = 0.0
+                    if dt != "float16":
+                        # |g|^2 (rmsprop, adagrad) or |g| (momentum, lion) near the subnormal range
+                        scale = f32(1e-19) if name in ("rmsprop", "adagrad") else f32(3e-38)
+                        g = (g.float() * scale).to(TORCH_DT[dt])
+                elif skip:  # (a NaN gradient also turns the lars trust ratio off)
+                    g[5::97] = float("nan")
+                    g[7::101] = float("inf")
+                res = []
+                for isa in ("", "scalar"):
+                    monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+                    pp, qq, aa = p.clone(), q1.clone(), a1.clone()
+                    call8(name, [g], [pp], [qq], None, [aa], None, d, step, skip=skip,
+                          max_unorm=MAX_UNORM.get(name, 0.0))
+                    res.append((pp, qq, aa))
+                for a, b in zip(*res):
+                    assert torch.equal(a.view(torch.uint8) if a.dtype != torch.uint8 else a,
+                                       b.view(torch.uint8) if b.dtype != torch.uint8 else b), \
+                        (name, dt, wd, skip, n, step, sub)
 
 
 # ------------------------------------------------------------ references ---

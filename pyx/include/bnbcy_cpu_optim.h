@@ -555,21 +555,97 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, a->neg_below1, q1);
     bnbcy_opt_requant_avx512(n2, m2, a->qmap2, a->t2, 0, -1, q2);
 }
+
+/* A full 256-block of an 8-bit 1-state update (momentum/lars, rmsprop, adagrad, lion):
+ * bnbcy_opt8_block + bnbcy_opt8_elem1, 16 lanes at a time, the same operations in the same
+ * order (each fmaf one _mm512_fmadd_ps). */
+BNBCY_AVX512 static void bnbcy_opt8_1state_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                        int64_t b, int64_t start) {
+    float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+    const int dt = a->dtype, opt = a->opt, skip = a->skip_zeros, has_wd = a->wd > 0.0f, first = t->step == 1;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const char *gp = (const char *)t->g + start * isz;
+    char *pp = (char *)t->p + start * isz;
+    uint8_t *q1 = (uint8_t *)t->s1 + start;
+    const float am = bnbcy_ftz(t->absmax1[b]);
+    const __m512 a1 = _mm512_set1_ps(am), b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2),
+                 omb1 = _mm512_set1_ps(1.0f - a->b1), omb2 = _mm512_set1_ps(1.0f - a->b2),
+                 gns = _mm512_set1_ps(a->gnorm_scale), lr = _mm512_set1_ps(a->lr), eps = _mm512_set1_ps(a->eps),
+                 wd = _mm512_set1_ps(a->wd), us = _mm512_set1_ps(t->us),
+                 decay = _mm512_set1_ps(1.0f - a->lr * a->wd), zero = _mm512_setzero_ps();
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    __m512 M1 = _mm512_set1_ps(-FLT_MAX);
+    /* As in the adam block: the flushes of d1 and of d1 * beta (beta1; lion also beta2) can only act
+     * when the smallest nonzero product is subnormal; skip them when it provably is not. */
+    const float amq = am * a->qmin1;
+    int ftz1 = !(am == 0.0f || (amq >= FLT_MIN && (a->b1 == 0.0f || amq * a->b1 >= FLT_MIN)));
+    if (opt == BNBCY_OPT_LION) ftz1 |= !(am == 0.0f || (amq >= FLT_MIN && (a->b2 == 0.0f || amq * a->b2 >= FLT_MIN)));
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
+        const __m512 gr = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
+        const __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
+        __m512 d1 = _mm512_mul_ps(
+            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1);
+        if (ftz1) d1 = bnbcy_ftz16(d1);
+        __m512 gv = _mm512_mul_ps(gr, gns), np = p, s;
+        if (has_wd) {
+            if (opt == BNBCY_OPT_LION) np = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
+            else gv = _mm512_fmadd_ps(p, wd, gv);
+        }
+        if (opt == BNBCY_OPT_MOMENTUM) {
+            s = bnbcy_ftz16(first ? gv : _mm512_fmadd_ps(d1, b1, gv));
+            np = bnbcy_opt_round16(_mm512_sub_ps(np, _mm512_mul_ps(us, _mm512_mul_ps(s, lr))), dt);
+        } else if (opt == BNBCY_OPT_RMSPROP) {
+            __m512 d1b = _mm512_mul_ps(d1, b1);
+            if (ftz1) d1b = bnbcy_ftz16(d1b);
+            s = bnbcy_ftz16(_mm512_fmadd_ps(omb1, _mm512_mul_ps(gv, gv), d1b));
+            const __m512 q = _mm512_div_ps(gr, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
+            np = bnbcy_opt_round16(_mm512_sub_ps(np, _mm512_mul_ps(us, _mm512_mul_ps(q, lr))), dt);
+        } else if (opt == BNBCY_OPT_ADAGRAD) {
+            s = bnbcy_ftz16(_mm512_fmadd_ps(gv, gv, d1));
+            const __m512 q = _mm512_div_ps(gr, _mm512_add_ps(_mm512_sqrt_ps(s), eps));
+            np = bnbcy_opt_round16(_mm512_sub_ps(np, _mm512_mul_ps(q, lr)), dt);
+        } else { /* lion */
+            __m512 d1b1 = _mm512_mul_ps(d1, b1), d1b2 = _mm512_mul_ps(d1, b2);
+            if (ftz1) { d1b1 = bnbcy_ftz16(d1b1); d1b2 = bnbcy_ftz16(d1b2); }
+            const __m512 gs = bnbcy_opt_round16(
+                _mm512_mul_ps(bnbcy_opt_sgn16(_mm512_fmadd_ps(omb1, gv, d1b1)), lr), dt);
+            s = bnbcy_ftz16(_mm512_fmadd_ps(omb2, gv, d1b2));
+            const __m512 upd = bnbcy_opt_round16(_mm512_sub_ps(np, gs), dt);
+            np = skip ? _mm512_mask_mov_ps(upd, _mm512_cmp_ps_mask(gs, zero, _CMP_EQ_OQ), np) : upd;
+        }
+        if (skip) { /* gr == 0: the old (dequantized) state and the old p */
+            const __mmask16 z = _mm512_cmp_ps_mask(gr, zero, _CMP_EQ_OQ);
+            s = _mm512_mask_mov_ps(s, z, d1);
+            np = _mm512_mask_mov_ps(np, z, p);
+        }
+        bnbcy_store16(pp + i * isz, dt, 0xFFFF, np);
+        _mm512_store_ps(n1 + i, s);
+        M1 = _mm512_max_ps(_mm512_and_ps(s, absmask), M1); /* NaN never enters */
+    }
+    const float m1 = _mm512_reduce_max_ps(M1);
+    t->absmax1[b] = m1;
+    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, a->neg_below1, q1);
+}
 #endif
 
 static void bnbcy_opt8_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
                              int64_t len) {
 #if BNBCY_HAVE_AVX512_PATH
-    const int simd = bnbcy_cpu_isa() == BNBCY_ISA_AVX512 && a->opt == BNBCY_OPT_ADAM && a->t1 && a->t2;
+    const int isa512 = bnbcy_cpu_isa() == BNBCY_ISA_AVX512;
+    const int simd = isa512 && a->opt == BNBCY_OPT_ADAM && a->t1 && a->t2;
+    const int simd1 = isa512 && a->t1 &&
+                      (a->opt == BNBCY_OPT_MOMENTUM || a->opt == BNBCY_OPT_RMSPROP ||
+                       a->opt == BNBCY_OPT_ADAGRAD || a->opt == BNBCY_OPT_LION);
 #else
-    const int simd = 0;
+    const int simd = 0, simd1 = 0;
 #endif
     for (int64_t s = start; s < start + len; s += BNBCY_OPT_BLOCK) {
         const int64_t l = start + len - s < BNBCY_OPT_BLOCK ? start + len - s : BNBCY_OPT_BLOCK;
 #if BNBCY_HAVE_AVX512_PATH
         if (simd && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_adam_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
+        if (simd1 && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_1state_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
 #endif
-        (void)simd;
+        (void)simd; (void)simd1;
         bnbcy_opt8_block(a, t, s / BNBCY_OPT_BLOCK, s, l);
     }
 }
