@@ -61,10 +61,7 @@ def load_functional(impl: str):
 
 
 def _functional(impl: str):
-    mod, reason = load_functional(impl)
-    if mod is None:
-        raise ImplUnavailable(reason)
-    return mod
+    return harness.require(load_functional(impl))
 
 
 def dynamic_map() -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 import harness  # noqa: E402
-from harness import Bar, Case, ImplUnavailable  # noqa: E402
+from harness import Bar, Case  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LIBS = {"bnbcy": "bnbcy", "bitsandbytes": "bitsandbytes"}
@@ -51,10 +51,7 @@ def load_lib(impl: str):
 
 
 def _lib(impl):
-    mod, reason = load_lib(impl)
-    if mod is None:
-        raise ImplUnavailable(reason)
-    return mod
+    return harness.require(load_lib(impl))
 
 
 # ------------------------------------------------------------------------------------------- gemm

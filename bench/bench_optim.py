@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 import harness  # noqa: E402
-from harness import Bar, Case, ImplUnavailable  # noqa: E402
+from harness import Bar, Case  # noqa: E402
 
 LIBS = {"bnbcy": "bnbcy", "bitsandbytes": "bitsandbytes"}
 OPS = ("adam8bit", "adam32bit", "model")
@@ -55,10 +55,7 @@ def load_lib(impl: str):
 
 
 def _lib(impl):
-    mod, reason = load_lib(impl)
-    if mod is None:
-        raise ImplUnavailable(reason)
-    return mod
+    return harness.require(load_lib(impl))
 
 
 def state_bytes(opt) -> int:

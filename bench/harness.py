@@ -951,3 +951,11 @@ def load_module(modname: str, attrs: tuple = ()) -> tuple:
         where = getattr(mod, "__file__", None) or list(getattr(mod, "__path__", []))
         return None, f"{modname} has no {', '.join(missing)} (module at {where}; not built/installed yet?)"
     return mod, None
+
+
+def require(loaded: tuple):
+    """The module of a ``(module, reason)`` pair from :func:`load_module`, or ImplUnavailable(reason)."""
+    mod, reason = loaded
+    if mod is None:
+        raise ImplUnavailable(reason)
+    return mod
