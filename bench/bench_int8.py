@@ -196,11 +196,44 @@ def main(argv=None) -> int:
     config = {"ops": args.ops, "gemm_shapes": gemm_shapes, "linear_shapes": linear_shapes,
               "dtype": str(args.dtype).replace("torch.", ""), "threshold": 6.0,
               "outlier_cols": list(OUTLIER_COLS)}
-    return harness.run_benchmark(
+    rc = harness.run_benchmark(
         "int8", args,
         lambda impls: make_cases(args.device, args.ops, impls, args.seed, args.rotate, gemm_shapes,
                                  linear_shapes, args.dtype),
         make_bars, config, load_lib)
+    if args.device == "cuda" and not args.no_json:
+        write_routes(harness.LAST_RESULTS)
+    return rc
+
+
+def routes_from_results(results):
+    """[[M_max, route], ..., [None, route]]: per M, the faster of bnbcy's raw kernel and cuBLAS
+    (torch._int_mm), summed over the measured (K, N) shapes."""
+    totals = {}
+    for r in results:
+        if r["params"]["op"] != "gemm-raw":
+            continue
+        raw, cub = r["impls"].get("bnbcy", {}), r["impls"].get("torch", {})
+        if raw.get("status") != "ok" or cub.get("status") != "ok":
+            continue
+        t = totals.setdefault(r["params"]["M"], [0.0, 0.0])
+        t[0] += raw["median_ms"]
+        t[1] += cub["median_ms"]
+    rows = [[M, "raw" if t[0] < t[1] else "cublas"] for M, t in sorted(totals.items())]
+    if rows:
+        rows[-1][0] = None  # the largest measured M covers everything above
+    return rows
+
+
+def write_routes(results):
+    """Write bench/results/int8-routes-sm_XY.json in the format of bnbcy's int8_gemm_routes.json."""
+    import json
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    rows = routes_from_results(results)
+    path = Path(__file__).resolve().parent / "results" / f"int8-routes-{arch}.json"
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "routes": {arch: rows}}, indent=1))
+    print(f"int8 GEMM routes for {arch}: {rows} -> {path} (copy into bnbcy/functional/int8_gemm_routes.json)")
 
 
 if __name__ == "__main__":

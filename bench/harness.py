@@ -880,6 +880,10 @@ def check_common_args(p, args) -> None:
         p.error("--device cuda but torch.cuda.is_available() is False")
 
 
+#: the case results of the latest :func:`run_benchmark`
+LAST_RESULTS: list = []
+
+
 def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
                   make_bars: Callable[[str, int], Sequence[Bar]], config: dict,
                   load: Callable[[str], tuple], footnote: str = "") -> int:
@@ -911,6 +915,7 @@ def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
     results = run_cases(make_cases(impls), warmup=args.warmup, repeats=args.repeats,
                         copy_gbps=copy_bw["gbps"] if copy_bw else None,
                         ratio_base="bnbcy", verbose=not args.quiet)
+    LAST_RESULTS[:] = results  # for scripts that derive more from the run (e.g. dispatch tables)
     bars = evaluate_bars(make_bars(args.device, meta["torch_num_threads"]), results)
 
     print()

@@ -289,3 +289,13 @@ def test_matmul_float64_inputs_run_in_float32():
     assert y.dtype == torch.float64
     ref = A @ W.double().t() + b
     assert ((y - ref).norm() / ref.norm()) < 0.02
+
+
+def test_gemm_route_table_lookup():
+    from bnbcy.functional.int8 import _measured_routes, route_from_table
+    table = {"sm_90": [[16, "raw"], [1024, "cublas"], [None, "raw"]]}
+    assert route_from_table(table, "sm_90", 1) == "raw"
+    assert route_from_table(table, "sm_90", 17) == "cublas"
+    assert route_from_table(table, "sm_90", 4096) == "raw"
+    assert route_from_table(table, "sm_80", 4096) is None
+    assert isinstance(_measured_routes(), dict)  # the shipped table parses

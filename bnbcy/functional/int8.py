@@ -7,6 +7,7 @@ Cython/OpenMP kernels (``pyx/cpu_int8.pxi``) and torch's exact ``_int_mm``, CUDA
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -116,24 +117,55 @@ def int8_vectorwise_dequant(A, stats):
 
 
 # ------------------------------------------------------------------------------------- int8 GEMM
+_ROUTES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8_gemm_routes.json")
+_routes_cache: dict = {}
+
+
+def route_from_table(table, arch: str, M: int):
+    """The measured route ('raw' or 'cublas') for ``M`` rows on ``arch`` ('sm_90'), or None.
+
+    ``table`` maps arch names to ``[[M_max, route], ...]``; the first pair with ``M <= M_max``
+    applies (a last pair with ``M_max`` null covers everything above).
+    """
+    for m_max, route in table.get(arch, ()):
+        if m_max is None or M <= m_max:
+            return route
+    return None
+
+
+def _measured_routes():
+    if "routes" not in _routes_cache:
+        try:
+            with open(_ROUTES_FILE) as f:
+                _routes_cache["routes"] = json.load(f).get("routes", {})
+        except (OSError, ValueError):
+            _routes_cache["routes"] = {}
+    return _routes_cache["routes"]
+
+
 def _gemm_route(a, M, N, K):
     """'cublas' (torch._int_mm) or 'mma'/'dp4a' (bnbcy's raw kernels) for a CUDA int8 GEMM.
 
     The raw tensor-core kernel needs sm_80; torch._int_mm (cuBLASLt) needs torch arrays and
-    M > 16, K and N multiples of 8. ``BNBCY_INT8_GEMM=raw|cublas`` forces a route where it applies.
-    No GPU measurements exist yet (see docs/int8.md): the default prefers cuBLAS where it applies.
+    M > 16, K and N multiples of 8. Where both apply, the routes measured on this compute
+    capability (``int8_gemm_routes.json``) decide, and cuBLAS without measurements.
+    ``BNBCY_INT8_GEMM=raw|cublas`` forces a route where it applies.
     """
     force = os.environ.get("BNBCY_INT8_GEMM", "")
     cublas_ok = a.kind == "torch" and M > 16 and K % 8 == 0 and N % 8 == 0
     if a.kind == "torch":
-        major = torch.cuda.get_device_capability(a.device_id)[0]
+        major, minor = torch.cuda.get_device_capability(a.device_id)
     else:
         import cupy
-        major = int(cupy.cuda.Device(a.device_id).compute_capability[:-1])
+        cc = str(cupy.cuda.Device(a.device_id).compute_capability)
+        major, minor = int(cc[:-1]), int(cc[-1])
     raw = "mma" if major >= 8 else "dp4a"
     if force == "raw" or not cublas_ok:
         return raw
-    return "cublas"
+    if force == "cublas":
+        return "cublas"
+    measured = route_from_table(_measured_routes(), f"sm_{major}{minor}", M)
+    return raw if measured == "raw" else "cublas"
 
 
 def int8_linear_matmul(A, B, out=None, dtype=torch.int32):
