@@ -2,6 +2,7 @@
 # parameter group in one OpenMP pass; the loops live in include/bnbcy_cpu_optim.h.
 
 from libc.stdlib cimport malloc, free
+from libc.stdint cimport uint32_t
 
 cdef extern from "bnbcy_cpu_optim.h" nogil:
     int BNBCY_OPT_ADAM, BNBCY_OPT_MOMENTUM, BNBCY_OPT_RMSPROP, BNBCY_OPT_ADAGRAD
@@ -25,6 +26,13 @@ cdef extern from "bnbcy_cpu_optim.h" nogil:
         const float *qmap2
         const bnbcy_q8_table *t1
         const bnbcy_q8_table *t2
+        const uint32_t *rq1
+        const uint32_t *rq2
+    int BNBCY_OPT_RQ_SIZE
+    int bnbcy_opt_build_rq(const float *code, const bnbcy_q8_table *t, int sign_fix, uint32_t *rq)
+    uint32_t bnbcy_opt_rq_lookup(const uint32_t *rq, float x)
+    uint32_t bnbcy_opt_rq_ref(float x, int pos, const float *code, const bnbcy_q8_table *t,
+                              int sign_fix)
     int bnbcy_opt_uses_unorm(int opt)
     int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
                          int nthreads)
@@ -34,6 +42,63 @@ cdef dict _OPT_NAMES = {
     "lars": BNBCY_OPT_MOMENTUM, "rmsprop": BNBCY_OPT_RMSPROP, "adagrad": BNBCY_OPT_ADAGRAD,
     "lion": BNBCY_OPT_LION, "ademamix": BNBCY_OPT_ADEMAMIX,
 }
+
+
+# Requantization tables of the AVX-512 8-bit path (256 KB each) by (map bytes, sign fix); like
+# the search tables, few maps are ever in use.
+cdef dict _opt_rq_tables = {}
+
+
+cdef object _opt_rq_table(TensorView code, object table, bint sign_fix):
+    """Bytes holding the requantization table of ``code`` (include/bnbcy_cpu_optim.h,
+    bnbcy_opt_build_rq), or None when the map needs the general path."""
+    if table is None:
+        return None
+    key = (PyBytes_FromStringAndSize(<char *>code.data, 256 * sizeof(float)), sign_fix)
+    try:
+        return _opt_rq_tables[key]
+    except KeyError:
+        pass
+    buf = PyBytes_FromStringAndSize(NULL, BNBCY_OPT_RQ_SIZE * sizeof(uint32_t))
+    cdef uint32_t *rq = <uint32_t *>PyBytes_AS_STRING(buf)
+    cdef const bnbcy_q8_table *t = <const bnbcy_q8_table *>PyBytes_AS_STRING(table)
+    cdef const float *c = <const float *>code.data
+    cdef int rc
+    with nogil:
+        rc = bnbcy_opt_build_rq(c, t, sign_fix, rq)
+    result = buf if rc == 0 else None
+    if len(_opt_rq_tables) >= _Q8_TABLE_CACHE:
+        _opt_rq_tables.pop(next(iter(_opt_rq_tables)))
+    _opt_rq_tables[key] = result
+    return result
+
+
+def opt_requant_codes(TensorView code, bint sign_fix, TensorView x, TensorView via_table,
+                      TensorView reference):
+    """Testing hook: the 8-bit optimizers' requantization codes of the normalized states ``x``
+    (float32, for states of x's sign) through the AVX-512 path's table (``via_table``) and
+    through the general search plus sign fix (``reference``), both uint8 of x's size.
+    Returns False, writing neither, when ``code`` gets no table."""
+    _require(code, "code", "float32", 256)
+    _require(x, "x", "float32", -1)
+    _require(via_table, "via_table", "uint8", x.numel)
+    _require(reference, "reference", "uint8", x.numel)
+    table = _q8_table(code)
+    rq_bytes = _opt_rq_table(code, table, sign_fix)
+    if rq_bytes is None:
+        return False
+    cdef const uint32_t *rq = <const uint32_t *>PyBytes_AS_STRING(rq_bytes)
+    cdef const bnbcy_q8_table *t = <const bnbcy_q8_table *>PyBytes_AS_STRING(table)
+    cdef const float *c = <const float *>code.data
+    cdef const float *xs = <const float *>x.data
+    cdef uint8_t *vt = <uint8_t *>via_table.data
+    cdef uint8_t *ref = <uint8_t *>reference.data
+    cdef int64_t i
+    with nogil:
+        for i in range(x.numel):
+            vt[i] = <uint8_t>bnbcy_opt_rq_lookup(rq, xs[i])
+            ref[i] = <uint8_t>bnbcy_opt_rq_ref(xs[i], xs[i] > 0.0, c, t, sign_fix)
+    return True
 
 
 cdef int _opt_code(str name) except -1:
@@ -140,6 +205,7 @@ def cpu_optimizer_update_32bit(str name, list params, list grads, list state1, l
         a.wd, a.lr, a.gnorm_scale, a.max_unorm = weight_decay, lr, gnorm_scale, max_unorm
         a.qmap1 = a.qmap2 = NULL
         a.t1 = a.t2 = NULL
+        a.rq1 = a.rq2 = NULL
         nthreads = omp_get_max_threads()
         with nogil:
             rc = bnbcy_opt_update(&a, ts, count, 0, nthreads)
@@ -178,10 +244,12 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         raise ValueError("qmap1 is required")
     _require(qmap1, "qmap1", "float32", 256)
     table1 = _q8_table(qmap1)
-    table2 = None
+    rq1 = _opt_rq_table(qmap1, table1, True)
+    table2 = rq2 = None
     if two:
         _require(qmap2, "qmap2", "float32", 256)
         table2 = _q8_table(qmap2)
+        rq2 = _opt_rq_table(qmap2, table2, False)
     if count == 0:
         return None
     cdef bnbcy_opt_tensor *ts = <bnbcy_opt_tensor *>malloc(count * sizeof(bnbcy_opt_tensor))
@@ -207,6 +275,8 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         a.qmap2 = <const float *>qmap2.data if two else NULL
         a.t1 = <const bnbcy_q8_table *>PyBytes_AS_STRING(table1) if table1 is not None else NULL
         a.t2 = <const bnbcy_q8_table *>PyBytes_AS_STRING(table2) if table2 is not None else NULL
+        a.rq1 = <const uint32_t *>PyBytes_AS_STRING(rq1) if rq1 is not None else NULL
+        a.rq2 = <const uint32_t *>PyBytes_AS_STRING(rq2) if rq2 is not None else NULL
         nthreads = omp_get_max_threads()
         with nogil:
             rc = bnbcy_opt_update(&a, ts, count, 1, nthreads)

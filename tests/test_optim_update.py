@@ -630,3 +630,95 @@ def test_8bit_adam_subnormal_regime_simd_equals_scalar(monkeypatch):
         res.append([pp] + st)
     for x, y in zip(*res):
         assert torch.equal(x, y)
+
+
+# ------------------------------------------------- AVX-512 requantization ---
+
+def _requant_probes(code):
+    """Values that stress a code search: every midpoint and its float neighbours (ties and
+    near-ties), the map's values, signed zeros, subnormals, 1 and its neighbours, random bit
+    patterns over the whole float range and typical normalized states."""
+    code = code.astype(f32)
+    mids = ((code[:-1] + code[1:]) * f32(0.5)).astype(f32)
+    up, down = np.nextafter(mids, f32(np.inf)), np.nextafter(mids, f32(-np.inf))
+    tiny = np.finfo(f32).tiny
+    special = np.array([0.0, 1e-45, tiny, np.nextafter(tiny, f32(0)), np.nextafter(tiny, f32(1)), 1e-30,
+                        1.0, np.nextafter(f32(1), f32(2)), np.nextafter(f32(1), f32(0)), 3.0e38], f32)
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32).view(f32)
+    pos = np.concatenate([mids, up, down, code, special, np.abs(rng.standard_normal(200_000) * 0.1).astype(f32),
+                          rng.random(200_000).astype(f32) ** 8])
+    return np.ascontiguousarray(np.concatenate([pos, -pos, bits[np.isfinite(bits)]]).astype(f32))
+
+
+@pytest.mark.parametrize("sign_fix", [True, False])
+@pytest.mark.parametrize("kind", ["dynamic-signed", "dynamic-unsigned", "linear", "dynamic-4bit-exp", "dense"])
+def test_requant_table_equals_search(kind, sign_fix):
+    # the table read by the AVX-512 8-bit update against the general search + sign fix (§6.5)
+    from bnbcy import _C
+    from bnbcy.functional.maps import create_linear_map
+
+    code = {"dynamic-signed": QMAP1, "dynamic-unsigned": QMAP2,
+            "linear": create_linear_map(signed=True).numpy(),
+            "dynamic-4bit-exp": create_dynamic_map(signed=True, max_exponent_bits=4).numpy(),
+            # two midpoints share a bucket: no table, the general path
+            "dense": np.linspace(0.5, 0.5 + 255 * 2e-6, 256)}[kind]
+    code = np.ascontiguousarray(code, dtype=f32)
+    x = _requant_probes(code)
+    via_table = np.full(x.size, 0xAB, np.uint8)
+    ref = np.full(x.size, 0xCD, np.uint8)
+    has = _C.opt_requant_codes(_C.view(code, "code"), sign_fix, _C.view(x, "x"), _C.view(via_table, "t"),
+                               _C.view(ref, "r"))
+    if kind in ("dynamic-signed", "dynamic-unsigned"):
+        assert has, "the default dynamic maps must get a requantization table"
+    if kind == "dense":
+        assert not has
+    if has:
+        bad = np.flatnonzero(via_table != ref)
+        assert bad.size == 0, (x[bad[:5]], via_table[bad[:5]], ref[bad[:5]])
+    else:
+        assert np.all(via_table == 0xAB) and np.all(ref == 0xCD)
+
+
+def test_8bit_adam_requant_edges_simd_equals_scalar(monkeypatch):
+    """With beta1 = beta2 = 0 the new states are g and g² and a block holding 1.0 has absmax 1, so
+    the normalized states are chosen exactly: midpoints, their neighbours, signed zeros, values that
+    underflow, blocks whose absmax is inf (g² overflows) or above 2^126, NaN gradients. The AVX-512
+    table path against the scalar search, bit for bit."""
+    q1v = QMAP1.astype(f32)
+    mids1 = ((q1v[:-1] + q1v[1:]) * f32(0.5)).astype(f32)
+    mids2 = ((QMAP2[:-1].astype(f32) + QMAP2[1:].astype(f32)) * f32(0.5)).astype(f32)
+    rng = np.random.default_rng(9)
+    blocks = [
+        np.concatenate([[1.0], mids1]),
+        np.concatenate([[-1.0], np.nextafter(mids1, f32(np.inf))]),
+        np.concatenate([[1.0], np.nextafter(mids1, f32(-np.inf))]),
+        np.concatenate([[1.0], np.sqrt(mids2)]),
+        np.resize(np.array([1.0, -0.0, 0.0, 1e-39, -1e-39, 1.2e-38, -1.2e-38, 1e-30], f32), 256),
+        np.resize(np.array([1e30, 1e-10, -1e-10, -1e-20, 5e-9, 0.0, -0.0], f32), 256),  # g² = inf: M2 = inf
+        np.resize(np.array([1e38, -3e37, 1.0, -1e-3, 0.0], f32), 256),  # M1 > 2^126: 1/M1 flushes to 0
+        rng.standard_normal(256) * 1e-3,
+        np.where(rng.random(256) < 0.1, np.nan, rng.standard_normal(256)),
+    ]
+    g = torch.from_numpy(np.concatenate([np.resize(b, 256) for b in blocks]).astype(f32))
+    n, nb = g.numel(), g.numel() // 256
+    d = hparams("adam", 0.0)
+    d["b1"] = d["b2"] = f32(0.0)
+    q1 = torch.from_numpy(rng.integers(0, 256, n).astype(np.uint8))
+    q1[4 * 256:5 * 256] = 0  # negative old states: d1·beta1 = -0, so a -0 gradient gives s1 = -0
+    q2 = torch.from_numpy(rng.integers(0, 256, n).astype(np.uint8))
+    a1 = torch.from_numpy(rng.random(nb).astype(f32))
+    a2 = torch.from_numpy(rng.random(nb).astype(f32))
+    p = torch.from_numpy(rng.standard_normal(n).astype(f32))
+    res = []
+    for isa in ("", "scalar"):
+        monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+        st = [q1.clone(), q2.clone(), a1.clone(), a2.clone()]
+        pp = p.clone()
+        call8("adam", [g], [pp], [st[0]], [st[1]], [st[2]], [st[3]], d, 2)
+        res.append([pp] + st)
+    for x, y in zip(*res):
+        assert torch.equal(x.view(torch.uint8) if x.dtype != torch.uint8 else x,
+                           y.view(torch.uint8) if y.dtype != torch.uint8 else y)
+    a1_new, a2_new = res[0][3], res[0][4]
+    assert a2_new[5] == float("inf") and a1_new[6] > 2.0**126  # the blocks that leave the table path

@@ -56,6 +56,9 @@ typedef struct {
     int neg_below1;
     /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal) */
     float qmin1, qmin2;
+    /* requantization tables of qmap1 (sign fix included) and qmap2 for the AVX-512 path
+     * (bnbcy_opt_build_rq), or NULL */
+    const uint32_t *rq1, *rq2;
 } bnbcy_opt_args;
 
 /* Optimizers whose update takes the trust ratio (adagrad computes the norm but, as in bnb,
@@ -293,6 +296,68 @@ static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const
     }
 }
 
+/* ------------------------------------------------ requantization tables --- */
+
+/* The AVX-512 requantization reads one table entry per element, indexed by the top 16 bits u >> 16
+ * of the normalized state x (sign, exponent, 7 mantissa bits): rq[u >> 16] = T << 16 | A << 8 | B
+ * and the code is (u & 0xFFFF) <= T ? A : B. A bucket holds values of one sign and at most one
+ * midpoint (the map's `packed` table), so the code steps at most once along the low bits in
+ * either direction, and the exact-tie rule and the sign fix of §6.5 fold into A, B and T.
+ * Per 16 elements this drops the order key, the flush of x, the -0 fold, the NaN test and
+ * the sign fix of bnbcy_opt_requant_avx512: the builder proves that the flush and the fold cannot
+ * change a code, and the caller uses the table only for blocks with 0 < M <= FLT_MAX, where
+ * every state is finite (a non-finite state makes M infinite, or NaN everywhere and
+ * M = -FLT_MAX). */
+#define BNBCY_OPT_RQ_SIZE 65536
+
+/* Code of x (= the state s times a positive r) as bnbcy_opt_requant finds it. pos: s > 0. */
+static uint32_t bnbcy_opt_rq_ref(float x, int pos, const float *code, const bnbcy_q8_table *t,
+                                 int sign_fix) {
+    uint32_t c = bnbcy_opt_code(bnbcy_ftz(x), code, t);
+    if (sign_fix && (signbit(code[c]) != 0) != (signbit(x) != 0))
+        c = pos ? ((c + 1) & 255u) : ((c - 1) & 255u);
+    return c;
+}
+
+static inline uint32_t bnbcy_opt_rq_lookup(const uint32_t *rq, float x) {
+    const uint32_t u = bnbcy_f2u(x), e = rq[u >> 16];
+    return (u & 0xFFFFu) <= (e >> 16) ? (e >> 8) & 255u : e & 255u;
+}
+
+/* Fills rq[BNBCY_OPT_RQ_SIZE] for code (t: its search table). Returns 0, or -1 when the map does
+ * not allow it (the caller then keeps the general path). */
+static int bnbcy_opt_build_rq(const float *code, const bnbcy_q8_table *t, int sign_fix, uint32_t *rq) {
+    if (t == NULL || !t->one_per_bucket) return -1;
+    for (uint32_t k = 0; k < BNBCY_OPT_RQ_SIZE; k++) {
+        const float x0 = bnbcy_u2f(k << 16), x1 = bnbcy_u2f((k << 16) | 0xFFFFu);
+        if (!isfinite(x0) || !isfinite(x1)) { rq[k] = 0; continue; } /* never reach the table */
+        const int pos = x0 > 0.0f; /* +0 (bucket 0) is checked below */
+        const uint32_t A = bnbcy_opt_rq_ref(x0, pos, code, t, sign_fix);
+        const uint32_t B = bnbcy_opt_rq_ref(x1, pos, code, t, sign_fix);
+        uint32_t T = 0xFFFFu;
+        if (A != B) { /* the last low half that still gives A (codes step once per bucket) */
+            uint32_t l = 0, h = 0xFFFFu;
+            while (l < h) {
+                const uint32_t m = (l + h) >> 1;
+                if (bnbcy_opt_rq_ref(bnbcy_u2f((k << 16) | m), pos, code, t, sign_fix) == B) h = m;
+                else l = m + 1;
+            }
+            T = l - 1; /* l > 0: x0 gives A */
+        }
+        rq[k] = T << 16 | A << 8 | B;
+    }
+    /* A subnormal x must get the code of its signed zero, and +0 the same code for s of either
+     * sign (x = +0 may come from a positive s that underflowed). */
+    const float zp = 0.0f, zn = -0.0f;
+    const uint32_t cz = bnbcy_opt_rq_ref(zp, 0, code, t, sign_fix);
+    const uint32_t czn = bnbcy_opt_rq_ref(zn, 0, code, t, sign_fix);
+    if (bnbcy_opt_rq_ref(zp, 1, code, t, sign_fix) != cz) return -1;
+    for (uint32_t k = 0; k < 0x80u; k++) /* buckets of the zeros and subnormals */
+        if (rq[k] != (0xFFFF0000u | cz << 8 | cz) || rq[k | 0x8000u] != (0xFFFF0000u | czn << 8 | czn))
+            return -1;
+    return 0;
+}
+
 static inline float bnbcy_opt_absmax_acc(float m, float s) {
     const float a = fabsf(s);
     return a > m ? a : m; /* NaN never enters (as fmaxf from -FLT_MAX) */
@@ -504,6 +569,31 @@ BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const
     }
 }
 
+/* bnbcy_opt_requant for a full block through the requantization table (see bnbcy_opt_build_rq;
+ * the caller checks 0 < M <= FLT_MAX). */
+BNBCY_AVX512 static void bnbcy_opt_requant_rq_avx512(const float *s, float M, const uint32_t *rq, uint8_t *q) {
+    const __m512 vr = _mm512_set1_ps(bnbcy_opt_recip(M));
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
+        const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(s + i), vr));
+        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 16), rq, 4);
+        /* (u & 0xFFFF) <= T  <=>  e >= u << 16, as the low 16 bits of e are below 1 << 16 */
+        const __mmask16 a = _mm512_cmpge_epu32_mask(e, _mm512_slli_epi32(u, 16));
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_mask_srli_epi32(e, a, e, 8)));
+    }
+}
+
+/* Requantizes a full block: the table when it applies, else bnbcy_opt_requant_avx512. */
+BNBCY_AVX512 static inline void bnbcy_opt_requant_block_avx512(const float *s, float M, const float *code,
+                                                               const bnbcy_q8_table *t, const uint32_t *rq,
+                                                               int sign_fix, int neg_below, uint8_t *q) {
+    if (rq != NULL && M > 0.0f && M <= FLT_MAX) bnbcy_opt_requant_rq_avx512(s, M, rq, q);
+    else bnbcy_opt_requant_avx512(s, M, code, t, sign_fix, neg_below, q);
+}
+
+/* Blocks ahead of the one being updated that the adam block prefetches: the hardware prefetcher
+ * alone left the two-core step about 5% short of its compute time. */
+#define BNBCY_OPT_PREFETCH 4
+
 /* A full 256-block of 8-bit adam/lamb (bnbcy_opt8_block, 16 lanes at a time). */
 BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
                                                       int64_t b, int64_t start) {
@@ -521,6 +611,17 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     const int has_wd = a->wd > 0.0f;
     __m512 M1 = _mm512_set1_ps(-FLT_MAX), M2 = M1;
+    if (start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
+        const int64_t ahead = BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
+        for (size_t k = 0; k < BNBCY_OPT_BLOCK * isz; k += 64) {
+            _mm_prefetch(gp + ahead * isz + k, _MM_HINT_T0);
+            _mm_prefetch(pp + ahead * isz + k, _MM_HINT_T0);
+        }
+        for (int k = 0; k < BNBCY_OPT_BLOCK; k += 64) {
+            _mm_prefetch((const char *)q1 + ahead + k, _MM_HINT_T0);
+            _mm_prefetch((const char *)q2 + ahead + k, _MM_HINT_T0);
+        }
+    }
     /* The flushes of the dequantized states and of their products with beta can only act when
      * the smallest nonzero product is subnormal: skip them when it provably is not (almost always). */
     const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = bnbcy_ftz(t->absmax2[b]);
@@ -529,7 +630,6 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 g = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
-        const __mmask16 fin = ~_mm512_fpclass_ps_mask(g, 0x99); /* not NaN / inf */
         const __m512 d1 = _mm512_mul_ps(
             _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1);
         const __m512 d2 = _mm512_mul_ps(
@@ -539,8 +639,16 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
         if (ftz1) d1b = bnbcy_ftz16(d1b);
         if (ftz2) d2b = bnbcy_ftz16(d2b);
         const __m512 gv = _mm512_mul_ps(g, gns);
-        const __m512 s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv), d2b)));
-        const __m512 s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(_mm512_fmadd_ps(omb1, gv, d1b)));
+        __m512 s2 = _mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv), d2b);
+        __m512 s1 = _mm512_fmadd_ps(omb1, gv, d1b);
+        /* Flushes and the non-finite-gradient reset only when a lane needs one: a NaN/inf g makes
+         * s2 NaN/inf, and ftz leaves every other value alone. */
+        __mmask16 fin = 0xFFFF;
+        if (__builtin_expect((_mm512_fpclass_ps_mask(s2, 0xB9) | _mm512_fpclass_ps_mask(s1, 0x20)) != 0, 0)) {
+            fin = ~_mm512_fpclass_ps_mask(g, 0x99); /* not NaN / inf */
+            s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(s2));
+            s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(s1));
+        }
         p = bnbcy_opt_round16(_mm512_fmadd_ps(ssus, _mm512_div_ps(s1, _mm512_add_ps(_mm512_sqrt_ps(s2), c2eps)), p), dt);
         if (has_wd) p = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
         bnbcy_store16(pp + i * isz, dt, fin, p);
@@ -552,8 +660,8 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
     const float m1 = _mm512_reduce_max_ps(M1), m2 = _mm512_reduce_max_ps(M2);
     t->absmax1[b] = m1;
     t->absmax2[b] = m2;
-    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, a->neg_below1, q1);
-    bnbcy_opt_requant_avx512(n2, m2, a->qmap2, a->t2, 0, -1, q2);
+    bnbcy_opt_requant_block_avx512(n1, m1, a->qmap1, a->t1, a->rq1, 1, a->neg_below1, q1);
+    bnbcy_opt_requant_block_avx512(n2, m2, a->qmap2, a->t2, a->rq2, 0, -1, q2);
 }
 
 /* A full 256-block of an 8-bit 1-state update (momentum/lars, rmsprop, adagrad, lion):
@@ -624,7 +732,7 @@ BNBCY_AVX512 static void bnbcy_opt8_1state_block_avx512(const bnbcy_opt_args *a,
     }
     const float m1 = _mm512_reduce_max_ps(M1);
     t->absmax1[b] = m1;
-    bnbcy_opt_requant_avx512(n1, m1, a->qmap1, a->t1, 1, a->neg_below1, q1);
+    bnbcy_opt_requant_block_avx512(n1, m1, a->qmap1, a->t1, a->rq1, 1, a->neg_below1, q1);
 }
 #endif
 
