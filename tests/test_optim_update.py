@@ -610,15 +610,17 @@ def test_percentile_clipping():
     assert cur.item() == 20 and clip.item() == 1.0 and abs(float(scale) - 0.05) < 1e-7
 
 
-def test_8bit_adam_subnormal_regime_simd_equals_scalar(monkeypatch):
+@pytest.mark.parametrize("name", ["adam", "ademamix"])
+def test_8bit_2state_subnormal_regime_simd_equals_scalar(name, monkeypatch):
     # absmax so small that dequantized states and their products with beta are subnormal:
     # the AVX-512 path must flush exactly where the scalar path does
     rng = np.random.default_rng(11)
     n = 4096
-    d = hparams("adam", 0.0)
+    d = hparams(name, 0.1)
     p = torch.from_numpy(rng.standard_normal(n).astype(f32))
     g = torch.from_numpy((rng.standard_normal(n) * 1e-22).astype(f32))
-    q1, q2, a1, a2 = init8("adam", n, rng)
+    g[::97] = float("nan")
+    q1, q2, a1, a2 = init8(name, n, rng)
     a1 = a1 * 1e-32
     a2 = a2 * 1e-31
     res = []
@@ -626,7 +628,7 @@ def test_8bit_adam_subnormal_regime_simd_equals_scalar(monkeypatch):
         monkeypatch.setenv("BNBCY_CPU_ISA", isa)
         st = [q1.clone(), q2.clone(), a1.clone(), a2.clone()]
         pp = p.clone()
-        call8("adam", [g], [pp], [st[0]], [st[1]], [st[2]], [st[3]], d, 3)
+        call8(name, [g], [pp], [st[0]], [st[1]], [st[2]], [st[3]], d, 3)
         res.append([pp] + st)
     for x, y in zip(*res):
         assert torch.equal(x, y)

@@ -594,23 +594,51 @@ BNBCY_AVX512 static inline void bnbcy_opt_requant_block_avx512(const float *s, f
  * alone left the two-core step about 5% short of its compute time. */
 #define BNBCY_OPT_PREFETCH 4
 
-/* A full 256-block of 8-bit adam/lamb (bnbcy_opt8_block, 16 lanes at a time). */
-BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
-                                                      int64_t b, int64_t start) {
+/* Whether the flushes of a dequantized state (absmax am) and of its product with beta can act:
+ * only when the smallest nonzero product is subnormal, which it almost never is. */
+static inline int bnbcy_opt_may_flush(float am, float qmin, float beta) {
+    return !(am == 0.0f || (am * qmin >= FLT_MIN && (beta == 0.0f || am * qmin * beta >= FLT_MIN)));
+}
+
+/* d * beta with the flushes of bnbcy_opt8_block (d = the dequantized state) when they can act. */
+BNBCY_AVX512 static inline __m512 bnbcy_opt_decay16(__m512 d, __m512 beta, int flush) {
+    if (!flush) return _mm512_mul_ps(d, beta);
+    return bnbcy_ftz16(_mm512_mul_ps(bnbcy_ftz16(d), beta));
+}
+
+/* qmap[q[0..15]] * absmax, one gather. */
+BNBCY_AVX512 static inline __m512 bnbcy_opt_dequant16(const uint8_t *q, const float *qmap, __m512 absmax) {
+    return _mm512_mul_ps(_mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), qmap, 4),
+                         absmax);
+}
+
+/* A full 256-block of 8-bit adam/lamb or ademamix (bnbcy_opt8_block + bnbcy_opt8_elem2, 16 lanes at
+ * a time, the same operations in the same order). Inlined into one function per optimizer so
+ * that adam carries none of ademamix's third state. */
+BNBCY_AVX512 static inline __attribute__((always_inline)) void bnbcy_opt8_2state_block_avx512(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, int64_t start, const int ademamix) {
     float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), n2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+    float n3[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
     const int dt = a->dtype;
     const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
     const char *gp = (const char *)t->g + start * isz;
     char *pp = (char *)t->p + start * isz;
     uint8_t *q1 = (uint8_t *)t->s1 + start, *q2 = (uint8_t *)t->s2 + start;
-    const __m512 a1 = _mm512_set1_ps(bnbcy_ftz(t->absmax1[b])), a2 = _mm512_set1_ps(bnbcy_ftz(t->absmax2[b]));
-    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), omb1 = _mm512_set1_ps(1.0f - a->b1),
-                 omb2 = _mm512_set1_ps(1.0f - a->b2), gns = _mm512_set1_ps(a->gnorm_scale),
+    uint8_t *q3 = ademamix ? (uint8_t *)t->s1 + t->n + start : NULL;
+    const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = bnbcy_ftz(t->absmax2[b]);
+    const float am3 = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
+    const __m512 a1 = _mm512_set1_ps(am1), a2 = _mm512_set1_ps(am2), a3 = _mm512_set1_ps(am3);
+    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), b3 = _mm512_set1_ps(a->b3),
+                 omb1 = _mm512_set1_ps(1.0f - a->b1), omb2 = _mm512_set1_ps(1.0f - a->b2),
+                 omb3 = _mm512_set1_ps(1.0f - a->b3), gns = _mm512_set1_ps(a->gnorm_scale),
                  ssus = _mm512_set1_ps(t->ss * t->us), c2eps = _mm512_set1_ps(t->c2eps),
+                 c1 = _mm512_set1_ps(t->c1), c2 = _mm512_set1_ps(t->c2), alpha = _mm512_set1_ps(a->alpha),
+                 eps = _mm512_set1_ps(a->eps), lr = _mm512_set1_ps(a->lr),
                  decay = _mm512_set1_ps(1.0f - a->lr * a->wd);
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     const int has_wd = a->wd > 0.0f;
-    __m512 M1 = _mm512_set1_ps(-FLT_MAX), M2 = M1;
+    __m512 M1 = _mm512_set1_ps(-FLT_MAX), M2 = M1, M3 = M1;
     if (start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
         const int64_t ahead = BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
         for (size_t k = 0; k < BNBCY_OPT_BLOCK * isz; k += 64) {
@@ -620,48 +648,75 @@ BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, c
         for (int k = 0; k < BNBCY_OPT_BLOCK; k += 64) {
             _mm_prefetch((const char *)q1 + ahead + k, _MM_HINT_T0);
             _mm_prefetch((const char *)q2 + ahead + k, _MM_HINT_T0);
+            if (ademamix) _mm_prefetch((const char *)q3 + ahead + k, _MM_HINT_T0);
         }
     }
-    /* The flushes of the dequantized states and of their products with beta can only act when
-     * the smallest nonzero product is subnormal: skip them when it provably is not (almost always). */
-    const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = bnbcy_ftz(t->absmax2[b]);
-    const int ftz1 = !(am1 == 0.0f || (am1 * a->qmin1 >= FLT_MIN && (a->b1 == 0.0f || am1 * a->qmin1 * a->b1 >= FLT_MIN)));
-    const int ftz2 = !(am2 == 0.0f || (am2 * a->qmin2 >= FLT_MIN && (a->b2 == 0.0f || am2 * a->qmin2 * a->b2 >= FLT_MIN)));
+    const int ftz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1), ftz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
+    const int ftz3 = ademamix && bnbcy_opt_may_flush(am3, a->qmin1, a->b3);
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 g = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
-        const __m512 d1 = _mm512_mul_ps(
-            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1);
-        const __m512 d2 = _mm512_mul_ps(
-            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q2 + i))), a->qmap2, 4), a2);
-        __m512 d1b = _mm512_mul_ps(ftz1 ? bnbcy_ftz16(d1) : d1, b1);
-        __m512 d2b = _mm512_mul_ps(ftz2 ? bnbcy_ftz16(d2) : d2, b2);
-        if (ftz1) d1b = bnbcy_ftz16(d1b);
-        if (ftz2) d2b = bnbcy_ftz16(d2b);
+        /* the gathers back to back: a branch between two of them (a flush test) halved the
+         * throughput of the whole loop on Sapphire Rapids */
+        const __m512 d1 = bnbcy_opt_dequant16(q1 + i, a->qmap1, a1), d2 = bnbcy_opt_dequant16(q2 + i, a->qmap2, a2);
+        const __m512 d3 = ademamix ? bnbcy_opt_dequant16(q3 + i, a->qmap1, a3) : d1;
+        const __m512 d1b = bnbcy_opt_decay16(d1, b1, ftz1), d2b = bnbcy_opt_decay16(d2, b2, ftz2);
         const __m512 gv = _mm512_mul_ps(g, gns);
         __m512 s2 = _mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv), d2b);
-        __m512 s1 = _mm512_fmadd_ps(omb1, gv, d1b);
+        __m512 s1 = _mm512_fmadd_ps(omb1, gv, d1b), s3 = s1;
         /* Flushes and the non-finite-gradient reset only when a lane needs one: a NaN/inf g makes
          * s2 NaN/inf, and ftz leaves every other value alone. */
+        __mmask16 odd = _mm512_fpclass_ps_mask(s2, 0xB9) | _mm512_fpclass_ps_mask(s1, 0x20);
+        if (ademamix) {
+            s3 = _mm512_fmadd_ps(omb3, gv, bnbcy_opt_decay16(d3, b3, ftz3));
+            odd |= _mm512_fpclass_ps_mask(s3, 0x20);
+        }
         __mmask16 fin = 0xFFFF;
-        if (__builtin_expect((_mm512_fpclass_ps_mask(s2, 0xB9) | _mm512_fpclass_ps_mask(s1, 0x20)) != 0, 0)) {
+        if (__builtin_expect(odd != 0, 0)) {
             fin = ~_mm512_fpclass_ps_mask(g, 0x99); /* not NaN / inf */
             s2 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(s2));
             s1 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(s1));
+            s3 = _mm512_maskz_mov_ps(fin, bnbcy_ftz16(s3));
         }
-        p = bnbcy_opt_round16(_mm512_fmadd_ps(ssus, _mm512_div_ps(s1, _mm512_add_ps(_mm512_sqrt_ps(s2), c2eps)), p), dt);
+        if (!ademamix) {
+            p = bnbcy_opt_round16(
+                _mm512_fmadd_ps(ssus, _mm512_div_ps(s1, _mm512_add_ps(_mm512_sqrt_ps(s2), c2eps)), p), dt);
+        } else {
+            const __m512 num = _mm512_fmadd_ps(s3, alpha, _mm512_div_ps(s1, c1));
+            const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(s2), c2), eps);
+            p = bnbcy_opt_round16(_mm512_sub_ps(p, _mm512_mul_ps(_mm512_div_ps(num, den), lr)), dt);
+        }
         if (has_wd) p = bnbcy_opt_round16(_mm512_mul_ps(p, decay), dt);
         bnbcy_store16(pp + i * isz, dt, fin, p);
         _mm512_store_ps(n1 + i, s1);
         _mm512_store_ps(n2 + i, s2);
         M1 = _mm512_max_ps(_mm512_and_ps(s1, absmask), M1); /* NaN never enters */
         M2 = _mm512_max_ps(_mm512_and_ps(s2, absmask), M2);
+        if (ademamix) {
+            _mm512_store_ps(n3 + i, s3);
+            M3 = _mm512_max_ps(_mm512_and_ps(s3, absmask), M3);
+        }
     }
     const float m1 = _mm512_reduce_max_ps(M1), m2 = _mm512_reduce_max_ps(M2);
     t->absmax1[b] = m1;
     t->absmax2[b] = m2;
     bnbcy_opt_requant_block_avx512(n1, m1, a->qmap1, a->t1, a->rq1, 1, a->neg_below1, q1);
     bnbcy_opt_requant_block_avx512(n2, m2, a->qmap2, a->t2, a->rq2, 0, -1, q2);
+    if (ademamix) {
+        const float m3 = _mm512_reduce_max_ps(M3);
+        t->absmax1[nblocks + b] = m3;
+        bnbcy_opt_requant_block_avx512(n3, m3, a->qmap1, a->t1, a->rq1, 1, a->neg_below1, q3);
+    }
+}
+
+BNBCY_AVX512 static void bnbcy_opt8_adam_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                      int64_t b, int64_t start) {
+    bnbcy_opt8_2state_block_avx512(a, t, b, start, 0);
+}
+
+BNBCY_AVX512 static void bnbcy_opt8_ademamix_block_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                          int64_t b, int64_t start) {
+    bnbcy_opt8_2state_block_avx512(a, t, b, start, 1);
 }
 
 /* A full 256-block of an 8-bit 1-state update (momentum/lars, rmsprop, adagrad, lion):
@@ -685,9 +740,8 @@ BNBCY_AVX512 static void bnbcy_opt8_1state_block_avx512(const bnbcy_opt_args *a,
     __m512 M1 = _mm512_set1_ps(-FLT_MAX);
     /* As in the adam block: the flushes of d1 and of d1 * beta (beta1; lion also beta2) can only act
      * when the smallest nonzero product is subnormal; skip them when it provably is not. */
-    const float amq = am * a->qmin1;
-    int ftz1 = !(am == 0.0f || (amq >= FLT_MIN && (a->b1 == 0.0f || amq * a->b1 >= FLT_MIN)));
-    if (opt == BNBCY_OPT_LION) ftz1 |= !(am == 0.0f || (amq >= FLT_MIN && (a->b2 == 0.0f || amq * a->b2 >= FLT_MIN)));
+    int ftz1 = bnbcy_opt_may_flush(am, a->qmin1, a->b1);
+    if (opt == BNBCY_OPT_LION) ftz1 |= bnbcy_opt_may_flush(am, a->qmin1, a->b2);
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 gr = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         const __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
@@ -741,19 +795,21 @@ static void bnbcy_opt8_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
 #if BNBCY_HAVE_AVX512_PATH
     const int isa512 = bnbcy_cpu_isa() == BNBCY_ISA_AVX512;
     const int simd = isa512 && a->opt == BNBCY_OPT_ADAM && a->t1 && a->t2;
+    const int simd3 = isa512 && a->opt == BNBCY_OPT_ADEMAMIX && a->t1 && a->t2;
     const int simd1 = isa512 && a->t1 &&
                       (a->opt == BNBCY_OPT_MOMENTUM || a->opt == BNBCY_OPT_RMSPROP ||
                        a->opt == BNBCY_OPT_ADAGRAD || a->opt == BNBCY_OPT_LION);
 #else
-    const int simd = 0, simd1 = 0;
+    const int simd = 0, simd1 = 0, simd3 = 0;
 #endif
     for (int64_t s = start; s < start + len; s += BNBCY_OPT_BLOCK) {
         const int64_t l = start + len - s < BNBCY_OPT_BLOCK ? start + len - s : BNBCY_OPT_BLOCK;
 #if BNBCY_HAVE_AVX512_PATH
         if (simd && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_adam_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
         if (simd1 && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_1state_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
+        if (simd3 && l == BNBCY_OPT_BLOCK) { bnbcy_opt8_ademamix_block_avx512(a, t, s / BNBCY_OPT_BLOCK, s); continue; }
 #endif
-        (void)simd; (void)simd1;
+        (void)simd; (void)simd1; (void)simd3;
         bnbcy_opt8_block(a, t, s / BNBCY_OPT_BLOCK, s, l);
     }
 }
