@@ -79,13 +79,24 @@ static inline float bnbcy_opt_sgn(float d) { return d > 0.0f ? 1.0f : (d < 0.0f 
 
 /* ---------------------------------------------------------------- 32-bit --- */
 
+/* The trust ratio's sum of u^2 (§6.4) accumulates in 16 double lanes, element i of a chunk in lane
+ * i mod 16, and adds the lanes in order at the end: the scalar and AVX-512 passes give the same
+ * sum, and the per-tensor total (chunk sums in chunk order) does not depend on the thread count. */
+#define BNBCY_OPT_LANES 16
+
+static inline double bnbcy_opt_lanes_total(const double *acc) {
+    double s = 0.0;
+    for (int j = 0; j < BNBCY_OPT_LANES; j++) s += acc[j];
+    return s;
+}
+
 /* Sum of u^2 over [start, start+len) from the would-be new states (§6.4). */
 static double bnbcy_opt32_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
                                       int64_t start, int64_t len) {
     const int dt = a->dtype;
     const float b1 = a->b1, b2 = a->b2, omb1 = 1.0f - a->b1, omb2 = 1.0f - a->b2, eps = a->eps;
     const float *s1 = (const float *)t->s1, *s2 = (const float *)t->s2;
-    double acc = 0.0;
+    double acc[BNBCY_OPT_LANES] = {0.0};
     for (int64_t i = start; i < start + len; i++) {
         const float g = bnbcy_opt_round(a->gnorm_scale * bnbcy_load_any(t->g, dt, i), dt);
         float u;
@@ -100,9 +111,9 @@ static double bnbcy_opt32_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_t
         case BNBCY_OPT_ADAGRAD: u = g / (sqrtf(fmaf(g, g, s1[i])) + eps); break;
         default: u = 0.0f;
         }
-        acc += (double)(u * u);
+        acc[(i - start) % BNBCY_OPT_LANES] += (double)(u * u);
     }
-    return acc;
+    return bnbcy_opt_lanes_total(acc);
 }
 
 static void bnbcy_opt32_chunk_scalar(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
@@ -443,16 +454,139 @@ static inline float bnbcy_opt8_unorm_elem(const bnbcy_opt_args *a, const bnbcy_o
 static double bnbcy_opt8_unorm_chunk(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
                                      int64_t start, int64_t len) {
     const uint8_t *q1 = (const uint8_t *)t->s1, *q2 = (const uint8_t *)t->s2;
-    double acc = 0.0;
+    double acc[BNBCY_OPT_LANES] = {0.0};
     for (int64_t i = start; i < start + len; i++) {
         const int64_t b = i / BNBCY_OPT_BLOCK;
         const float d1 = bnbcy_ftz(a->qmap1[q1[i]] * t->absmax1[b]);
         const float d2 = q2 ? bnbcy_ftz(a->qmap2[q2[i]] * t->absmax2[b]) : 0.0f;
         const float u = bnbcy_opt8_unorm_elem(a, t, bnbcy_load_any(t->g, a->dtype, i), d1, d2);
-        acc += (double)(u * u);
+        acc[(i - start) % BNBCY_OPT_LANES] += (double)(u * u);
     }
-    return acc;
+    return bnbcy_opt_lanes_total(acc);
 }
+
+#if BNBCY_HAVE_AVX512_PATH
+/* Elements ahead that the AVX-512 trust-ratio passes prefetch: on the machines measured the
+ * hardware prefetcher alone left the 8-bit pass at half its in-cache speed. */
+#define BNBCY_OPT_PF_AHEAD 1024
+
+/* acc lanes 0-7 (lo) and 8-15 (hi) += u^2 (rounded to float, then widened, as the scalar pass). */
+BNBCY_AVX512 static inline void bnbcy_opt_lanes_add16(__m512 u, __m512d *lo, __m512d *hi) {
+    const __m512 uu = _mm512_mul_ps(u, u);
+    *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(uu)));
+    *hi = _mm512_add_pd(*hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(uu), 1))));
+}
+
+BNBCY_AVX512 static inline double bnbcy_opt_lanes_total16(__m512d lo, __m512d hi) {
+    double acc[BNBCY_OPT_LANES];
+    _mm512_storeu_pd(acc, lo);
+    _mm512_storeu_pd(acc + 8, hi);
+    return bnbcy_opt_lanes_total(acc);
+}
+
+/* bnbcy_opt32_unorm_chunk, 16 lanes at a time. */
+BNBCY_AVX512 static double bnbcy_opt32_unorm_chunk_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                          int64_t start, int64_t len) {
+    const int dt = a->dtype, first = t->step == 1;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), omb1 = _mm512_set1_ps(1.0f - a->b1),
+                 omb2 = _mm512_set1_ps(1.0f - a->b2), eps = _mm512_set1_ps(a->eps),
+                 gns = _mm512_set1_ps(a->gnorm_scale), r1 = _mm512_set1_ps(t->r1), r2 = _mm512_set1_ps(t->r2);
+    const float *s1 = (const float *)t->s1 + start, *s2 = (const float *)t->s2 + start;
+    const char *gp = (const char *)t->g + start * isz;
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 k = bnbcy_tail_mask(len - i);
+        _mm_prefetch(gp + (i + BNBCY_OPT_PF_AHEAD) * isz, _MM_HINT_T0);
+        _mm_prefetch((const char *)(s1 + i + BNBCY_OPT_PF_AHEAD), _MM_HINT_T0);
+        if (a->opt == BNBCY_OPT_ADAM) _mm_prefetch((const char *)(s2 + i + BNBCY_OPT_PF_AHEAD), _MM_HINT_T0);
+        const __m512 g = bnbcy_opt_round16(_mm512_mul_ps(gns, bnbcy_load16(gp + i * isz, dt, k)), dt);
+        const __m512 x1 = _mm512_maskz_loadu_ps(k, s1 + i);
+        __m512 u;
+        switch (a->opt) {
+        case BNBCY_OPT_ADAM: {
+            const __m512 x2 = _mm512_maskz_loadu_ps(k, s2 + i);
+            const __m512 m = _mm512_fmadd_ps(x1, b1, _mm512_mul_ps(omb1, g));
+            const __m512 v = _mm512_fmadd_ps(x2, b2, _mm512_mul_ps(omb2, _mm512_mul_ps(g, g)));
+            u = _mm512_div_ps(_mm512_mul_ps(m, r1), _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(v, r2)), eps));
+            break;
+        }
+        case BNBCY_OPT_MOMENTUM: u = first ? g : _mm512_fmadd_ps(x1, b1, g); break;
+        case BNBCY_OPT_RMSPROP:
+            u = _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(_mm512_fmadd_ps(x1, b1, _mm512_mul_ps(g, _mm512_mul_ps(omb1, g)))), eps));
+            break;
+        case BNBCY_OPT_ADAGRAD:
+            u = _mm512_div_ps(g, _mm512_add_ps(_mm512_sqrt_ps(_mm512_fmadd_ps(g, g, x1)), eps));
+            break;
+        default: u = _mm512_setzero_ps();
+        }
+        bnbcy_opt_lanes_add16(_mm512_maskz_mov_ps(k, u), &lo, &hi);
+    }
+    return bnbcy_opt_lanes_total16(lo, hi);
+}
+
+/* bnbcy_opt8_unorm_chunk, 16 lanes at a time (a chunk starts on a 256-block), inlined once per
+ * optimizer so that no branch separates the gathers (see bnbcy_opt8_2state_block_avx512). */
+BNBCY_AVX512 static inline __attribute__((always_inline)) double bnbcy_opt8_unorm_chunk_avx512_k(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int opt) {
+    const int dt = a->dtype, first = t->step == 1;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    const __m512 b1 = _mm512_set1_ps(a->b1), b2 = _mm512_set1_ps(a->b2), omb1 = _mm512_set1_ps(1.0f - a->b1),
+                 omb2 = _mm512_set1_ps(1.0f - a->b2), eps = _mm512_set1_ps(a->eps),
+                 gns = _mm512_set1_ps(a->gnorm_scale), r1 = _mm512_set1_ps(t->r1), r2 = _mm512_set1_ps(t->r2);
+    const int two = opt == BNBCY_OPT_ADAM;
+    const uint8_t *q1 = (const uint8_t *)t->s1 + start, *q2 = two ? (const uint8_t *)t->s2 + start : NULL;
+    const char *gp = (const char *)t->g + start * isz;
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 k = bnbcy_tail_mask(len - i);
+        const int64_t b = (start + i) / BNBCY_OPT_BLOCK;
+        const __m512 gr = bnbcy_load16(gp + i * isz, dt, k), gv = _mm512_mul_ps(gr, gns);
+        _mm_prefetch(gp + (i + BNBCY_OPT_PF_AHEAD) * isz, _MM_HINT_T0);
+        if ((i & 63) == 0) {
+            _mm_prefetch((const char *)q1 + i + BNBCY_OPT_PF_AHEAD, _MM_HINT_T0);
+            if (two) _mm_prefetch((const char *)q2 + i + BNBCY_OPT_PF_AHEAD, _MM_HINT_T0);
+        }
+        const __m512 x1 = bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q1 + i)), a->qmap1);
+        const __m512 x2 = two ? bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q2 + i)), a->qmap2)
+                              : x1;
+        const __m512 d1 = bnbcy_ftz16(_mm512_mul_ps(x1, _mm512_set1_ps(t->absmax1[b])));
+        __m512 u;
+        switch (opt) {
+        case BNBCY_OPT_ADAM: {
+            const __m512 d2 = bnbcy_ftz16(_mm512_mul_ps(x2, _mm512_set1_ps(t->absmax2[b])));
+            const __m512 v = bnbcy_ftz16(_mm512_fmadd_ps(gv, _mm512_mul_ps(omb2, gv), bnbcy_ftz16(_mm512_mul_ps(d2, b2))));
+            const __m512 m = bnbcy_ftz16(_mm512_fmadd_ps(omb1, gv, bnbcy_ftz16(_mm512_mul_ps(d1, b1))));
+            u = _mm512_div_ps(_mm512_mul_ps(m, r1), _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(v, r2)), eps));
+            u = _mm512_maskz_mov_ps(~_mm512_fpclass_ps_mask(gr, 0x99), u); /* non-finite g: 0 */
+            break;
+        }
+        case BNBCY_OPT_MOMENTUM: u = first ? gv : _mm512_fmadd_ps(d1, b1, gv); break;
+        case BNBCY_OPT_RMSPROP:
+            u = _mm512_div_ps(gv, _mm512_add_ps(_mm512_sqrt_ps(_mm512_fmadd_ps(omb1, _mm512_mul_ps(gv, gv),
+                                                                               bnbcy_ftz16(_mm512_mul_ps(d1, b1)))), eps));
+            break;
+        case BNBCY_OPT_ADAGRAD:
+            u = _mm512_div_ps(gv, _mm512_add_ps(_mm512_sqrt_ps(_mm512_fmadd_ps(gv, gv, d1)), eps));
+            break;
+        default: u = _mm512_setzero_ps();
+        }
+        bnbcy_opt_lanes_add16(_mm512_maskz_mov_ps(k, u), &lo, &hi);
+    }
+    return bnbcy_opt_lanes_total16(lo, hi);
+}
+
+BNBCY_AVX512 static double bnbcy_opt8_unorm_chunk_avx512(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t,
+                                                         int64_t start, int64_t len) {
+    switch (a->opt) {
+    case BNBCY_OPT_ADAM: return bnbcy_opt8_unorm_chunk_avx512_k(a, t, start, len, BNBCY_OPT_ADAM);
+    case BNBCY_OPT_MOMENTUM: return bnbcy_opt8_unorm_chunk_avx512_k(a, t, start, len, BNBCY_OPT_MOMENTUM);
+    case BNBCY_OPT_RMSPROP: return bnbcy_opt8_unorm_chunk_avx512_k(a, t, start, len, BNBCY_OPT_RMSPROP);
+    case BNBCY_OPT_ADAGRAD: return bnbcy_opt8_unorm_chunk_avx512_k(a, t, start, len, BNBCY_OPT_ADAGRAD);
+    default: return 0.0;
+    }
+}
+#endif
 
 /* One 256-block [start, start+len) of an 8-bit update. */
 static void bnbcy_opt8_block(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b,
@@ -518,7 +652,7 @@ BNBCY_AVX512 static inline __m512i bnbcy_opt_codes16(__m512 xn, const bnbcy_q8_t
     if (t->one_per_bucket) {
         const __m512i u = _mm512_castps_si512(_mm512_add_ps(xn, _mm512_setzero_ps()));
         const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
-        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), t->packed, 4);
+        const __m512i e = bnbcy_gather_epi32(_mm512_srli_epi32(key, 16), t->packed);
         const __m512i lo = _mm512_and_si512(key, low16);
         const __m512i mid = _mm512_and_si512(_mm512_srli_epi32(e, 8), low16);
         const __mmask16 has = _mm512_test_epi32_mask(e, _mm512_set1_epi32(1 << 24));
@@ -529,12 +663,12 @@ BNBCY_AVX512 static inline __m512i bnbcy_opt_codes16(__m512 xn, const bnbcy_q8_t
     } else {
         const __m512i u = _mm512_castps_si512(xn);
         const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
-        c = _mm512_and_si512(_mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), t->lut, 1), byte);
+        c = _mm512_and_si512(bnbcy_gather_epi32_s1(_mm512_srli_epi32(key, 16), t->lut), byte);
         for (int s = 0; s < t->steps; s++) {
-            const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, t->mids, 4), xn, _CMP_LT_OQ);
+            const __mmask16 lt = _mm512_cmp_ps_mask(bnbcy_gather_ps(c, t->mids), xn, _CMP_LT_OQ);
             c = _mm512_mask_add_epi32(c, lt, c, one);
         }
-        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, t->mids, 4), xn, _CMP_EQ_OQ) &
+        const __mmask16 tie = _mm512_cmp_ps_mask(bnbcy_gather_ps(c, t->mids), xn, _CMP_EQ_OQ) &
                               _mm512_test_epi32_mask(c, one);
         c = _mm512_mask_add_epi32(c, tie, c, one);
     }
@@ -557,7 +691,7 @@ BNBCY_AVX512 static void bnbcy_opt_requant_avx512(const float *s, float M, const
                 const __mmask16 negc = _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(neg_below));
                 bad = negc ^ _mm512_test_epi32_mask(_mm512_castps_si512(v), signbit);
             } else {
-                const __m512i qs = _mm512_castps_si512(_mm512_i32gather_ps(c, code, 4));
+                const __m512i qs = _mm512_castps_si512(bnbcy_gather_ps(c, code));
                 bad = _mm512_test_epi32_mask(_mm512_xor_si512(qs, _mm512_castps_si512(v)), signbit);
             }
             const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
@@ -575,7 +709,7 @@ BNBCY_AVX512 static void bnbcy_opt_requant_rq_avx512(const float *s, float M, co
     const __m512 vr = _mm512_set1_ps(bnbcy_opt_recip(M));
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(s + i), vr));
-        const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 16), rq, 4);
+        const __m512i e = bnbcy_gather_epi32(_mm512_srli_epi32(u, 16), rq);
         /* (u & 0xFFFF) <= T  <=>  e >= u << 16, as the low 16 bits of e are below 1 << 16 */
         const __mmask16 a = _mm512_cmpge_epu32_mask(e, _mm512_slli_epi32(u, 16));
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_mask_srli_epi32(e, a, e, 8)));
@@ -608,7 +742,7 @@ BNBCY_AVX512 static inline __m512 bnbcy_opt_decay16(__m512 d, __m512 beta, int f
 
 /* qmap[q[0..15]] * absmax, one gather. */
 BNBCY_AVX512 static inline __m512 bnbcy_opt_dequant16(const uint8_t *q, const float *qmap, __m512 absmax) {
-    return _mm512_mul_ps(_mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), qmap, 4),
+    return _mm512_mul_ps(bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), qmap),
                          absmax);
 }
 
@@ -746,7 +880,7 @@ BNBCY_AVX512 static void bnbcy_opt8_1state_block_avx512(const bnbcy_opt_args *a,
         const __m512 gr = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         const __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
         __m512 d1 = _mm512_mul_ps(
-            _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1, 4), a1);
+            bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1), a1);
         if (ftz1) d1 = bnbcy_ftz16(d1);
         __m512 gv = _mm512_mul_ps(gr, gns), np = p, s;
         if (has_wd) {
@@ -878,6 +1012,13 @@ static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, in
             for (int64_t i = 0; i < nchunks; i++) {
                 const bnbcy_opt_tensor *t = &ts[ct[i]];
                 const int64_t len = t->n - cs[i] < BNBCY_OPT_CHUNK ? t->n - cs[i] : BNBCY_OPT_CHUNK;
+#if BNBCY_HAVE_AVX512_PATH
+                if (isa == BNBCY_ISA_AVX512) {
+                    part[i] = bits8 ? bnbcy_opt8_unorm_chunk_avx512(a, t, cs[i], len)
+                                    : bnbcy_opt32_unorm_chunk_avx512(a, t, cs[i], len);
+                    continue;
+                }
+#endif
                 part[i] = bits8 ? bnbcy_opt8_unorm_chunk(a, t, cs[i], len)
                                 : bnbcy_opt32_unorm_chunk(a, t, cs[i], len);
             }

@@ -23,6 +23,30 @@ static int bnbcy_cpu_has_avx512(void) {
     return cached;
 }
 
+/* Gathers into a register zeroed just before. A gather merges into its destination register,
+ * so it waits for whatever last wrote it; GCC drops the zeroing of a full-mask gather and may
+ * pick a register written late in the previous loop iteration (a division), which chains the
+ * iterations: the 8-bit optimizer passes ran up to 2x slower. The volatile asm keeps the zeroing
+ * idiom in front of every gather. */
+BNBCY_AVX512 static inline __m512 bnbcy_gather_ps(__m512i idx, const float *base) {
+    __m512 z;
+    __asm__ volatile("vpxord %0, %0, %0" : "=v"(z));
+    return _mm512_mask_i32gather_ps(z, (__mmask16)0xFFFF, idx, base, 4);
+}
+
+BNBCY_AVX512 static inline __m512i bnbcy_gather_epi32(__m512i idx, const void *base) {
+    __m512i z;
+    __asm__ volatile("vpxord %0, %0, %0" : "=v"(z));
+    return _mm512_mask_i32gather_epi32(z, (__mmask16)0xFFFF, idx, base, 4);
+}
+
+/* bnbcy_gather_epi32 with byte offsets (4 bytes read at base + idx). */
+BNBCY_AVX512 static inline __m512i bnbcy_gather_epi32_s1(__m512i idx, const void *base) {
+    __m512i z;
+    __asm__ volatile("vpxord %0, %0, %0" : "=v"(z));
+    return _mm512_mask_i32gather_epi32(z, (__mmask16)0xFFFF, idx, base, 1);
+}
+
 static inline __mmask16 bnbcy_tail_mask(int64_t remaining) {
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
@@ -76,7 +100,7 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
         if (packed) { /* one midpoint per bucket at most: one table read (bnbcy_q8_code_packed) */
             const __m512i u = _mm512_castps_si512(_mm512_add_ps(xn, _mm512_setzero_ps()));
             const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
-            const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), packed, 4);
+            const __m512i e = bnbcy_gather_epi32(_mm512_srli_epi32(key, 16), packed);
             const __m512i lo = _mm512_and_si512(key, low16);
             const __m512i mid = _mm512_and_si512(_mm512_srli_epi32(e, 8), low16);
             const __mmask16 has = _mm512_test_epi32_mask(e, has_bit);
@@ -91,10 +115,10 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
         const __m512i u = _mm512_castps_si512(xn);
         const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
         /* 4-byte gathers at byte offsets: the table is padded by 3 bytes */
-        __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(_mm512_srli_epi32(key, 16), lut, 1), byte);
+        __m512i c = _mm512_and_si512(bnbcy_gather_epi32_s1(_mm512_srli_epi32(key, 16), lut), byte);
         if (steps == 1) { /* the common case (both dynamic maps): two independent gathers */
-            const __m512 m0 = _mm512_i32gather_ps(c, mids, 4);
-            const __m512 m1 = _mm512_i32gather_ps(_mm512_add_epi32(c, one), mids, 4);
+            const __m512 m0 = bnbcy_gather_ps(c, mids);
+            const __m512 m1 = bnbcy_gather_ps(_mm512_add_epi32(c, one), mids);
             const __mmask16 lt = _mm512_cmp_ps_mask(m0, xn, _CMP_LT_OQ);
             c = _mm512_mask_add_epi32(c, lt, c, one);
             const __m512 mc = _mm512_mask_blend_ps(lt, m0, m1);
@@ -105,10 +129,10 @@ BNBCY_AVX512 static void bnbcy_q8_codes_avx512(const void *x, int dtype, int64_t
             continue;
         }
         for (int s = 0; s < steps; s++) {
-            const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, mids, 4), xn, _CMP_LT_OQ);
+            const __mmask16 lt = _mm512_cmp_ps_mask(bnbcy_gather_ps(c, mids), xn, _CMP_LT_OQ);
             c = _mm512_mask_add_epi32(c, lt, c, one);
         }
-        const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_i32gather_ps(c, mids, 4), xn, _CMP_EQ_OQ) &
+        const __mmask16 tie = _mm512_cmp_ps_mask(bnbcy_gather_ps(c, mids), xn, _CMP_EQ_OQ) &
                               _mm512_test_epi32_mask(c, one);
         c = _mm512_mask_add_epi32(c, tie, c, one);
         c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(xn, xn, _CMP_ORD_Q), c); /* NaN -> 0 */
@@ -143,7 +167,7 @@ BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 k = bnbcy_tail_mask(len - i);
         const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q + i));
-        const __m512 y = bnbcy_ftz16(_mm512_mul_ps(_mm512_i32gather_ps(c, lut, 4), vs));
+        const __m512 y = bnbcy_ftz16(_mm512_mul_ps(bnbcy_gather_ps(c, lut), vs));
         bnbcy_store16((char *)out + i * isz, dtype, k, y);
     }
 }
@@ -151,6 +175,19 @@ BNBCY_AVX512 static void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *
 /* Eight lanes; whole vectors only (block tails use the scalar helpers, which
  * compute the same bits). Codes need the packed bucket table. */
 #define BNBCY_AVX2_TARGET __attribute__((target("avx2,f16c")))
+
+/* The 8-lane forms of bnbcy_gather_ps / bnbcy_gather_epi32 (same reason). */
+BNBCY_AVX2_TARGET static inline __m256 bnbcy_gather8_ps(__m256i idx, const float *base) {
+    __m256 z;
+    __asm__ volatile("vpxor %0, %0, %0" : "=x"(z));
+    return _mm256_mask_i32gather_ps(z, base, idx, _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+}
+
+BNBCY_AVX2_TARGET static inline __m256i bnbcy_gather8_epi32(__m256i idx, const void *base) {
+    __m256i z;
+    __asm__ volatile("vpxor %0, %0, %0" : "=x"(z));
+    return _mm256_mask_i32gather_epi32(z, (const int *)base, idx, _mm256_set1_epi32(-1), 4);
+}
 
 static int bnbcy_cpu_has_avx2(void) {
     static int cached = -1;
@@ -206,7 +243,7 @@ BNBCY_AVX2_TARGET static int64_t bnbcy_q8_codes_avx2(const void *x, int dtype, i
         const __m256 xn = bnbcy_ftz8(_mm256_mul_ps(bnbcy_ftz8(bnbcy_load8(p + i * isz, dtype)), vr));
         const __m256i u = _mm256_castps_si256(_mm256_add_ps(xn, _mm256_setzero_ps()));
         const __m256i key = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), sign));
-        const __m256i e = _mm256_i32gather_epi32((const int *)packed, _mm256_srli_epi32(key, 16), 4);
+        const __m256i e = bnbcy_gather8_epi32(_mm256_srli_epi32(key, 16), packed);
         const __m256i lo = _mm256_and_si256(key, low16);
         const __m256i mid = _mm256_and_si256(_mm256_srli_epi32(e, 8), low16);
         const __m256i has = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 24), one), one);
@@ -234,7 +271,7 @@ BNBCY_AVX2_TARGET static int64_t bnbcy_q8_dequant_avx2(const uint8_t *q, const f
     int64_t i = 0;
     for (; i + 8 <= len; i += 8) {
         const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
-        const __m256 y = bnbcy_ftz8(_mm256_mul_ps(_mm256_i32gather_ps(lut, c, 4), vs));
+        const __m256 y = bnbcy_ftz8(_mm256_mul_ps(bnbcy_gather8_ps(c, lut), vs));
         if (dtype == BNBCY_F32) {
             _mm256_storeu_ps((float *)out + i, y);
         } else if (dtype == BNBCY_F16) {
