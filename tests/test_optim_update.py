@@ -447,7 +447,7 @@ def test_multi_equals_single(name, bits):
 @pytest.mark.parametrize("bits", [32, 8])
 def test_scalar_path_equals_simd(bits, monkeypatch):
     rng = np.random.default_rng(3)
-    for name in ("adam", "momentum", "lion", "ademamix"):
+    for name in ("adam", "momentum", "lion", "ademamix", "lamb", "lars", "rmsprop", "adagrad"):
         for dt in ("float32", "bfloat16"):
             d = hparams(name, 0.1)
             n = 5000
@@ -464,10 +464,12 @@ def test_scalar_path_equals_simd(bits, monkeypatch):
                 monkeypatch.setenv("BNBCY_CPU_ISA", isa)
                 pp = p.clone()
                 ss = [None if x is None else x.clone() for x in st]
+                # a small max_unorm, so that the trust ratio acts (also for rmsprop/adagrad)
+                mu = 1e-3 if name in ("lamb", "lars", "rmsprop", "adagrad") else 0.0
                 if bits == 32:
-                    call32(name, [g], [pp], [ss[0]], [ss[1]], d, 2, skip=True)
+                    call32(name, [g], [pp], [ss[0]], [ss[1]], d, 2, skip=True, max_unorm=mu)
                 else:
-                    call8(name, [g], [pp], *[[x] for x in ss], d, 2, skip=True)
+                    call8(name, [g], [pp], *[[x] for x in ss], d, 2, skip=True, max_unorm=mu)
                 res.append([pp] + ss)
             for a, b in zip(*res):
                 assert a is None or torch.equal(a, b), (name, dt)
