@@ -526,7 +526,7 @@ BNBCY_AVX512 static double bnbcy_opt32_unorm_chunk_avx512(const bnbcy_opt_args *
 }
 
 /* bnbcy_opt8_unorm_chunk, 16 lanes at a time (a chunk starts on a 256-block), inlined once per
- * optimizer so that no branch separates the gathers (see bnbcy_opt8_2state_block_avx512). */
+ * optimizer so that the loop carries no switch. */
 BNBCY_AVX512 static inline __attribute__((always_inline)) double bnbcy_opt8_unorm_chunk_avx512_k(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int opt) {
     const int dt = a->dtype, first = t->step == 1;
@@ -790,8 +790,6 @@ BNBCY_AVX512 static inline __attribute__((always_inline)) void bnbcy_opt8_2state
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 g = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
-        /* the gathers back to back: a branch between two of them (a flush test) halved the
-         * throughput of the whole loop on Sapphire Rapids */
         const __m512 d1 = bnbcy_opt_dequant16(q1 + i, a->qmap1, a1), d2 = bnbcy_opt_dequant16(q2 + i, a->qmap2, a2);
         const __m512 d3 = ademamix ? bnbcy_opt_dequant16(q3 + i, a->qmap1, a3) : d1;
         const __m512 d1b = bnbcy_opt_decay16(d1, b1, ftz1), d2b = bnbcy_opt_decay16(d2, b2, ftz2);
