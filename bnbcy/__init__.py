@@ -15,4 +15,23 @@ from . import optim
 from .autograd._functions import MatMul4Bit, MatMul8bitLt, MatmulLtState, matmul, matmul_4bit
 from ._features import features
 
-__all__ = ["MatMul4Bit", "MatMul8bitLt", "MatmulLtState", "functional", "kernels", "features", "matmul", "matmul_4bit", "nn", "__version__"]
+
+def empty_cpu_cache():
+    """Unmap the large CPU output buffers bnbcy keeps for reuse.
+
+    Outputs of 4 MiB and more on the CPU (torch and NumPy) come from a pool that recycles mapped
+    pages across calls, as torch's CUDA caching allocator does for device memory. Freed buffers
+    stay cached up to ``BNBCY_CPU_POOL_MB`` megabytes (default 512; 0 turns the pool off).
+    Buffers still in use are not affected.
+    """
+    _C.pool_release()
+
+
+def cpu_cache_info() -> dict:
+    """``{'cached_bytes', 'limit_bytes', 'buffers'}`` of the CPU output pool (see
+    :func:`empty_cpu_cache`)."""
+    return _C.pool_stats()
+
+
+__all__ = ["MatMul4Bit", "MatMul8bitLt", "MatmulLtState", "cpu_cache_info", "empty_cpu_cache", "functional",
+           "kernels", "features", "matmul", "matmul_4bit", "nn", "__version__"]

@@ -8,6 +8,8 @@ to the input's kind, and finds the stream to launch on.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -153,12 +155,32 @@ def check_same_device(v, like, name: str):
                          f"got a {v.kind} array on {v.device}")
 
 
+def _pooled_empty(kind: str, shape: tuple, dtype: str):
+    """A CPU array of ``kind`` backed by a buffer of bnbcy's CPU output pool (``pyx/cpu_pool.pxi``),
+    or None for small outputs or with the pool off."""
+    numel = math.prod(shape)
+    raw = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+    buf = _C.pool_buffer(numel * raw.itemsize)
+    if buf is None:
+        return None
+    arr = np.frombuffer(buf, dtype=raw, count=numel).reshape(shape)
+    if kind == "numpy":
+        return arr.view(framework_dtype("numpy", dtype)) if dtype == "bfloat16" else arr
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 def empty(like, shape, dtype: str):
     """Uninitialised array of ``like``'s framework and device.
 
-    torch uses its caching allocator, CuPy its memory pool, NumPy the heap.
+    Large CPU outputs (torch and NumPy) come from bnbcy's CPU output pool, which recycles mapped
+    pages across calls; CUDA torch uses torch's caching allocator, CuPy its memory pool.
     """
     shape = tuple(shape)
+    if like.kind in ("torch", "numpy") and not like.is_cuda and dtype != "bool":
+        out = _pooled_empty(like.kind, shape, dtype)
+        if out is not None:
+            return out
     if like.kind == "torch":
         return torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device=like.obj.device)
     if like.kind == "numpy":

@@ -13,6 +13,7 @@ include "cpu_blockwise.pxi"
 include "cpu_fourbit.pxi"
 include "cpu_int8.pxi"
 include "cpu_optim.pxi"
+include "cpu_pool.pxi"
 include "cuda_launch.pxi"
 
 
