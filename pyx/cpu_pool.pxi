@@ -33,7 +33,16 @@ cdef size_t _pool_limit_from_env() except? 0:
 # size class (bytes) -> list of (aligned pointer, base, mapped length) as ints
 cdef dict _pool_free = {}
 cdef size_t _pool_cached = 0
-cdef object _pool_limit = None
+cdef size_t _pool_limit = 0
+cdef bint _pool_limit_read = False
+
+
+cdef size_t _pool_get_limit() except? 0:
+    global _pool_limit, _pool_limit_read
+    if not _pool_limit_read:
+        _pool_limit = _pool_limit_from_env()
+        _pool_limit_read = True
+    return _pool_limit
 
 
 cdef class PoolBuffer:
@@ -70,7 +79,8 @@ cdef class PoolBuffer:
         global _pool_cached
         if self.ptr == NULL:
             return
-        if _pool_cached + self.capacity <= <size_t>_pool_limit:
+        # (at interpreter exit the module's dict may already be gone: then just unmap)
+        if _pool_free is not None and _pool_cached + self.capacity <= _pool_limit:
             _pool_free.setdefault(self.capacity, []).append(
                 (<size_t>self.ptr, <size_t>self.base, self.mapped))
             _pool_cached += self.capacity
@@ -82,10 +92,8 @@ cdef class PoolBuffer:
 def pool_buffer(Py_ssize_t nbytes):
     """A PoolBuffer of ``nbytes`` bytes (uninitialised), or None when the pool is off or
     ``nbytes`` is below its threshold (the caller then allocates as usual)."""
-    global _pool_cached, _pool_limit
-    if _pool_limit is None:
-        _pool_limit = _pool_limit_from_env()
-    if nbytes < _POOL_MIN_BYTES or _pool_limit == 0:
+    global _pool_cached
+    if nbytes < _POOL_MIN_BYTES or _pool_get_limit() == 0:
         return None
     cdef size_t capacity = ((<size_t>nbytes + BNBCY_POOL_ALIGN - 1) // BNBCY_POOL_ALIGN) * BNBCY_POOL_ALIGN
     cdef PoolBuffer buf = PoolBuffer.__new__(PoolBuffer)
@@ -111,10 +119,7 @@ def pool_buffer(Py_ssize_t nbytes):
 
 def pool_stats():
     """``{'cached_bytes', 'limit_bytes', 'buffers'}`` of the CPU output pool."""
-    global _pool_limit
-    if _pool_limit is None:
-        _pool_limit = _pool_limit_from_env()
-    return {"cached_bytes": _pool_cached, "limit_bytes": _pool_limit,
+    return {"cached_bytes": _pool_cached, "limit_bytes": _pool_get_limit(),
             "buffers": sum(len(v) for v in _pool_free.values())}
 
 
