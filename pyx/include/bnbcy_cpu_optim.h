@@ -877,8 +877,7 @@ BNBCY_AVX512 static void bnbcy_opt8_1state_block_avx512(const bnbcy_opt_args *a,
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 16) {
         const __m512 gr = bnbcy_load16(gp + i * isz, dt, 0xFFFF);
         const __m512 p = bnbcy_load16(pp + i * isz, dt, 0xFFFF);
-        __m512 d1 = _mm512_mul_ps(
-            bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q1 + i))), a->qmap1), a1);
+        __m512 d1 = bnbcy_opt_dequant16(q1 + i, a->qmap1, a1);
         if (ftz1) d1 = bnbcy_ftz16(d1);
         __m512 gv = _mm512_mul_ps(gr, gns), np = p, s;
         if (has_wd) {
