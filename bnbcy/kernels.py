@@ -274,3 +274,9 @@ shipped_source = registry.shipped_source
 rebuild = registry.rebuild
 restore = registry.restore
 status = registry.status
+
+
+def emulating() -> bool:
+    """Whether ops on CPU arrays are sent through the CUDA launch path to the SIMT emulator
+    (``BNBCY_EMULATE_CUDA=1`` or :func:`emulate`). The one CPU/CUDA dispatch consults this."""
+    return False
