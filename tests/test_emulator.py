@@ -1,7 +1,7 @@
 """bnbcy's SIMT emulator (bnbcy/_emulator): its CUDA semantics on small test kernels, and every
 shipped blockwise8 / fourbit / int8 kernel run through the CUDA launchers against bnbcy's CPU
 kernels (bit-identical codes, exact integers) on inputs with partial blocks, odd sizes, unaligned
-views and edge values. Runs on any machine (no GPU: the kernels are emulated, not run on one)."""
+views and edge values. Needs no GPU (the kernels are emulated, not run on one), only g++."""
 import textwrap
 
 import numpy as np
@@ -13,6 +13,10 @@ from bnbcy import functional as F
 from bnbcy._emulator import EmulatorBuildError, build
 from bnbcy.functional import _fourbit_cuda as FC
 from bnbcy.functional import _int8_cuda as I8
+
+# The emulated CUDA suite (BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests) runs these; they need
+# no GPU, only g++, and call bnbcy.kernels.emulate() themselves.
+pytestmark = pytest.mark.cuda
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

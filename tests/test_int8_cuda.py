@@ -221,6 +221,22 @@ def test_mm_dequant_matches_emulation(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_mm_dequant_bias_of_another_dtype(out_dtype, bias_dtype):
+    """The bias is read in its own dtype (it was read as the output dtype: an fp32 bias with fp16
+    output gave garbage, an fp16 bias with fp32 output read past the buffer)."""
+    from bnbcy import functional as F
+    for shape in ((3, 7), (17, 64), (2, 8)):  # scalar and 16-byte paths
+        A, row, col, bias = _dequant_inputs(*shape, seed=shape[0] * 3 + shape[1])
+        b = bias.to(bias_dtype)
+        out = F.int8_mm_dequant(A, row, col, bias=b, dtype=out_dtype)
+        sync()
+        _assert_same_floats(out, _emulated_dequant(A, row, col, b, out_dtype).to(out.device),
+                            f"bias {bias_dtype} out {out_dtype} {shape}")
+
+
+@cuda
 def test_mm_dequant_unaligned_scalar_path(bnbF):
     A, row, col, bias = _dequant_inputs(9, 64, seed=3)
     buf = torch.empty(A.numel() + 1, dtype=torch.int32, device=DEVICE)
