@@ -85,7 +85,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"{len(cov) - len(unused)} of {len(cov)} registered kernels launched in the emulator, "
                   f"{sum(cov.values())} emulated launches")
     if unused:
-        tr.write_line(f"never launched: {', '.join(unused)}")
+        more = f" and {len(unused) - 12} more" if len(unused) > 12 else ""
+        tr.write_line(f"never launched: {', '.join(unused[:12])}{more}")
     path = os.environ.get("BNBCY_EMULATOR_REPORT")
     if path:
         with open(path, "w") as fh:

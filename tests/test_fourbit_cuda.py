@@ -348,3 +348,14 @@ def test_matmul_on_bnb_weights(bnbF, dtype, qt, blocksize):
     sync()
     rel = float((bout.double() - gv.double()).norm() / ref[0].norm())
     assert rel < 8 * EPS[dtype] + 1e-5, f"ours vs bnb gemv_4bit: relative L2 difference {rel:.3e}"
+
+
+def test_nf4_thresholds_cuda():
+    """Every NF4 threshold (bnb's CUDA literals as nvcc compiles them), its neighbours and values
+    between get the codes of the rule checked on the CPU by tests/test_nf4_thresholds.py."""
+    from test_nf4_thresholds import blocks_of, check_nf4_codes, codes, threshold_probe_values
+    x = threshold_probe_values()
+    a, idx = blocks_of(x)
+    q, absmax = _ours_quantize(torch.from_numpy(a).to(DEVICE), 64, "nf4")
+    assert torch.all(absmax == 1.0)
+    check_nf4_codes(codes(q.cpu().numpy(), a.size), x, idx)
