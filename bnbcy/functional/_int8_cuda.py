@@ -177,6 +177,10 @@ def launch_int8_gemm(A, B, C, M, N, K, kernel="mma"):
     ------
     ValueError
         Unknown kernel, negative or too large sizes.
+
+    Notes
+    -----
+    M above 65535 row tiles (the grid's y limit) is launched as several row slabs.
     """
     if kernel not in _GEMM_TILES:
         raise ValueError(f"kernel must be one of {GEMM_KERNELS}, got {kernel!r}")
@@ -187,7 +191,10 @@ def launch_int8_gemm(A, B, C, M, N, K, kernel="mma"):
     if M == 0 or N == 0:
         return
     bm, bn, threads = _GEMM_TILES[kernel]
-    grid = (_cdiv(N, bn), _cdiv(M, bm))
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"M = {M} needs more than {_MAX_GRID_Y} row tiles of {bm}")
-    kernels.registry.launch(_GEMM, {"kernel": kernel}, grid, (threads,), (A, B, C, M, N, K), A)
+    # gridDim.y is at most 65535 row tiles: taller products are launched in row slabs
+    slab = _MAX_GRID_Y * bm
+    for m0 in range(0, M, slab):
+        rows = min(slab, M - m0)
+        a, c = (A, C) if m0 == 0 else (A.ptr + m0 * K, C.ptr + 4 * m0 * N)
+        kernels.registry.launch(_GEMM, {"kernel": kernel}, (_cdiv(N, bn), _cdiv(rows, bm)), (threads,),
+                                (a, B, c, rows, N, K), A)
