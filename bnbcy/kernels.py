@@ -395,11 +395,6 @@ def emulating() -> bool:
     return _env_flag("BNBCY_EMULATE_CUDA")
 
 
-def use_cuda_kernels(view) -> bool:
-    """Whether an op on ``view`` launches the CUDA kernels (a CUDA array, or emulation)."""
-    return view.is_cuda or emulating()
-
-
 def _late_cp_async():
     for enabled, late in reversed(_emulate_stack):
         if late is not None:

@@ -241,7 +241,7 @@ def _assert_matmul_close(out, ref, absref, dtype, K, what):
 
 
 GEMV_SHAPES = pick([(1, 32), (7, 64), (33, 96), (100, 4128), (257, 320), (1024, 4096)],
-                   [(1, 32), (7, 64), (33, 96), (20, 4128), (257, 320)])
+                   [(1, 32), (7, 64), (33, 96), (20, 4128)])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -265,13 +265,13 @@ def test_gemv_matches_float64_reference(dtype, qt, blocksize, with_bias):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 15, 16])
+@pytest.mark.parametrize("M", pick([1, 2, 3, 4, 5, 8, 9, 15, 16], [1, 4, 5, 9, 16]))
 @pytest.mark.parametrize("qt", ["nf4", "custom"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemm_small_matches_float64_reference(dtype, M, qt, with_bias):
     for (N, K), blocksize in pick([((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((250, 2080), 4096),
                                    ((1024, 4096), 64)],
-                                  [((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((40, 4096), 4096)]):
+                                  [((1, 32), 32), ((33, 96), 64), ((20, 1056), 128)]):
         q, absmax = _quantized_weight(N, K, blocksize, "nf4", seed=N + K)
         code = _code_map(qt, seed=K)
         g = torch.Generator().manual_seed(M * 1000 + N)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _C, _arrays, kernels
+from ..backends import on_cuda
 
 NAMES = ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion")
 ALIASES = {"lamb": "adam", "lars": "momentum"}
@@ -97,7 +98,7 @@ def _like_view(params):
     if x is None or not hasattr(x, "__dlpack__"):
         raise TypeError(f"params[0] must be a torch.Tensor or cupy.ndarray, got {type(x).__name__}")
     v = _C.view(_arrays._plain(x, _C.kind_of(x)), "params[0]")
-    if not kernels.use_cuda_kernels(v):
+    if not on_cuda(v):
         raise ValueError(f"the optimizer kernels need CUDA arrays, got params[0] on {v.device}")
     if v.dtype not in _SUFFIX:
         raise ValueError(f"params must be float32, float16 or bfloat16, got {v.dtype}")

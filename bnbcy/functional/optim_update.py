@@ -26,7 +26,8 @@ import numbers
 import numpy as np
 import torch
 
-from .. import _C, _arrays, kernels
+from .. import _C, _arrays
+from ..backends import on_cuda
 from . import _optim_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
@@ -41,7 +42,7 @@ def _check_name(name):
 
 def _on_cuda(views):
     """True when the arrays are on a GPU (then all of them must be; the launcher checks devices)."""
-    cuda = [kernels.use_cuda_kernels(v) for v in views if v is not None]
+    cuda = [on_cuda(v) for v in views if v is not None]
     if any(cuda) and not all(cuda):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
