@@ -465,15 +465,16 @@ def _opt_step(name, bits, t, max_unorm):
     return unorm
 
 
+OPT_CASES = [(name, 0.0) for name in OPT_HP] + [("lamb", 1.0), ("lars", 0.02), ("rmsprop", 0.05),
+                                                 ("adagrad", 0.05)]
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("name", list(OPT_HP))
-def test_optimizer_kernels_match_cpu(name, dtype, bits):
+@pytest.mark.parametrize("name,max_unorm", OPT_CASES)
+def test_optimizer_kernels_match_cpu(name, max_unorm, dtype, bits):
     """The emulated CUDA update equals bnbcy's CPU update up to the rounding of the CUDA path's
-    approximate ops (emulated as IEEE) and its deterministic reduction order (LAMB/LARS)."""
-    max_unorm = {"lamb": 1.0, "lars": 0.02}.get(name, 0.0)
-    if bits == 8 and name in ("lamb", "lars"):
-        max_unorm = 0.0  # bitsandbytes has no 8-bit trust ratio: plain adam/momentum state update
+    approximate ops (emulated as IEEE) and its deterministic reduction order (trust ratio)."""
     for n in (1, 300, 2 * 256 + 7):
         ref = _opt_inputs(name, DTYPES[dtype], n, bits, seed=n + bits)
         emu = {k: (None if v is None else v.clone()) for k, v in ref.items()}
