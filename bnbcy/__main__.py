@@ -260,7 +260,7 @@ def main(argv=None):
     ap.add_argument("--optim-steps", type=int, default=200, help="optimizer demo: training steps")
     args = ap.parse_args(argv)
 
-    info = bnbcy.features()
+    info = bnbcy.build_info()
     _print_features(info)
     w = _weight(args.rows, args.cols)
     blocksizes = [int(b) for b in args.blocksizes.split(",")]

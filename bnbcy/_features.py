@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import _C, kernels
 
 
-def features() -> dict:
+def build_info() -> dict:
     """Describe the build and the machine.
 
     Returns
