@@ -51,6 +51,8 @@ typedef struct {
     /* 8-bit */
     const float *qmap1, *qmap2;
     const bnbcy_q8_table *t1, *t2; /* NULL: literal search */
+    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal) */
+    float qmin1, qmin2;
     /* requantization tables of qmap1 (sign fix included) and qmap2 for the SIMD widths
      * (bnbcy_opt_build_rq), or NULL */
     const uint32_t *rq1, *rq2;
@@ -173,6 +175,12 @@ static int bnbcy_opt_build_rq(const float *code, const bnbcy_q8_table *t, int si
     return 0;
 }
 
+/* Whether the flushes of a dequantized state (absmax am) and of its product with beta can act:
+ * only when the smallest nonzero product is subnormal, which it almost never is. */
+static inline int bnbcy_opt_may_flush(float am, float qmin, float beta) {
+    return !(am == 0.0f || (am * qmin >= FLT_MIN && (beta == 0.0f || am * qmin * beta >= FLT_MIN)));
+}
+
 static inline float bnbcy_opt_absmax_acc(float m, float s) {
     const float a = fabsf(s);
     return a > m ? a : m; /* NaN never enters (as fmaxf from -FLT_MAX) */
@@ -243,8 +251,16 @@ static bnbcy_opt_width bnbcy_opt_pick_width(void) {
 
 /* Runs one update of every tensor. bits8: 8-bit blockwise states. Returns 0, or -1 when
  * memory for the chunk list cannot be had. */
-static int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
+static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, int ntensors, int bits8,
                             int nthreads) {
+    bnbcy_opt_args local = *args;
+    local.qmin1 = local.qmin2 = 0.0f;
+    for (int c = 0; bits8 && c < 256; c++) {
+        const float v1 = local.qmap1 ? fabsf(local.qmap1[c]) : 0.0f, v2 = local.qmap2 ? fabsf(local.qmap2[c]) : 0.0f;
+        if (v1 > 0.0f && (local.qmin1 == 0.0f || v1 < local.qmin1)) local.qmin1 = v1;
+        if (v2 > 0.0f && (local.qmin2 == 0.0f || v2 < local.qmin2)) local.qmin2 = v2;
+    }
+    const bnbcy_opt_args *a = &local;
     int64_t nchunks = 0, total = 0;
     for (int k = 0; k < ntensors; k++) {
         bnbcy_opt_scalars(a, &ts[k]);

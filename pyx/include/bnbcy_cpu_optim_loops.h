@@ -76,14 +76,14 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
     const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
     const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
-    L_T p = p0, s1 = L_FTZ(L_DEQ(q1, a->qmap1, am[0])), s2, s3;
+    L_T p = p0, s1 = L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
     if (two) {
         const L_T g = L_MUL(gr, h->gns);
-        s2 = L_FTZ(L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
+        s2 = L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
         if (opt == BNBCY_OPT_ADAM) {
             L_FN(bnbcy_rule_adam)(h, 1, g, &s1, &s2, &p);
         } else {
-            s3 = L_FTZ(L_DEQ(q1 + t->n, a->qmap1, am[2]));
+            s3 = L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
             L_FN(bnbcy_rule_ademamix)(h, 1, g, &s1, &s2, &s3, &p);
         }
         if (L_W == 1 && L_BAD(gr)) { /* a non-finite gradient resets the states, keeps p */
@@ -137,11 +137,17 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, int64_t start, int64_t len, const int opt) {
     float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), n2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
     float n3[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
-    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
     const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX, ademamix = opt == BNBCY_OPT_ADEMAMIX;
     const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
     const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = two ? bnbcy_ftz(t->absmax2[b]) : 0.0f;
     const float am3 = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
+    if (L_W > 1) {
+        h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1) ||
+                (opt == BNBCY_OPT_LION && bnbcy_opt_may_flush(am1, a->qmin1, a->b2));
+        h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
+        h.fz3 = bnbcy_opt_may_flush(am3, a->qmin1, a->b3);
+    }
     const L_T am[3] = {L_SET1(am1), L_SET1(am2), L_SET1(am3)};
     L_T M[3] = {L_SET1(-FLT_MAX), L_SET1(-FLT_MAX), L_SET1(-FLT_MAX)};
     float Ms[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* lanes redone by the scalar path */

@@ -18,6 +18,9 @@
 typedef struct {
     L_T b1, b2, b3, omb1, omb2, omb3, eps, lr, wd, decay, gns, us, ssus, c2eps, c1, c2, alpha, r1, r2;
     int dt, skip, has_wd, first;
+    /* 8-bit: whether the flushes of the dequantized states 1, 2, 3 and of their products with the
+     * betas can act (bnbcy_opt_may_flush; set per block, 1 = always flush, which is exact) */
+    int fz1, fz2, fz3;
 } L_FN(bnbcy_opt_lhp);
 
 L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_opt_args *a,
@@ -30,6 +33,7 @@ L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_op
     h.ssus = L_SET1(t->ss * t->us); h.c2eps = L_SET1(t->c2eps); h.c1 = L_SET1(t->c1); h.c2 = L_SET1(t->c2);
     h.alpha = L_SET1(a->alpha); h.r1 = L_SET1(t->r1); h.r2 = L_SET1(t->r2);
     h.dt = a->dtype; h.skip = a->skip_zeros; h.has_wd = a->wd > 0.0f; h.first = t->step == 1;
+    h.fz1 = h.fz2 = h.fz3 = 1;
     return h;
 }
 
@@ -39,8 +43,8 @@ L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_op
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_ema_adam)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T g, L_T *s1, L_T *s2) {
     if (f8) {
-        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ(L_MUL(*s2, h->b2))));
-        *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ(L_MUL(*s1, h->b1))));
+        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2))));
+        *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ_IF(h->fz1, L_MUL(*s1, h->b1))));
     } else {
         *s1 = L_FMA(*s1, h->b1, L_MUL(h->omb1, g));
         *s2 = L_FMA(*s2, h->b2, L_MUL(h->omb2, L_MUL(g, g)));
@@ -59,9 +63,9 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_adam)(
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_ademamix)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T g, L_T *s1, L_T *s2, L_T *s3, L_T *p) {
     if (f8) {
-        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ(L_MUL(*s2, h->b2))));
-        *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ(L_MUL(*s1, h->b1))));
-        *s3 = L_FTZ(L_FMA(h->omb3, g, L_FTZ(L_MUL(*s3, h->b3))));
+        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2))));
+        *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ_IF(h->fz1, L_MUL(*s1, h->b1))));
+        *s3 = L_FTZ(L_FMA(h->omb3, g, L_FTZ_IF(h->fz3, L_MUL(*s3, h->b3))));
     } else {
         *s1 = L_FMA(*s1, h->b1, L_MUL(h->omb1, g));
         *s3 = L_FMA(*s3, h->b3, L_MUL(h->omb3, g));
@@ -85,7 +89,7 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_momentu
 
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_rmsprop)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T gr, L_T g, L_T *s, L_T *p) {
-    if (f8) *s = L_FTZ(L_FMA(h->omb1, L_MUL(g, g), L_FTZ(L_MUL(*s, h->b1))));
+    if (f8) *s = L_FTZ(L_FMA(h->omb1, L_MUL(g, g), L_FTZ_IF(h->fz1, L_MUL(*s, h->b1))));
     else *s = L_FMA(*s, h->b1, L_MUL(g, L_MUL(h->omb1, g)));
     /* bnb's 8-bit kernel divides the raw gradient */
     *p = L_SUB(*p, L_MUL(h->us, L_MUL(L_DIV(f8 ? gr : g, L_ADD(L_SQRT(*s), h->eps)), h->lr)));
@@ -104,8 +108,8 @@ L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_rule_lion)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T gr, L_T g, L_T *s, L_T *p) {
     (void)gr;
     if (f8) {
-        const L_T gs = L_ROUND(L_MUL(L_SGN(L_FMA(h->omb1, g, L_FTZ(L_MUL(*s, h->b1)))), h->lr), h->dt);
-        *s = L_FTZ(L_FMA(h->omb2, g, L_FTZ(L_MUL(*s, h->b2))));
+        const L_T gs = L_ROUND(L_MUL(L_SGN(L_FMA(h->omb1, g, L_FTZ_IF(h->fz1, L_MUL(*s, h->b1)))), h->lr), h->dt);
+        *s = L_FTZ(L_FMA(h->omb2, g, L_FTZ_IF(h->fz1, L_MUL(*s, h->b2))));
         *p = L_SUB(*p, gs);
         return gs;
     }
