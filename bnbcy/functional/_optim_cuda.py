@@ -26,11 +26,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _C, _arrays, kernels
+from ..optim import _table
 
-NAMES = ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion")
-ALIASES = {"lamb": "adam", "lars": "momentum"}
-UNORM_NAMES = ("adam", "momentum", "rmsprop", "adagrad")
-TWO_STATE = ("adam", "ademamix")
+# The kernels are named by rule (bnbcy/optim/_table.py): one per rule, the others alias them.
+NAMES = tuple(_table.RULE_IDS)
+ALIASES = {k.name: k.rule for k in _table.KERNELS.values() if k.name != k.rule}
+UNORM_NAMES = tuple(r for r in NAMES if any(k.trust_ratio and k.rule == r for k in _table.KERNELS.values()))
+TWO_STATE = tuple(r for r in NAMES if any(k.states == 2 and k.rule == r for k in _table.KERNELS.values()))
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 # Must match cuda_src/optim.cu.

@@ -21,31 +21,62 @@ synchronisation), through ``_optim_cuda``.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, kernels
+from ..optim import _table
 from . import _optim_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
-OPTIMIZER_NAMES = ("adam", "lamb", "ademamix", "momentum", "lars", "rmsprop", "adagrad", "lion")
-_TWO_STATE = ("adam", "lamb", "ademamix")
+OPTIMIZER_NAMES = _table.OPTIMIZER_NAMES
+_TWO_STATE = tuple(k.name for k in _table.KERNELS.values() if k.states == 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The hyper-parameters of one update step, as the optimizer classes pass them (hashable:
+    parameters with equal records share a kernel call)."""
+    lr: float
+    beta1: float
+    beta2: float = 0.0
+    beta3: float = 0.0
+    alpha: float = 0.0
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_unorm: float = 0.0
+    skip_zeros: bool = False
 
 
 def _check_name(name):
-    if not isinstance(name, str) or name not in OPTIMIZER_NAMES:
-        raise ValueError(f"Unsupported optimizer name {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    _table.kernel(name)
 
 
 def _on_cuda(views):
-    """True when the arrays are on a GPU (then all of them must be; the launcher checks devices)."""
+    """Whether the update runs the CUDA kernels: the arrays are on a GPU (then all of them must
+    be; the launcher checks devices), or CPU arrays go to the SIMT emulator
+    (:func:`bnbcy.kernels.emulating`)."""
     cuda = [v.is_cuda for v in views if v is not None]
     if any(cuda) and not all(cuda):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
-    return bool(cuda) and cuda[0]
+    return (bool(cuda) and cuda[0]) or kernels.emulating()
+
+
+def _check_unorm_vecs(unorm_vecs, max_unorm):
+    """``unorm_vec`` entries, when the update writes them, must be writable float32[1] arrays."""
+    if max_unorm <= 0.0:
+        return
+    for k, u in enumerate(unorm_vecs):
+        if u is None:
+            continue
+        v = _inplace_view(u, "unorm_vec" if len(unorm_vecs) == 1 else f"unorm_vecs[{k}]", ("float32",))
+        if v.numel != 1:
+            raise ValueError(f"unorm_vec must be a float32 array of one element (receives the squared update "
+                             f"norm), got {v.numel} elements")
 
 
 def _device_norm(p):
@@ -163,6 +194,7 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
     unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
     steps = _steps(steps, count)
     max_unorm = _scalar(max_unorm, "max_unorm")
+    _check_unorm_vecs(unorm_vecs, max_unorm)
     pv, gv, groups = _group_by_dtype(ps, gs)
     s1v, s2v = [], []
     for k in range(count):
@@ -251,6 +283,7 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
     unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
     steps = _steps(steps, count)
     max_unorm = _scalar(max_unorm, "max_unorm")
+    _check_unorm_vecs(unorm_vecs, max_unorm)
     two = optimizer_name in _TWO_STATE
     pv, gv, groups = _group_by_dtype(ps, gs)
     if qmap1 is None:
@@ -373,5 +406,5 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     return current_gnorm, clip_value, gnorm_scale
 
 
-__all__ = ["optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
+__all__ = ["Hyper", "optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
            "optimizer_update_8bit_blockwise_multi", "percentile_clipping"]

@@ -18,6 +18,7 @@
 #include "bnbcy_omp.h"
 #include <stdlib.h>
 
+/* The rule ids of bnbcy/optim/_table.py RULE_IDS (and of cuda_src/optim.cu; tests/test_optim_table.py). */
 enum {
     BNBCY_OPT_ADAM = 0, /* adam, lamb */
     BNBCY_OPT_MOMENTUM = 1, /* momentum, lars */
