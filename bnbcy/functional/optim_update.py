@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import _C, _arrays, kernels
+from .._ops import optim as _optim_ops  # noqa: F401  (defines torch.ops.bnbcy.optimizer_update_*)
 from ..optim import _table
 from . import _optim_cuda
 
@@ -85,6 +86,14 @@ def _device_norm(p):
         return torch.linalg.vector_norm(p.detach().float()).reshape(1)
     import cupy
     return cupy.linalg.norm(p.astype(cupy.float32).ravel()).reshape(1)
+
+
+def _norm_slot(p, value):
+    """A given ||p|| as a float32[1] array on p's device."""
+    if isinstance(p, torch.Tensor):
+        return torch.full((1,), value, dtype=torch.float32, device=p.device)
+    import cupy
+    return cupy.full((1,), value, dtype=cupy.float32)
 
 
 def _unorm_slots(unorm_vecs, ps):
@@ -177,12 +186,13 @@ def _group_by_dtype(ps, gs):
 
 def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, steps, lr, state2s=None,
                                  beta2=0.0, beta3=0.0, alpha=0.0, weight_decay=0.0, gnorm_scale=1.0,
-                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False):
+                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False, param_norms=None):
     """In-place 32-bit update of several parameters (one kernel call per dtype).
 
     Same arguments as :func:`optimizer_update_32bit`, with lists for ``gs``, ``ps``,
     ``state1s``, ``state2s`` (None entries for 1-state optimizers), ``unorm_vecs``
-    and ``steps`` (a list, or one int for all).
+    and ``steps`` (a list, or one int for all). ``param_norms``: ``norm(p)`` per parameter for
+    the trust ratio (computed here when omitted).
     """
     _check_name(optimizer_name)
     ps, gs = list(ps), list(gs)
@@ -195,6 +205,8 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
     steps = _steps(steps, count)
     max_unorm = _scalar(max_unorm, "max_unorm")
     _check_unorm_vecs(unorm_vecs, max_unorm)
+    if param_norms is not None:
+        param_norms = [_scalar(x, "param_norm") for x in _as_list(param_norms, count, "param_norms")]
     pv, gv, groups = _group_by_dtype(ps, gs)
     s1v, s2v = [], []
     for k in range(count):
@@ -221,11 +233,14 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
                 optimizer_name, [ps[k] for k in idx], [gs[k] for k in idx], [state1s[k] for k in idx],
                 [state2s[k] for k in idx] if optimizer_name in _TWO_STATE else None,
                 [unorms[k] for k in idx] if unorms else None, [steps[k] for k in idx],
-                [_device_norm(ps[k]) for k in idx] if max_unorm > 0 else None, *args,
+                [_device_norm(ps[k]) if param_norms is None else _norm_slot(ps[k], param_norms[k]) for k in idx]
+                if max_unorm > 0 else None, *args,
                 gnorm_scale=_scalar(gnorm_scale, "gnorm_scale"), max_unorm=max_unorm,
                 skip_zeros=bool(skip_zeros))
         return
-    norms = [_param_norm(ps[k]) for k in range(count)] if max_unorm > 0 else None
+    norms = None
+    if max_unorm > 0:
+        norms = param_norms if param_norms is not None else [_param_norm(ps[k]) for k in range(count)]
     for idx in groups.values():
         sums = _C.cpu_optimizer_update_32bit(
             optimizer_name, [pv[k] for k in idx], [gv[k] for k in idx], [s1v[k] for k in idx],
@@ -257,10 +272,20 @@ def optimizer_update_32bit(optimizer_name, g, p, state1, beta1, eps, step, lr, s
     skip_zeros : bool
         Leave elements whose gradient is exactly 0 untouched.
     """
-    optimizer_update_32bit_multi(optimizer_name, [g], [p], [state1], beta1, eps, [step], lr,
-                                 state2s=[state2], beta2=beta2, beta3=beta3, alpha=alpha,
-                                 weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
-                                 max_unorm=max_unorm, skip_zeros=skip_zeros)
+    if not isinstance(p, torch.Tensor):       # NumPy / CuPy arrays: no torch op
+        optimizer_update_32bit_multi(optimizer_name, [g], [p], [state1], beta1, eps, [step], lr,
+                                     state2s=[state2], beta2=beta2, beta3=beta3, alpha=alpha,
+                                     weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
+                                     max_unorm=max_unorm, skip_zeros=skip_zeros)
+        return
+    _check_name(optimizer_name)
+    max_unorm = _scalar(max_unorm, "max_unorm")
+    param_norm = _param_norm(p) if max_unorm > 0 else 0.0
+    torch.ops.bnbcy.optimizer_update_32bit(
+        optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, _scalar(beta1, "beta1"),
+        _scalar(beta2, "beta2"), _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"),
+        _scalar(weight_decay, "weight_decay"), _steps([step], 1)[0], _scalar(lr, "lr"),
+        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state2s, beta1, beta2, beta3, alpha,
@@ -367,10 +392,19 @@ def optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, beta1,
     and ``qmap2`` the unsigned dynamic map (``qmap2``/``state2``/``absmax2`` None for 1-state
     optimizers). ``max_unorm``/``unorm_vec`` are a bnbcy extension (LAMB/LARS in 8-bit).
     """
-    optimizer_update_8bit_blockwise_multi(optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3,
-                                          alpha, eps, [step], lr, qmap1, qmap2, [absmax1], [absmax2],
-                                          weight_decay=weight_decay, gnorm_scale=gnorm_scale,
-                                          skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
+    if not isinstance(p, torch.Tensor) or max_unorm or unorm_vec is not None:
+        # NumPy / CuPy arrays, or the trust ratio (a bnbcy extension, not in bnb's op schema)
+        optimizer_update_8bit_blockwise_multi(optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3,
+                                              alpha, eps, [step], lr, qmap1, qmap2, [absmax1], [absmax2],
+                                              weight_decay=weight_decay, gnorm_scale=gnorm_scale,
+                                              skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
+        return
+    _check_name(optimizer_name)
+    torch.ops.bnbcy.optimizer_update_8bit_blockwise(
+        optimizer_name, g, p, state1, state2, _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
+        _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"), _steps([step], 1)[0],
+        _scalar(lr, "lr"), qmap1, qmap2, absmax1, absmax2, _scalar(weight_decay, "weight_decay"),
+        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def percentile_clipping(grad, gnorm_vec, step, percentile=5):
