@@ -199,3 +199,18 @@ def test_manager_holds_modules_weakly():
     keep.weight.grad = torch.randn_like(keep.weight)
     opt.step()
     assert opt.state[keep.weight]["state1"].dtype == torch.float32
+
+
+def test_captured_table_upload_keeps_its_host_buffer():
+    """The CUDA launchers' table upload under CUDA-graph capture (logic only; no GPU here: the
+    captured path itself is untested on a GPU)."""
+    import numpy as np
+    from bnbcy.functional import _optim_cuda as OC
+    OC.GRAPH_TABLES.clear()
+    table = np.arange(32, dtype=np.int64)
+    plain = OC.stage_table(table, lambda t: t.clone(), capturing=False)
+    assert OC.GRAPH_TABLES == [] and plain.tolist() == table.tolist()
+    captured = OC.stage_table(table, lambda t: t.clone(), capturing=True)
+    assert len(OC.GRAPH_TABLES) == 1 and OC.GRAPH_TABLES[0] is captured
+    assert captured.tolist() == table.tolist()
+    OC.GRAPH_TABLES.clear()
