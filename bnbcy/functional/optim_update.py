@@ -27,7 +27,7 @@ import numbers
 import numpy as np
 import torch
 
-from .. import _C, _arrays, kernels
+from .. import _C, _arrays, backends
 from .._ops import optim as _optim_ops  # noqa: F401  (defines torch.ops.bnbcy.optimizer_update_*)
 from ..optim import _table
 from . import _optim_cuda
@@ -60,11 +60,12 @@ def _on_cuda(views):
     """Whether the update runs the CUDA kernels: the arrays are on a GPU (then all of them must
     be; the launcher checks devices), or CPU arrays go to the SIMT emulator
     (:func:`bnbcy.kernels.emulating`)."""
-    cuda = [v.is_cuda for v in views if v is not None]
+    views = [v for v in views if v is not None]
+    cuda = [v.is_cuda for v in views]
     if any(cuda) and not all(cuda):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
-    return (bool(cuda) and cuda[0]) or kernels.emulating()
+    return bool(views) and backends.on_cuda(views[0])
 
 
 def _check_unorm_vecs(unorm_vecs, max_unorm):
