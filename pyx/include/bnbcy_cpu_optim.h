@@ -122,10 +122,9 @@ static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const
  * midpoint (the map's `packed` table), so the code steps at most once along the low bits in
  * either direction, and the exact-tie rule and the sign fix of §6.5 fold into A, B and T.
  * Per 16 elements this drops the order key, the flush of x, the -0 fold, the NaN test and
- * the sign fix of bnbcy_opt_requant_avx512: the builder proves that the flush and the fold cannot
- * change a code, and the caller uses the table only for blocks with 0 < M <= FLT_MAX, where
- * every state is finite (a non-finite state makes M infinite, or NaN everywhere and
- * M = -FLT_MAX). */
+ * the sign fix of bnbcy_opt_requant: the builder proves that the flush and the fold cannot
+ * change a code, and the caller uses the table only for blocks with 0 < M <= FLT_MAX whose
+ * states are all finite (a NaN state never enters M, so M alone does not prove it). */
 #define BNBCY_OPT_RQ_SIZE 65536
 
 /* Code of x (= the state s times a positive r) as bnbcy_opt_requant finds it. pos: s > 0. */

@@ -72,7 +72,7 @@ L_ATTR static void L_FN(bnbcy_opt32_chunk)(const bnbcy_opt_args *a, const bnbcy_
  * writing nothing, when the vector needs the scalar path (above the scalar width). */
 L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     const L_FN(bnbcy_opt_lhp) *h, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int i,
-    const L_T *am, float *n1, float *n2, float *n3, L_T *M, const int opt) {
+    const L_T *am, float *n1, float *n2, float *n3, L_T *M, L_T *fin, const int opt) {
     const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
     const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
     const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
@@ -93,9 +93,11 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
         if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
         L_STOREF(n2 + i, s2);
         M[1] = L_MAXABS(M[1], s2);
+        fin[1] = L_ADD(fin[1], L_SUB(s2, s2));
         if (opt == BNBCY_OPT_ADEMAMIX) {
             L_STOREF(n3 + i, s3);
             M[2] = L_MAXABS(M[2], s3);
+            fin[2] = L_ADD(fin[2], L_SUB(s3, s3));
         }
     } else {
         const L_T d1 = s1;
@@ -111,6 +113,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     }
     L_STOREF(n1 + i, s1);
     M[0] = L_MAXABS(M[0], s1);
+    fin[0] = L_ADD(fin[0], L_SUB(s1, s1)); /* stays 0 while every state is finite */
     L_STORET(t->p, dt, start + i, p);
     return 1;
 }
@@ -151,6 +154,11 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
     const L_T am[3] = {L_SET1(am1), L_SET1(am2), L_SET1(am3)};
     L_T M[3] = {L_SET1(-FLT_MAX), L_SET1(-FLT_MAX), L_SET1(-FLT_MAX)};
     float Ms[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* lanes redone by the scalar path */
+    /* the requantization table holds finite states only (a NaN state never enters the absmax):
+     * it serves a block whose states are all finite and that the scalar path did not touch */
+    L_T fin[3] = {L_SET1(0.0f), L_SET1(0.0f), L_SET1(0.0f)};
+    float fins[3] = {0.0f, 0.0f, 0.0f};
+    int table_ok = 1;
     if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
         const int64_t ahead = start + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
         const size_t isz = a->dtype == BNBCY_F32 ? 4 : 2;
@@ -165,11 +173,12 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
         }
     }
     for (int i = 0; i + L_W <= len; i += L_W) {
-        if (L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, opt)) continue;
+        if (L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, fin, opt)) continue;
         const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
         const float ams[3] = {am1, am2, am3};
+        table_ok = 0;
         for (int k = i; k < i + L_W; k++)
-            bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, opt);
+            bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, fins, opt);
     }
     if (len < BNBCY_OPT_BLOCK) { /* padding lanes (scalar width only): code 128 / 0, g = 0, p = 0 */
         const float d1 = bnbcy_ftz(a->qmap1[128] * am1);
@@ -185,16 +194,19 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
     }
     const float m1 = fmaxf(Ms[0], L_HMAX(M[0]));
     t->absmax1[b] = m1;
-    L_FN(bnbcy_opt_requant)(n1, len, m1, a->qmap1, a->t1, a->rq1, 1, (uint8_t *)t->s1 + start);
+    L_FN(bnbcy_opt_requant)(n1, len, m1, a->qmap1, a->t1, table_ok && !L_BAD(fin[0]) ? a->rq1 : NULL, 1,
+                            (uint8_t *)t->s1 + start);
     if (two) {
         const float m2 = fmaxf(Ms[1], L_HMAX(M[1]));
         t->absmax2[b] = m2;
-        L_FN(bnbcy_opt_requant)(n2, len, m2, a->qmap2, a->t2, a->rq2, 0, (uint8_t *)t->s2 + start);
+        L_FN(bnbcy_opt_requant)(n2, len, m2, a->qmap2, a->t2, table_ok && !L_BAD(fin[1]) ? a->rq2 : NULL, 0,
+                                (uint8_t *)t->s2 + start);
     }
     if (ademamix) {
         const float m3 = fmaxf(Ms[2], L_HMAX(M[2]));
         t->absmax1[nblocks + b] = m3;
-        L_FN(bnbcy_opt_requant)(n3, len, m3, a->qmap1, a->t1, a->rq1, 1, (uint8_t *)t->s1 + t->n + start);
+        L_FN(bnbcy_opt_requant)(n3, len, m3, a->qmap1, a->t1, table_ok && !L_BAD(fin[2]) ? a->rq1 : NULL, 1,
+                                (uint8_t *)t->s1 + t->n + start);
     }
 }
 
