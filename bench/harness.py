@@ -737,6 +737,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+#: the CPU flags that decide bnbcy's kernel paths (recorded with every result)
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+              "avx512_bf16", "avx512_vbmi", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list:
+    """The :data:`SIMD_FLAGS` this CPU reports in ``/proc/cpuinfo`` (empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in SIMD_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device: str) -> str:
     """GPU name for ``"cuda"``, CPU model otherwise."""
     if device == "cuda" and torch.cuda.is_available():
@@ -776,6 +794,8 @@ def collect_metadata(device: str) -> dict:
         "device": device,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
@@ -865,6 +885,10 @@ def format_header(meta: dict, copy_bandwidth: Optional[dict]) -> str:
         f"{meta['date_utc']}; torch {v['torch']}, bitsandbytes {v['bitsandbytes']}, "
         f"bnbcy {v['bnbcy']}, cupy {v['cupy']}",
     ]
+    if meta.get("device") == "cpu":
+        load = meta.get("load_average")
+        lines.append(f"cpu: {meta.get('cpu_model')}; flags {' '.join(meta.get('cpu_flags') or []) or '?'}; "
+                     f"load average {' '.join(f'{x:.1f}' for x in load) if load else '?'}")
     if copy_bandwidth:
         lines.append(f"copy bandwidth: {copy_bandwidth['gbps']:.0f} GB/s (median; best "
                      f"{copy_bandwidth['gbps_best']:.0f}), {copy_bandwidth['nbytes'] / 2**20:.0f} MiB "
