@@ -7,7 +7,7 @@ import numbers
 
 from .. import _C, _arrays, kernels
 from .maps import dynamic_map
-from .quant_state import QuantState
+from .quant_state import QuantState, check_float_dtype, check_offset, check_state
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 CUDA_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -32,8 +32,8 @@ def check_blocksize(blocksize, like, allowed_cuda=CUDA_BLOCKSIZES):
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     blocksize = int(blocksize)
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if not 0 < blocksize <= _arrays.MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize}")
     if like.is_cuda and blocksize not in allowed_cuda:
         raise ValueError(f"blocksize must be one of {allowed_cuda} on CUDA, got {blocksize}")
     return blocksize
@@ -143,13 +143,14 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nest
     if nested and absmax is not None:
         raise ValueError("absmax= cannot be combined with nested=True: the state's absmax is then uint8 codes")
     codev = code_view(code, a)
-    nblocks = -(-a.numel // blocksize)
+    nblocks = _arrays.num_blocks(a.numel, blocksize)
     if out is None:
         out = _arrays.empty(a, a.shape, "uint8")
     qv = _arrays.output_view(out, "out", a, "uint8", a.numel, a.shape)
     if absmax is None:
         absmax = _arrays.empty(a, (nblocks,), "float32")
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
+    _arrays.check_no_overlap(qv, amv, inputs=(a, codev))
     _launch_quantize(a, codev, qv, amv, blocksize)
 
     # the state owns its map (as in bitsandbytes): later edits of `code` do not leak in
@@ -193,16 +194,16 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
     if quant_state is None:
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
                                  dtype=_arrays.framework_dtype(q.kind, "float32"))
+    check_state(quant_state)
     blocksize = check_blocksize(quant_state.blocksize, q)
-    out_dtype = _arrays.dtype_name(quant_state.dtype)
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    out_dtype = check_float_dtype(quant_state.dtype)
 
     scales = quant_state.absmax
     if quant_state.nested:
-        scales = dequantize_blockwise(scales, quant_state.state2)
+        check_offset(quant_state)
+        scales = dequantize_blockwise(scales, check_state(quant_state.state2, "quant_state.state2"))
         scales += quant_state.offset
-    nblocks = -(-q.numel // blocksize)
+    nblocks = _arrays.num_blocks(q.numel, blocksize)
     amv = _arrays.input_view(scales, "absmax", ("float32",))
     _arrays.check_same_device(amv, q, "absmax")
     if amv.numel < nblocks:
@@ -212,5 +213,6 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
     if out is None:
         out = _arrays.empty(q, q.shape, out_dtype)
     outv = _arrays.output_view(out, "out", q, out_dtype, q.numel, q.shape)
+    _arrays.check_no_overlap(outv, inputs=(q, amv, codev))
     _launch_dequantize(q, codev, amv, outv, blocksize)
     return out

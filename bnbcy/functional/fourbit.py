@@ -16,7 +16,7 @@ import torch
 from .. import _C, _arrays
 from . import _fourbit_cuda
 from .blockwise import dequantize_blockwise, quantize_blockwise
-from .quant_state import QuantState
+from .quant_state import QuantState, check_float_dtype, check_offset, check_shape, check_state
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -193,6 +193,7 @@ def quantize_4bit(A, absmax=None, out=None, blocksize=None, compress_statistics=
     if absmax is None:
         absmax = _arrays.empty(a, (nblocks,), "float32")
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
+    _arrays.check_no_overlap(qv, amv, inputs=(a,))
     if a.is_cuda:
         _fourbit_cuda.launch_quantize_4bit(a, qv, amv, blocksize, quant_type)
     else:
@@ -235,7 +236,8 @@ def block_scales(quant_state, like, nblocks):
         if v.numel < nblocks:
             raise ValueError(f"quant_state.absmax must have at least {nblocks} values, got {v.numel}")
         return v
-    state2 = quant_state.state2
+    state2 = check_state(quant_state.state2, "quant_state.state2")
+    check_offset(quant_state)
     if like.is_cuda:
         expanded = dequantize_blockwise(quant_state.absmax, state2)
         expanded += quant_state.offset
@@ -247,8 +249,7 @@ def block_scales(quant_state, like, nblocks):
     _arrays.check_same_device(absmax2, like, "quant_state.state2.absmax")
     if qabs.numel < nblocks:
         raise ValueError(f"quant_state.absmax must have at least {nblocks} values, got {qabs.numel}")
-    offset = float(np.float32(quant_state.offset.item() if hasattr(quant_state.offset, "item")
-                              else quant_state.offset))
+    offset = float(np.float32(check_offset(quant_state)))
     return (qabs, code2, absmax2, offset, int(state2.blocksize))
 
 
@@ -283,22 +284,22 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
         quant_state = QuantState(absmax=absmax, shape=tuple(out.shape), dtype=out.dtype,
                                  blocksize=check_blocksize_4bit(blocksize), quant_type=quant_type)
+    check_state(quant_state)
     qt = quant_state.quant_type
     _check_quant_type(qt)
     blocksize = check_blocksize_4bit(quant_state.blocksize)
     if quant_state.shape is None:
-        raise ValueError("quant_state.shape is required to dequantize 4-bit codes")
-    shape = tuple(quant_state.shape)
+        raise ValueError("quant_state.shape is required to dequantize 4-bit codes, got None")
+    shape = check_shape(quant_state.shape)
     n = int(np.prod(shape, dtype=np.int64))
     if q.numel * 2 < n:
         raise ValueError(f"A holds {q.numel} bytes, too few for {n} 4-bit values of shape {shape}")
-    dtype = _arrays.dtype_name(quant_state.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {dtype}")
+    dtype = check_float_dtype(quant_state.dtype)
     if out is None:
         out = _arrays.empty(q, shape, dtype)
     outv = _arrays.output_view(out, "out", q, dtype, n, shape)
-    scales = block_scales(quant_state, q, -(-n // blocksize))
+    scales = block_scales(quant_state, q, _arrays.num_blocks(n, blocksize))
+    _arrays.check_no_overlap(outv, inputs=(q, *(scales if isinstance(scales, tuple) else (scales,))[:3]))
     if q.is_cuda:
         _fourbit_cuda.launch_dequantize_4bit(q, scales, outv, n, blocksize, qt)
     else:

@@ -19,7 +19,7 @@ import torch
 from .. import _C, _arrays
 from . import _fourbit_cuda
 from .fourbit import block_scales, check_blocksize_4bit, packed_bytes, dequantize_4bit
-from .quant_state import QuantState
+from .quant_state import QuantState, check_shape
 
 # Rows of A up to which the fused CPU kernel beats dequantize-in-chunks + BLAS
 # (bench/bench_fourbit.py, 2-core Sapphire Rapids, bf16 4096x4096).
@@ -34,7 +34,7 @@ def _state_nk(state):
         raise ValueError("state cannot be None: the 4-bit matmul needs the QuantState from quantize_4bit()")
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    if state.shape is None or len(state.shape) != 2:
+    if state.shape is None or len(check_shape(state.shape, "state.shape")) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {state.shape}")
     return int(state.shape[0]), int(state.shape[1])
 
@@ -141,6 +141,7 @@ def gemm_4bit(A, B, state, bias=None, out=None):
     if out is None:
         out = _arrays.empty(a, out_shape, a.dtype)
     outv = _arrays.output_view(out, "out", a, a.dtype, M * N, out_shape)
+    _arrays.check_no_overlap(outv, inputs=(a, q, biasv))
     if M == 0:
         return out
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, _env
 from . import _int8_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
@@ -151,7 +151,7 @@ def _gemm_route(a, M, N, K):
     capability (``int8_gemm_routes.json``) decide, and cuBLAS without measurements.
     ``BNBCY_INT8_GEMM=raw|cublas`` forces a route where it applies.
     """
-    force = os.environ.get("BNBCY_INT8_GEMM", "")
+    force = _env.get("BNBCY_INT8_GEMM")
     cublas_ok = a.kind == "torch" and M > 16 and K % 8 == 0 and N % 8 == 0
     if a.kind == "torch":
         major, minor = torch.cuda.get_device_capability(a.device_id)
@@ -203,6 +203,7 @@ def int8_linear_matmul(A, B, out=None, dtype=torch.int32):
     if out is None:
         out = _arrays.empty(a, out_shape, "int32")
     ov = _arrays.output_view(out, "out", a, "int32", M * N, out_shape)
+    _arrays.check_no_overlap(ov, inputs=(a, b))
     if M == 0 or N == 0:
         return out
     if a.is_cuda:
@@ -271,6 +272,7 @@ def int8_mm_dequant(A, row_stats, col_stats, out=None, bias=None, dtype=None):
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out must be float16, bfloat16 or float32, got {out_dtype}")
     ov = _arrays.output_view(out, "out", a, out_dtype, rows * cols, tuple(a.shape))
+    _arrays.check_no_overlap(ov, inputs=(a, rs, cs, bv))
     if a.is_cuda:
         _int8_cuda.launch_mm_dequant(a, rs, cs, bv, ov, rows, cols)
     else:
