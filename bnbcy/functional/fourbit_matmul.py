@@ -128,7 +128,8 @@ def gemm_4bit(A, B, state, bias=None, out=None):
     q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
     _arrays.check_same_device(q, a, "B")
     if q.numel < (N * K + 1) // 2:
-        raise ValueError(f"B holds {q.numel} bytes, too few for a [{N}, {K}] 4-bit weight")
+        raise ValueError(f"B must hold at least {(N * K + 1) // 2} bytes for a [{N}, {K}] 4-bit weight, "
+                         f"got {q.numel}")
     blocksize = check_blocksize_4bit(state.blocksize)
     M = a.numel // K
     out_shape = tuple(a.shape[:-1]) + (N,)

@@ -173,6 +173,8 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
             if state2s[k] is None:
                 raise ValueError(f"{optimizer_name} needs state2")
             s2v.append(_inplace_view(state2s[k], "state2", ("float32",)))
+            if s2v[k].numel != pv[k].numel:
+                raise ValueError(f"state2 must have the {pv[k].numel} elements of p, got {s2v[k].numel}")
         else:
             s2v.append(None)
         if optimizer_name == "ademamix" and tuple(s1v[k].shape) != (2, *pv[k].shape):
@@ -351,8 +353,8 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValueError(f"step must be an int, got {step!r}")
-    if not (0 <= percentile < 100):
-        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Integral) or not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be an int in [0, 100), got {percentile!r}")
     torch_in = isinstance(gnorm_vec, torch.Tensor)
     vec = gnorm_vec if torch_in else torch.from_numpy(gnorm_vec)
     if vec.dtype != torch.float32 or vec.numel() != 100:
