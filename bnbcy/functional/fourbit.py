@@ -293,7 +293,8 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
     shape = check_shape(quant_state.shape)
     n = int(np.prod(shape, dtype=np.int64))
     if q.numel * 2 < n:
-        raise ValueError(f"A holds {q.numel} bytes, too few for {n} 4-bit values of shape {shape}")
+        raise ValueError(f"A must hold at least {(n + 1) // 2} bytes for {n} 4-bit values of shape {shape}, "
+                         f"got {q.numel}")
     dtype = check_float_dtype(quant_state.dtype)
     if out is None:
         out = _arrays.empty(q, shape, dtype)
