@@ -8,6 +8,8 @@ def array_bytes(x):
     """The bytes of an array (torch: its values with any lazy negation applied), or None."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
+        if t.device.type == "meta":  # no data to compare
+            return (str(t.dtype), tuple(t.shape), "meta")
         if t.is_neg() or t.is_conj():
             t = t.resolve_neg().resolve_conj()
         return (str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -90,13 +90,14 @@ def _check_quant_type(quant_type):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
 
 
-def check_blocksize_4bit(blocksize):
-    """Validate a 4-bit blocksize (the same set on every device); default 64."""
-    if blocksize is None:
+def check_blocksize_4bit(blocksize, name="blocksize"):
+    """Validate a 4-bit blocksize (the same set on every device); an argument's None means 64, a
+    state's (``name`` 'quant_state.blocksize') is an error."""
+    if blocksize is None and name == "blocksize":
         return 64
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
             or int(blocksize) not in BLOCKSIZES_4BIT:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT} for 4-bit quantization, got {blocksize!r}")
+        raise ValueError(f"{name} must be one of {BLOCKSIZES_4BIT} for 4-bit quantization, got {blocksize!r}")
     return int(blocksize)
 
 
@@ -287,7 +288,7 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
     check_state(quant_state)
     qt = quant_state.quant_type
     _check_quant_type(qt)
-    blocksize = check_blocksize_4bit(quant_state.blocksize)
+    blocksize = check_blocksize_4bit(quant_state.blocksize, "quant_state.blocksize")
     if quant_state.shape is None:
         raise ValueError("quant_state.shape is required to dequantize 4-bit codes, got None")
     shape = check_shape(quant_state.shape)

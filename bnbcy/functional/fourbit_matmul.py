@@ -64,7 +64,7 @@ def _dequant_rows_cpu(q, scales, state, n0, n1, K, buf):
     """Rows ``[n0, n1)`` of the weight into ``buf`` (``[>= n1-n0, K]``, A's dtype); returns the view."""
     rows = buf[: n1 - n0]
     _C.cpu_dequantize_4bit(q, scales, _arrays.input_view(rows, "buffer"), n0 * K,
-                           check_blocksize_4bit(state.blocksize), state.quant_type)
+                           check_blocksize_4bit(state.blocksize, "state.blocksize"), state.quant_type)
     return rows
 
 
@@ -81,7 +81,7 @@ def weight_chunks(B, state, dtype_like):
     if q.is_cuda or like.is_cuda:
         yield 0, N, _dequant_full(B, state, like)
         return
-    scales = block_scales(state, q, -(-N * K // check_blocksize_4bit(state.blocksize)))
+    scales = block_scales(state, q, -(-N * K // check_blocksize_4bit(state.blocksize, "state.blocksize")))
     rows = _chunk_rows(N, K)
     buf = _arrays.empty(like, (rows, K), like.dtype)
     for n0 in range(0, N, rows):
@@ -130,7 +130,7 @@ def gemm_4bit(A, B, state, bias=None, out=None):
     if q.numel < (N * K + 1) // 2:
         raise ValueError(f"B must hold at least {(N * K + 1) // 2} bytes for a [{N}, {K}] 4-bit weight, "
                          f"got {q.numel}")
-    blocksize = check_blocksize_4bit(state.blocksize)
+    blocksize = check_blocksize_4bit(state.blocksize, "state.blocksize")
     M = a.numel // K
     out_shape = tuple(a.shape[:-1]) + (N,)
     biasv = None
