@@ -381,6 +381,13 @@ def _():
     return (lambda: F.optimizer_update_32bit("momentum", g, p, s, 0.9, 1e-8, 1, 1e-3)), [p, g, s]
 
 
+@_p("optimizer_update_32bit", "p, g or a state sharing memory", "ValueError")
+def _():
+    buf, g = _x(200), _x(100, seed=1)
+    p, state1 = buf[:100], buf[50:150]  # the state overlaps the parameter
+    return (lambda: F.optimizer_update_32bit("momentum", g, p, state1, 0.9, 1e-8, 1, 1e-3)), [buf, g]
+
+
 @_p("optimizer_update_8bit_blockwise", "absmax1 of the wrong size", "ValueError")
 def _():
     p, g = _x(512), _x(512, seed=1)

@@ -283,3 +283,25 @@ def test_fuzz_bad_nested_offset_in_blob(offset):
     blob["nested_offset"] = offset
     d[k] = torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)
     _must_raise(lambda: F.QuantState.from_dict(d, device="cpu"), [d])
+
+
+@FUZZ
+@given(spans=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40), st.booleans()), min_size=1, max_size=12))
+def test_fuzz_overlap_check_matches_brute_force(spans):
+    """check_no_overlap (sort and sweep) refuses exactly the sets where an output meets another view."""
+    from bnbcy import _C, _arrays
+    buf = np.zeros(256, np.uint8)
+    views = [(_C.view(buf[lo:lo + n], f"v{i}"), out) for i, (lo, n, out) in enumerate(spans)]
+    outs = [v for v, o in views if o]
+    ins = [v for v, o in views if not o]
+
+    def meet(a, b):
+        return a.numel and b.numel and a.span[0] < b.span[1] and b.span[0] < a.span[1]
+    want = any(meet(a, b) for i, a in enumerate(outs) for b in outs[i + 1:] + ins)
+    try:
+        _arrays.check_no_overlap(*outs, inputs=ins)
+        got = False
+    except ValueError as e:
+        got = True
+        assert "must not share memory" in str(e)
+    assert got == want

@@ -181,6 +181,7 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
             raise ValueError(f"ademamix state1 must have shape {(2, *pv[k].shape)}, got {s1v[k].shape}")
         if optimizer_name != "ademamix" and s1v[k].numel != pv[k].numel:
             raise ValueError(f"state1 must have the {pv[k].numel} elements of p, got {s1v[k].numel}")
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, inputs=gv)  # updated in place: no aliasing
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
@@ -300,6 +301,7 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
         else:
             s2v.append(None)
             a2v.append(None)
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, *a1v, *a2v, inputs=(*gv, q1v, q2v))  # updated in place
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
