@@ -9,6 +9,7 @@ to the input's kind, and finds the stream to launch on.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -106,6 +107,34 @@ def num_blocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
 
 
+def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
+    """Canonical name of a float32/float16/bfloat16 dtype (torch, NumPy or name); ValueError otherwise."""
+    try:
+        got = dtype_name(dtype) if dtype is not None and not isinstance(dtype, bool) else None
+    except (ValueError, TypeError):
+        got = None
+    if got not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(FLOAT_DTYPES)} (a torch or NumPy dtype), "
+                         f"got {dtype!r}")
+    return got
+
+
+def check_shape(shape, name: str = "quant_state.shape") -> tuple:
+    """``shape`` as a tuple of non-negative ints whose product fits the kernels; ValueError otherwise."""
+    ok = isinstance(shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if ok:
+        shape = tuple(int(d) for d in shape)
+        n = 1
+        for d in shape:
+            n *= d
+        ok = n <= MAX_NUMEL
+    if not ok:
+        raise ValueError(f"{name} must be a sequence of non-negative ints with at most {MAX_NUMEL} "
+                         f"elements in all, got {shape!r}")
+    return shape
+
+
 def check_index_range(value: int, name: str, limit: int = INT32_MAX):
     """Raise ValueError unless ``0 <= value <= limit`` (a size a kernel takes as a narrower int)."""
     if not 0 <= value <= limit:
@@ -138,6 +167,13 @@ def check_no_overlap(*outputs, inputs=()):
             reach_any = (hi, v)
         if is_out and (reach_out is None or hi > reach_out[0]):
             reach_out = (hi, v)
+
+
+def check_not_lazy(x, name: str):
+    """Raise the view layer's ValueError for a torch ``out=`` with the negative/conjugate bit set, before
+    it reaches a ``torch.ops.bnbcy.*.out`` overload (torch's dispatcher fails on it unclearly)."""
+    if isinstance(x, torch.Tensor) and (x.is_neg() or x.is_conj()):
+        _C.view(x, name)
 
 
 def _resolved(x, kind):

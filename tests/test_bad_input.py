@@ -512,7 +512,7 @@ def test_finding_nested_state_offset_none(nested_op):
         _rejects(TypeError, "quant_state.offset", lambda: F.dequantize_4bit(p, ps), [p, ps])
     else:
         a = _x(64).reshape(1, 64)
-        _rejects(TypeError, "quant_state.offset", lambda: F.gemv_4bit(a, p.t(), state=ps), [a, p, ps])
+        _rejects(TypeError, "state.offset", lambda: F.gemv_4bit(a, p.t(), state=ps), [a, p, ps])
 
 
 def _packed_state(nested=True, quant_type="nf4"):

@@ -49,40 +49,16 @@ def _describe(x) -> str:
 # Field validation: on use (the ops call these) and in from_dict. Each raises naming the field, what
 # was expected and what was given.
 # --------------------------------------------------------------------------------------------------
+check_float_dtype = _arrays.check_float_dtype
+check_shape = _arrays.check_shape
+
+
 def check_blocksize(blocksize, name: str = "quant_state.blocksize") -> int:
     """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError otherwise."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
             or not 0 < int(blocksize) <= _arrays.MAX_BLOCKSIZE:
         raise ValueError(f"{name} must be an int in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize!r}")
     return int(blocksize)
-
-
-def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
-    """Canonical name of a float32/float16/bfloat16 dtype (torch, NumPy or name); ValueError otherwise."""
-    try:
-        got = _arrays.dtype_name(dtype) if dtype is not None and not isinstance(dtype, bool) else None
-    except (ValueError, TypeError):
-        got = None
-    if got not in _arrays.FLOAT_DTYPES:
-        raise ValueError(f"{name} must be one of {', '.join(_arrays.FLOAT_DTYPES)} (a torch or NumPy dtype), "
-                         f"got {dtype!r}")
-    return got
-
-
-def check_shape(shape, name: str = "quant_state.shape") -> tuple:
-    """``shape`` as a tuple of non-negative ints whose product fits the kernels; ValueError otherwise."""
-    ok = isinstance(shape, (tuple, list, torch.Size)) and all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape)
-    if ok:
-        shape = tuple(int(d) for d in shape)
-        n = 1
-        for d in shape:
-            n *= d
-        ok = n <= _arrays.MAX_NUMEL
-    if not ok:
-        raise ValueError(f"{name} must be a sequence of non-negative ints with at most {_arrays.MAX_NUMEL} "
-                         f"elements in all, got {shape!r}")
-    return shape
 
 
 def check_offset(quant_state, name: str = "quant_state") -> float:
@@ -116,6 +92,37 @@ def check_state(quant_state, name: str = "quant_state"):
     """Raise TypeError unless ``quant_state`` looks like a QuantState (bitsandbytes' own ones pass too)."""
     if not all(hasattr(quant_state, f) for f in _STATE_FIELDS):
         raise TypeError(f"{name} must be a QuantState, got {type(quant_state).__name__}")
+    return quant_state
+
+
+def check_quant_state(quant_state, name: str = "quant_state", four_bit: bool = False):
+    """Validate the fields an op reads from ``quant_state`` before it reads any (the one check on use).
+
+    ``blocksize`` in range, ``dtype`` a float dtype, ``shape`` (required for 4-bit) non-negative ints,
+    and for a nested state: ``offset`` one finite number, ``state2`` a state with valid fields.
+    The arrays (absmax, code) are checked by the array layer when viewed.
+
+    Raises
+    ------
+    TypeError
+        Not a QuantState, or a nested state whose ``offset`` or ``state2`` is None.
+    ValueError
+        A field of the wrong type or out of range (the message names it).
+    """
+    check_state(quant_state, name)
+    check_blocksize(quant_state.blocksize, f"{name}.blocksize")
+    check_float_dtype(quant_state.dtype, f"{name}.dtype")
+    shape = getattr(quant_state, "shape", None)
+    if four_bit and shape is None:
+        raise ValueError(f"{name}.shape is required to dequantize 4-bit codes, got None")
+    if shape is not None:
+        check_shape(shape, f"{name}.shape")
+    if getattr(quant_state, "nested", False) or getattr(quant_state, "state2", None) is not None:
+        if getattr(quant_state, "state2", None) is None:
+            raise TypeError(f"{name}.state2 must be the QuantState of the quantized absmax of a nested state, "
+                            f"got None")
+        check_offset(quant_state, name)
+        check_quant_state(quant_state.state2, f"{name}.state2")
     return quant_state
 
 
