@@ -663,3 +663,15 @@ def test_finding_gemv_4bit_truncated_inputs_raise():
                          quant_type="nf4", dtype=ps.dtype)
     _rejects(ValueError, "absmax", lambda: F.gemv_4bit(a, p.t(), state=short), [a, p, short])
     _rejects(ValueError, "B", lambda: F.gemv_4bit(a, p[:-1].t(), state=ps), [a, p, ps])
+
+
+def test_cuda_int32_size_limits_checked_before_launch():
+    """Sizes the CUDA kernels take as 32-bit ints are checked before a launch (runs without a GPU: the
+    check comes first)."""
+    from bnbcy.backends import cuda as C
+    with raises(ValueError, "N", str(2 ** 31 - 1)):
+        C.int8_linear_matmul(None, None, None, None, 1, 2 ** 31, 8)
+    with raises(ValueError, "K"):
+        C.gemm_4bit(None, None, None, None, None, None, None, None, 1, 64, 2 ** 32, 64, "nf4")
+    with raises(ValueError, "cols"):
+        C.int8_mm_dequant(None, None, None, None, None, 1, 2 ** 31)

@@ -30,6 +30,12 @@ _DEQUANTIZE = kernels.register(kernels.KernelSpec(
     (("dtype", tuple(_SUFFIX.values())),)))
 
 
+def _int32_sizes(**sizes):
+    """Sizes the CUDA kernels take as 32-bit ints must fit (ValueError naming the size otherwise)."""
+    for name, value in sizes.items():
+        _arrays.check_index_range(value, name)
+
+
 def quantize_blockwise(a, code, q, absmax, blocksize):
     threads = max(256, blocksize // _ITEMS)
     grid = -(-a.numel // (threads * _ITEMS))
@@ -56,6 +62,7 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
     """gemv kernel for one row, the fused small-batch kernel for 2-16 rows (both need
     ``K % 32 == 0``), else the dequantized weight and the framework's dense matmul."""
     if K % 32 == 0 and M <= FUSED_MAX_ROWS:
+        _int32_sizes(N=N, K=K)  # the fused kernels take them as int
         if M == 1:
             _fourbit_cuda.launch_gemv_4bit(a, q, scales, code, biasv, outv, N, K, blocksize)
         else:
@@ -69,14 +76,17 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
 
 
 def int8_outlier_cols(a, flags, rows, cols, threshold):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_outlier_cols(a, flags, rows, cols, threshold)
 
 
 def int8_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold)
 
 
 def int8_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols)
 
 
@@ -140,6 +150,7 @@ def gemm_route(a, M, N, K):
 
 
 def int8_linear_matmul(a, b, out, outv, M, N, K):
+    _int32_sizes(M=M, N=N, K=K)
     route = gemm_route(a, M, N, K)
     if route == "cublas":
         torch._int_mm(a.obj.reshape(M, K), b.obj.t(), out=out.reshape(M, N))

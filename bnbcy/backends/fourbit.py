@@ -161,8 +161,8 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype, out=None):
     shape = _arrays.check_shape(shape, "shape (quant_state.shape)")
     n = math.prod(shape)
     if q.numel * 2 < n:
-        raise ValueError(f"A must hold at least {(n + 1) // 2} bytes for {n} 4-bit values of shape {shape}, "
-                         f"got {q.numel}")
+        raise ValueError(f"A holds too few bytes for {n} 4-bit values of shape {shape}: expected at least "
+                         f"{(n + 1) // 2}, got {q.numel}")
     dtype = _arrays.check_float_dtype(dtype, "dtype (quant_state.dtype)")
     scales = _absmax_view(absmax, q, _arrays.num_blocks(n, blocksize), "absmax (quant_state.absmax)")
     if out is None:
@@ -240,8 +240,8 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
     _arrays.check_same_device(q, a, "B")
     if q.numel < (N * K + 1) // 2:
-        raise ValueError(f"B must hold at least {(N * K + 1) // 2} bytes for a [{N}, {K}] 4-bit weight, "
-                         f"got {q.numel}")
+        raise ValueError(f"B holds too few bytes for a [{N}, {K}] 4-bit weight: expected at least "
+                         f"{(N * K + 1) // 2}, got {q.numel}")
     blocksize = check_blocksize_4bit(blocksize, "blocksize (state.blocksize)")
     if code is None:
         code = type_code(check_quant_type(quant_type), a)
