@@ -32,7 +32,7 @@ import os
 import threading
 
 from . import _C
-from . import _arrays
+from . import _arrays, _env
 
 PACKAGE_CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda")
 REPO_CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
@@ -97,7 +97,7 @@ class KernelRegistry:
         self._loaded = {}      # (module, device) -> (cupy.RawModule, origin)
         self._functions = {}   # (symbol, device) -> CUfunction handle
         self._lock = threading.RLock()
-        self.sync = bool(os.environ.get("BNBCY_CUDA_SYNC"))
+        self.sync = _env.get("BNBCY_CUDA_SYNC")
 
     # ----------------------------------------------------------------- specs
     def register(self, spec: KernelSpec) -> KernelSpec:
@@ -216,7 +216,7 @@ class KernelRegistry:
             else:
                 entry = None
                 fatbin = self.manifest.get("modules", {}).get(module)
-                if fatbin and not os.environ.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
+                if fatbin and not _env.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
                     try:
                         with cupy.cuda.Device(device):
                             mod = cupy.RawModule(path=os.path.join(self.cuda_dir, fatbin))
