@@ -193,53 +193,51 @@ static int bnbcy_q4x_weight_init(bnbcy_q4x_weight *W, const uint8_t *q, const fl
     return 0;
 }
 
-/* Columns of A per K-chunk: the chunk of all M rows of A stays in L1 (16 KB) while the weight
- * rows stream past it; a multiple of 64 so that runs of the usual blocksizes stay whole. */
-static int64_t bnbcy_q4x_chunk(int64_t M, int64_t K) {
-    int64_t kc = ((int64_t)4096 / (M > 0 ? M : 1)) & ~(int64_t)63;
-    if (kc < 64) kc = 64;
-    return kc >= K ? K : kc;
+/* Weight rows per row block: their packed bytes (<= 64 KB) stay in L2 while each group of
+ * BNBCY_Q4X_ROWS_PER_PASS rows of A (from L2 as well) passes over them. */
+static int64_t bnbcy_q4x_row_block(int64_t N, int64_t K) {
+    int64_t nb = ((int64_t)1 << 17) / (K > 0 ? K : 1);
+    if (nb < 1) nb = 1;
+    return nb > N ? N : nb;
 }
 
 /* out[m, n] = T(sum_k A[m, k] * W[n, k] + bias[n]) (float32 accumulation, one rounding to T).
- * Threads split the weight rows; each thread walks K in chunks (bnbcy_q4x_chunk) and, per chunk,
- * every weight row of its share, decoding each 8 weights once per BNBCY_Q4X_ROWS_PER_PASS rows of A. */
+ * Threads split the weight into row blocks; per block, each group of up to
+ * BNBCY_Q4X_ROWS_PER_PASS rows of A takes every weight row of the block, decoding 8 weights at a
+ * time once for the whole group. Memory reads the packed weight once per call. The sums gather
+ * in a float32 [N, M] buffer and go to out row by row per block. (Chunking K so that A stays in
+ * L1 measured slower: A streams well from L2.) */
 static int bnbcy_q4x_gemm_fused(const bnbcy_q4x_weight *W, const void *A, int dtype, int64_t M,
                                 const void *bias, void *out, int nthreads, int isa) {
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
-    const int64_t N = W->N, K = W->K, KC = bnbcy_q4x_chunk(M, K);
+    const int64_t N = W->N, K = W->K, NB = bnbcy_q4x_row_block(N, K);
     float *af = (float *)malloc((size_t)(M * K) * sizeof(float) + 64);
-    float *acc = KC < K ? (float *)malloc((size_t)(M * N) * sizeof(float) + 64) : NULL;
-    if (!af || (KC < K && !acc)) {
+    float *acc = (float *)malloc((size_t)(M * N) * sizeof(float) + 64);
+    if (!af || !acc) {
         free(af);
         free(acc);
         return -2;
     }
     for (int64_t i = 0; i < M * K; i++) af[i] = bnbcy_load_any(A, dtype, i);
     const int vec = isa >= BNBCY_ISA_AVX2 && bnbcy_q4x_has_fma();
-    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t len = K - k0 < KC ? K - k0 : KC;
-            #pragma omp for schedule(static) nowait
-            for (int64_t n = 0; n < N; n++) {
-                for (int64_t m = 0; m < M; m += BNBCY_Q4X_ROWS_PER_PASS) {
-                    const int rows = M - m < BNBCY_Q4X_ROWS_PER_PASS ? (int)(M - m) : BNBCY_Q4X_ROWS_PER_PASS;
-                    float y[BNBCY_Q4X_ROWS_PER_PASS];
-                    if (vec) bnbcy_q4x_rows_avx2_any(af + m * K + k0, K, rows, W, n * K + k0, len, y);
-                    else bnbcy_q4x_rows_scalar(af + m * K + k0, K, rows, W, n * K + k0, len, y);
-                    const int last = k0 + len == K;
-                    for (int r = 0; r < rows; r++) {
-                        float v = y[r];
-                        if (acc) {
-                            if (k0) v += acc[(m + r) * N + n];
-                            if (!last) { acc[(m + r) * N + n] = v; continue; }
-                        }
-                        bnbcy_store_any(out, dtype, (m + r) * N + n, v + (bias ? bnbcy_load_any(bias, dtype, n) : 0.0f));
-                    }
-                }
+    /* equal passes (9 rows: 5 + 4, not 8 + 1: a lone row runs the slower one-row loop) */
+    const int64_t passes = (M + BNBCY_Q4X_ROWS_PER_PASS - 1) / BNBCY_Q4X_ROWS_PER_PASS;
+    const int64_t per_pass = (M + passes - 1) / passes;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+        const int64_t n1 = n0 + NB < N ? n0 + NB : N;
+        for (int64_t m = 0; m < M; m += per_pass) {
+            const int rows = M - m < per_pass ? (int)(M - m) : (int)per_pass;
+            for (int64_t n = n0; n < n1; n++) {
+                if (vec) bnbcy_q4x_rows_avx2_any(af + m * K, K, rows, W, n * K, K, acc + n * M + m);
+                else bnbcy_q4x_rows_scalar(af + m * K, K, rows, W, n * K, K, acc + n * M + m);
             }
         }
+        /* row by row of out: its rows lie N values apart, and writing a column of 16 of them per
+         * weight row would put 16 lines a multiple of 4 KB apart in one 8-way L1 set */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = n0; n < n1; n++)
+                bnbcy_store_any(out, dtype, m * N + n, acc[n * M + m] + (bias ? bnbcy_load_any(bias, dtype, n) : 0.0f));
     }
     free(af);
     free(acc);
