@@ -7,7 +7,7 @@ import torch
 
 from bnbcy import _C, _arrays
 from bnbcy._ops import fourbit_exec as FE
-from bnbcy.functional.fourbit import block_scales, dequantize_4bit, quantize_4bit
+from bnbcy.functional.fourbit import dequantize_4bit, quantize_4bit
 from bnbcy.nn._exec_layout import build
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,8 +105,14 @@ def test_edge_inputs_and_empty(isa, path):
 
 
 def _views(q, st, N, K):
-    return (_arrays.input_view(q.reshape(-1), "B"), _arrays.input_view(st.code.float(), "code"),
-            block_scales(st, _arrays.input_view(q, "B"), -(-N * K // st.blocksize)))
+    """The kernels' arguments: codes, map and the plain or nested ``(qabs, code2, absmax2, offset, bs2)``."""
+    v = _arrays.input_view
+    if st.nested:
+        scales = (v(st.absmax, "absmax"), v(st.state2.code, "code2"), v(st.state2.absmax, "absmax2"),
+                  float(st.offset), st.state2.blocksize)
+    else:
+        scales = v(st.absmax, "absmax")
+    return v(q.reshape(-1), "B"), v(st.code.float(), "code"), scales
 
 
 @pytest.mark.parametrize("nested", (False, True))

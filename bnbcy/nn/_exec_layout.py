@@ -110,9 +110,10 @@ def discard(module) -> None:
 
 def _applies(module, x, qs) -> bool:
     import bnbcy
+    from .. import kernels
     from ..autograd._functions import matmul_4bit
     w = module.weight
-    return (ENABLED and not module.training and x.device.type == "cpu" and w.device.type == "cpu"
+    return (ENABLED and not module.training and not kernels.emulating()  # emulated runs test the CUDA path and x.device.type == "cpu" and w.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and not (torch.is_grad_enabled() and x.requires_grad)
             and getattr(w, "bnb_quantized", False) and qs is not None and qs.shape is not None
