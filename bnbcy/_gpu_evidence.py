@@ -11,8 +11,8 @@ The rule (printed by ``python -m bnbcy``, documented in ``docs/architecture.md``
 * **run on GPU** -- ``bench/results/`` holds a ``gpu_check-*.json`` written by
   ``bench/gpu_check.sh`` for *this source*: its ``source_hash`` (a SHA-256 over the files that
   make up the GPU path, :func:`source_hash`) equals the hash of the tree being reported on.
-  Any change to a kernel, the Cython layer or a Python module voids it. The line names the GPU,
-  the date and which steps passed.
+  Any change to a kernel, the Cython layer or a Python module voids it; a summary written on a
+  machine without a GPU never counts. The line names the GPU, the date and which steps passed.
 
 Run as a script (``python bnbcy/_gpu_evidence.py --source-hash``) it needs neither the built
 extension nor an import of the package, so ``gpu_check.sh`` can record the hash before it builds.
@@ -75,7 +75,10 @@ def gpu_results(root=ROOT, digest=None):
                 res = json.load(fh)
         except (OSError, ValueError):
             continue
-        if isinstance(res, dict) and res.get("source_hash") == digest:
+        ran = [s for s in res.get("steps", []) if s.get("gpu_only") and s.get("status") != "not-run"] \
+            if isinstance(res, dict) else []
+        # a summary written without a GPU (it stops at the first GPU-only step) proves nothing
+        if ran and res.get("gpu") not in (None, "", "none") and res.get("source_hash") == digest:
             res["_path"] = os.path.relpath(path, root)
             out.append(res)
     return sorted(out, key=lambda r: str(r.get("date_utc", "")), reverse=True)

@@ -35,10 +35,15 @@ def test_run_on_gpu_needs_a_result_for_this_source(tmp_path):
     assert E._run_on_gpu(root).startswith("no: bench/results/ has no gpu_check.sh result")
     res = root / "bench" / "results"
     res.mkdir(parents=True)
-    steps = [{"name": "build", "status": "passed"}, {"name": "cuda-tests", "status": "failed"}]
+    steps = [{"name": "build", "status": "passed", "gpu_only": False},
+             {"name": "cuda-tests", "status": "failed", "gpu_only": True}]
     (res / "gpu_check-old.json").write_text(json.dumps({"source_hash": "0" * 64, "gpu": "H100", "steps": steps}))
     (res / "gpu_check-bad.json").write_text("{not json")
     assert E._run_on_gpu(root).startswith("no:")          # a result for other sources does not count
+    no_gpu = [dict(s, status="not-run") if s["gpu_only"] else s for s in steps]
+    (res / "gpu_check-cpu.json").write_text(json.dumps({"source_hash": E.source_hash(root), "gpu": "none",
+                                                         "steps": no_gpu}))
+    assert E._run_on_gpu(root).startswith("no:")          # nor one written without a GPU
     (res / "gpu_check-now.json").write_text(json.dumps(
         {"source_hash": E.source_hash(root), "gpu": "NVIDIA H200", "date_utc": "2026-12-01", "steps": steps}))
     line = E._run_on_gpu(root)
