@@ -34,7 +34,7 @@ def check_blocksize(blocksize, like, allowed_cuda=CUDA_BLOCKSIZES):
     blocksize = int(blocksize)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    if like.is_cuda and blocksize not in allowed_cuda:
+    if kernels.use_cuda_kernels(like) and blocksize not in allowed_cuda:
         raise ValueError(f"blocksize must be one of {allowed_cuda} on CUDA, got {blocksize}")
     return blocksize
 
@@ -70,7 +70,7 @@ def _device_str(like):
 
 
 def _launch_quantize(a, code, q, absmax, blocksize):
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         threads = max(256, blocksize // _ITEMS)
         grid = -(-a.numel // (threads * _ITEMS))
         kernels.registry.launch(_QUANTIZE, {"dtype": _SUFFIX[a.dtype], "blocksize": blocksize},
@@ -80,7 +80,7 @@ def _launch_quantize(a, code, q, absmax, blocksize):
 
 
 def _launch_dequantize(q, code, absmax, out, blocksize):
-    if q.is_cuda:
+    if kernels.use_cuda_kernels(q):
         grid = -(-q.numel // (_DEQUANT_THREADS * _ITEMS))
         kernels.registry.launch(_DEQUANTIZE, {"dtype": _SUFFIX[out.dtype]}, (grid,), (_DEQUANT_THREADS,),
                                 (q, code, absmax, out, q.numel, blocksize.bit_length() - 1), q)

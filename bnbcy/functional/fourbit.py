@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, kernels
 from . import _fourbit_cuda
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .quant_state import QuantState
@@ -193,7 +193,7 @@ def quantize_4bit(A, absmax=None, out=None, blocksize=None, compress_statistics=
     if absmax is None:
         absmax = _arrays.empty(a, (nblocks,), "float32")
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         _fourbit_cuda.launch_quantize_4bit(a, qv, amv, blocksize, quant_type)
     else:
         _C.cpu_quantize_4bit(a, qv, amv, blocksize, quant_type)
@@ -236,7 +236,7 @@ def block_scales(quant_state, like, nblocks):
             raise ValueError(f"quant_state.absmax must have at least {nblocks} values, got {v.numel}")
         return v
     state2 = quant_state.state2
-    if like.is_cuda:
+    if kernels.use_cuda_kernels(like):
         expanded = dequantize_blockwise(quant_state.absmax, state2)
         expanded += quant_state.offset
         return block_scales(QuantState(absmax=expanded), like, nblocks)
@@ -299,7 +299,7 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
         out = _arrays.empty(q, shape, dtype)
     outv = _arrays.output_view(out, "out", q, dtype, n, shape)
     scales = block_scales(quant_state, q, -(-n // blocksize))
-    if q.is_cuda:
+    if kernels.use_cuda_kernels(q):
         _fourbit_cuda.launch_dequantize_4bit(q, scales, outv, n, blocksize, qt)
     else:
         _C.cpu_dequantize_4bit(q, scales, outv, 0, blocksize, qt)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, kernels
 from . import _fourbit_cuda
 from .fourbit import block_scales, check_blocksize_4bit, packed_bytes, dequantize_4bit
 from .quant_state import QuantState
@@ -78,7 +78,7 @@ def weight_chunks(B, state, dtype_like):
     N, K = _state_nk(state)
     q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
     like = _arrays.input_view(dtype_like, "A", _arrays.FLOAT_DTYPES, allow_empty=True)
-    if q.is_cuda or like.is_cuda:
+    if kernels.use_cuda_kernels(q) or kernels.use_cuda_kernels(like):
         yield 0, N, _dequant_full(B, state, like)
         return
     scales = block_scales(state, q, -(-N * K // check_blocksize_4bit(state.blocksize)))
@@ -144,7 +144,7 @@ def gemm_4bit(A, B, state, bias=None, out=None):
     if M == 0:
         return out
 
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         if K % 32 == 0 and M <= CUDA_FUSED_MAX_ROWS:
             scales = block_scales(state, q, -(-N * K // blocksize))
             code = _code16(state, a)

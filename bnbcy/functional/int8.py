@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, kernels
 from . import _int8_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
@@ -86,14 +86,14 @@ def int8_vectorwise_quant(A, threshold=0.0):
     if threshold > 0:
         flags = _zeros(a, (cols,), "uint8")
         fv = _C.view(flags, "flags")
-        if a.is_cuda:
+        if kernels.use_cuda_kernels(a):
             _int8_cuda.launch_outlier_cols(a, fv, rows, cols, threshold)
         else:
             _C.cpu_int8_outlier_cols(a, fv, rows, cols, threshold)
         outlier_cols = _nonzero_1d(flags)
         if rows > 1 and outlier_cols.shape[0]:
             flagsv = fv
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         _int8_cuda.launch_vectorwise_quant(a, cav, rsv, flagsv, rows, cols, threshold)
     else:
         _C.cpu_int8_vectorwise_quant(a, cav, rsv, flagsv, rows, cols, threshold)
@@ -205,7 +205,7 @@ def int8_linear_matmul(A, B, out=None, dtype=torch.int32):
     ov = _arrays.output_view(out, "out", a, "int32", M * N, out_shape)
     if M == 0 or N == 0:
         return out
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         route = _gemm_route(a, M, N, K)
         if route == "cublas":
             torch._int_mm(a.obj.reshape(M, K), b.obj.t(), out=out.reshape(M, N))
@@ -271,7 +271,7 @@ def int8_mm_dequant(A, row_stats, col_stats, out=None, bias=None, dtype=None):
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out must be float16, bfloat16 or float32, got {out_dtype}")
     ov = _arrays.output_view(out, "out", a, out_dtype, rows * cols, tuple(a.shape))
-    if a.is_cuda:
+    if kernels.use_cuda_kernels(a):
         _int8_cuda.launch_mm_dequant(a, rs, cs, bv, ov, rows, cols)
     else:
         _C.cpu_int8_mm_dequant(a, rs, cs, bv, ov, rows, cols)
