@@ -5,9 +5,11 @@ The rule (printed by ``python -m bnbcy``, documented in ``docs/architecture.md``
 * **compiled** -- the build ships fatbins (nvcc ran at build time; the line names the SASS
   architectures), or CuPy's NVRTC is importable, so every ``cuda_src/*.cu`` is compiled at
   first use. Compiling says nothing about results.
-* **emulated** -- this build has the SIMT emulator (``bnbcy.kernels.emulate``) and, in a
-  source checkout, its suite (``tests/test_emulator*.py``): the kernels' logic ran on the CPU
-  against the CPU kernels (``BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests``).
+* **emulated** -- this build has the SIMT emulator (``bnbcy.kernels.emulate``), a host C++
+  compiler can build it, and (in a source checkout) its suite exists: the CUDA tests
+  (``tests/test_*_cuda.py``, ``tests/test_emulator*.py``), which run the kernels on CPU tensors
+  against the CPU kernels and float64 (``BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests``).
+  The line says the suite exists, not that it passed: CI runs it.
 * **run on GPU** -- ``bench/results/`` holds a ``gpu_check-*.json`` written by
   ``bench/gpu_check.sh`` for *this source*: its ``source_hash`` (a SHA-256 over the files that
   make up the GPU path, :func:`source_hash`) equals the hash of the tree being reported on.
@@ -101,11 +103,18 @@ def _compiled(manifest):
 def _emulated(kernels, root):
     if not callable(getattr(kernels, "emulate", None)):
         return "no: this build has no SIMT emulator"
-    suite = sorted(glob.glob(os.path.join(root, "tests", "test_emulator*.py")))
+    try:
+        from ._emulator.build import compiler
+        cxx = compiler()
+    except Exception as exc:  # no emulator package, or no host compiler to build it with
+        return f"no: the SIMT emulator cannot be built here ({type(exc).__name__}: {exc})"
+    # the emulated suite is the CUDA suite run on CPU tensors, plus the emulator's own tests
+    suite = sorted(glob.glob(os.path.join(root, "tests", "test_*_cuda.py"))
+                   + glob.glob(os.path.join(root, "tests", "test_emulator*.py")))
     if not suite:
-        return "emulator present (bnbcy.kernels.emulate); its suite is not in this install"
-    return (f"yes: bnbcy.kernels.emulate and its suite ({len(suite)} file(s) tests/test_emulator*.py); "
-            "run BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests")
+        return f"emulator present (bnbcy.kernels.emulate, built with {cxx}); its suite is not in this install"
+    return (f"yes: SIMT emulator (bnbcy.kernels.emulate, built with {os.path.basename(cxx)}) and its suite "
+            f"({len(suite)} files); run BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests")
 
 
 def _run_on_gpu(root):

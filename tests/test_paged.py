@@ -215,3 +215,19 @@ def test_cuda_training_beyond_the_device_budget():
     assert st["state1"].device.type == "cuda" and st["state1"].is_paged
     assert mgr.stats["evictions"] > 0
     assert peak <= budget + (32 << 20), f"{peak >> 20} MiB of managed pages on the device, budget {budget >> 20}"
+
+
+def test_emulated_paged_equals_unpaged():
+    # under emulation parameters are CPU tensors: the host-backed paged path, whichever kernels
+    # the dispatch picks for the update (the emulated CUDA ones once the optimizer is routed there)
+    from bnbcy import kernels as K
+    shapes = [BIG]
+    grads = _grads(shapes, 2)
+    a, b = _params(shapes), _params(shapes)
+    with K.emulate():
+        pa, pb = O.PagedAdamW8bit(a), O.AdamW8bit(b)
+        _run(pa, a, grads)
+        _run(pb, b, grads)
+    assert torch.equal(a[0], b[0])
+    assert paged.PageManager.get_instance().owns(pa.state[a[0]]["state1"])
+    assert torch.equal(pa.state[a[0]]["state2"], pb.state[b[0]]["state2"])
