@@ -231,3 +231,51 @@ def test_emulated_paged_equals_unpaged():
     assert torch.equal(a[0], b[0])
     assert paged.PageManager.get_instance().owns(pa.state[a[0]]["state1"])
     assert torch.equal(pa.state[a[0]]["state2"], pb.state[b[0]]["state2"])
+
+
+class _FakeRuntime:
+    """Records the CUDA runtime calls of the managed backing (no GPU needed)."""
+
+    def __init__(self, concurrent=1, advise_error=None):
+        self.calls, self.concurrent, self.advise_error = [], concurrent, advise_error
+
+    def deviceGetAttribute(self, attr, dev):
+        return self.concurrent
+
+    def memAdvise(self, ptr, n, advice, dev):
+        if self.advise_error:
+            raise self.advise_error
+        self.calls.append(("advise", ptr, n, advice, dev))
+
+    def memPrefetchAsync(self, ptr, n, dev, stream):
+        self.calls.append(("prefetch", ptr, n, dev, stream))
+
+
+def _fake_managed(rt):
+    b = paged._ManagedBacking.__new__(paged._ManagedBacking)
+    b.rt, b._concurrent, b._advice_failed = rt, {}, False
+    return b
+
+
+def test_managed_backing_runtime_calls():
+    t = torch.zeros(10, dtype=torch.float32)
+    t.page_deviceid = 0
+    rt = _FakeRuntime()
+    b = _fake_managed(rt)
+    b.to_device(t, 0, 77)
+    b.to_host(t, 77)
+    ptr = t.data_ptr()
+    assert rt.calls == [("advise", ptr, 40, paged._ADVISE_UNSET_PREFERRED, 0), ("prefetch", ptr, 40, 0, 77),
+                        ("advise", ptr, 40, paged._ADVISE_PREFERRED_LOCATION, paged.HOST_DEVICE),
+                        ("prefetch", ptr, 40, paged.HOST_DEVICE, 77)]
+    rt = _FakeRuntime(concurrent=0)               # no concurrent managed access: no prefetching
+    _fake_managed(rt).to_device(t, 0, 0)
+    assert [c[0] for c in rt.calls] == ["advise"]
+    rt = _FakeRuntime(advise_error=RuntimeError("cudaErrorInvalidValue"))
+    b = _fake_managed(rt)
+    with pytest.warns(RuntimeWarning, match="cudaMemAdvise failed"):
+        b.to_device(t, 0, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # reported once
+        b.to_host(t, 5)
+    assert rt.calls == [("prefetch", ptr, 40, 0, 5), ("prefetch", ptr, 40, paged.HOST_DEVICE, 5)]

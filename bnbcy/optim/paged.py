@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import math
+import warnings
 import weakref
 
 import torch
@@ -78,6 +79,7 @@ class _ManagedBacking:
         self.cupy = cupy
         self.rt = cupy.cuda.runtime
         self._concurrent = {}
+        self._advice_failed = False
 
     def concurrent(self, device_index):
         """Whether host and device may touch managed memory at once (needed for prefetching)."""
@@ -105,12 +107,24 @@ class _ManagedBacking:
         if self.concurrent(t.page_deviceid):
             self.rt.memPrefetchAsync(t.data_ptr(), t.untyped_storage().nbytes(), target, stream)
 
+    def _advise(self, t, advice, device):
+        # a hint, not the mechanism (the prefetches move the pages): a runtime that rejects it
+        # is reported once and paging goes on with prefetches alone
+        if self._advice_failed:
+            return
+        try:
+            self.rt.memAdvise(t.data_ptr(), t.untyped_storage().nbytes(), advice, device)
+        except Exception as exc:  # CUDARuntimeError, or a CuPy without this entry point
+            self._advice_failed = True
+            warnings.warn(f"bnbcy paged optimizer: cudaMemAdvise failed ({exc}); paging with prefetches only",
+                          RuntimeWarning, stacklevel=3)
+
     def to_device(self, t, device_index, stream):
-        self.rt.memAdvise(t.data_ptr(), t.untyped_storage().nbytes(), _ADVISE_UNSET_PREFERRED, device_index)
+        self._advise(t, _ADVISE_UNSET_PREFERRED, device_index)
         self._move(t, device_index, stream)
 
     def to_host(self, t, stream):
-        self.rt.memAdvise(t.data_ptr(), t.untyped_storage().nbytes(), _ADVISE_PREFERRED_LOCATION, HOST_DEVICE)
+        self._advise(t, _ADVISE_PREFERRED_LOCATION, HOST_DEVICE)
         self._move(t, HOST_DEVICE, stream)
 
 
