@@ -232,11 +232,14 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
 }
 
 // ------------------------------------------------------------------------------- GEMM helpers
+// Inline-PTX helpers are guarded: bnbcy's SIMT emulator (bnbcy/_emulator/cuda_emu.h) defines them.
+#ifndef BNBCY_EMULATOR
 __device__ __forceinline__ int dp4a_s32(u32 a, u32 b, int c) {
     int d;
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
+#endif
 
 __device__ __forceinline__ bool aligned4(const void *p) {
     return (reinterpret_cast<u64>(p) & 3u) == 0;
@@ -335,6 +338,7 @@ __device__ __forceinline__ void gemm_dp4a_tile(const s8 *__restrict__ A, const s
 
 #if __CUDA_ARCH__ >= 800
 // ------------------------------------------------------------------ tensor-core (sm_80+) pieces
+#ifndef BNBCY_EMULATOR
 __device__ __forceinline__ u32 smem_u32(const void *p) {
     u32 r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -367,6 +371,7 @@ __device__ __forceinline__ void mma_s8_16832(int (&d)[4], const u32 (&a)[4], con
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // BNBCY_EMULATOR
 
 #define BNBCY_MMA_BM 128
 #define BNBCY_MMA_BN 128

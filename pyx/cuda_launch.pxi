@@ -23,6 +23,11 @@ ctypedef int (*cuDevicePrimaryCtxRetain_t)(void **pctx, int dev) noexcept nogil
 ctypedef int (*cuCtxPushCurrent_t)(void *ctx) noexcept nogil
 ctypedef int (*cuCtxPopCurrent_t)(void **pctx) noexcept nogil
 ctypedef int (*cuStreamSynchronize_t)(void *stream) noexcept nogil
+# An emulated kernel's handle points at its entry in the emulator library, whose first member is
+# this launch function (bnbcy/_emulator/kernel_table.h).
+ctypedef int (*emu_launch_t)(const void *entry, const unsigned int *grid, const unsigned int *block,
+                             unsigned int shmem, void **params, int nparams, char *err, int errlen,
+                             int flags) noexcept nogil
 
 cdef void *_libcuda = NULL
 cdef cuLaunchKernel_t _cuLaunchKernel = NULL
@@ -40,6 +45,13 @@ cdef enum:
 
 class CudaLaunchError(RuntimeError):
     """A CUDA driver call made by bnbcy failed."""
+
+
+class EmulatedKernelError(CudaLaunchError):
+    """An emulated kernel broke a CUDA rule (partial barrier or shuffle, bad launch, ...)."""
+
+# device argument of cuda_launch for kernels of bnbcy's SIMT emulator
+EMULATED_DEVICE = -1
 
 
 cdef void *_sym(const char *name) except NULL:
@@ -107,7 +119,8 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
     stream : int
         ``CUstream`` handle (0 = legacy default stream).
     device : int
-        Device ordinal the function and arguments live on.
+        Device ordinal the function and arguments live on; ``EMULATED_DEVICE`` (-1): ``function``
+        is a kernel of bnbcy's SIMT emulator and the arguments are host memory.
     signature : str
         One character per kernel parameter: ``p`` pointer (a TensorView, an int
         address or None), ``q`` int64, ``i`` int32, ``u`` uint32, ``f`` float32,
@@ -160,6 +173,9 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
             raise ValueError(f"unknown kernel parameter type {c!r} in signature {signature!r}")
         params[k] = &slots[k]
 
+    if device == EMULATED_DEVICE:
+        _emulated_launch(function, g, b, shared_mem, params, nargs, grid, block)
+        return
     _load_driver()
     cdef void *ctx = _primary_context(device)
     cdef void *popped = NULL
@@ -186,6 +202,20 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
             _cuCtxPopCurrent(&popped)
     _check(rc, f"launch of a kernel on cuda:{device} with grid {grid} and block {block}")
     _check(rc_sync, f"kernel execution on cuda:{device} (grid {grid}, block {block})")
+
+
+cdef int _emulated_launch(uintptr_t function, unsigned int *g, unsigned int *b, unsigned int shared_mem,
+                          void **params, int nargs, tuple grid, tuple block) except -1:
+    cdef char err[2048]
+    cdef emu_launch_t launch = (<emu_launch_t *>function)[0]
+    cdef const void *entry = <const void *>function
+    cdef int rc
+    err[0] = 0
+    with nogil:
+        rc = launch(entry, g, b, shared_mem, params, nargs, err, 2048, 0)
+    if rc != 0:
+        raise EmulatedKernelError(f"emulated kernel (grid {grid}, block {block}): {err.decode(errors='replace')}")
+    return 0
 
 
 cdef void *_primary_context(int device) except NULL:
