@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 import weakref
 from collections import abc as container_abcs
 from collections import defaultdict
