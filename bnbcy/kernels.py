@@ -46,7 +46,7 @@ import os
 import threading
 
 from . import _C
-from . import _arrays
+from . import _arrays, _env
 
 PACKAGE_CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda")
 REPO_CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
@@ -114,7 +114,7 @@ class KernelRegistry:
         self._emulated_all = []  # every emulator Library loaded (launch counts of rebuilt ones too)
         self._checked = set()  # (library key, symbol) whose signature matched its spec
         self._lock = threading.RLock()
-        self.sync = bool(os.environ.get("BNBCY_CUDA_SYNC"))
+        self.sync = _env.get("BNBCY_CUDA_SYNC")
 
     # ----------------------------------------------------------------- specs
     def register(self, spec: KernelSpec) -> KernelSpec:
@@ -294,7 +294,7 @@ class KernelRegistry:
             else:
                 entry = None
                 fatbin = self.manifest.get("modules", {}).get(module)
-                if fatbin and not os.environ.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
+                if fatbin and not _env.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
                     try:
                         with cupy.cuda.Device(device):
                             mod = cupy.RawModule(path=os.path.join(self.cuda_dir, fatbin))
