@@ -33,6 +33,9 @@ print(json.dumps({{
     "isinstance": isinstance(bnbcy.nn.Linear4bit(4, 4), bnb.nn.Linear4bit),
     "ops": [n for n in bnbcy._ops.defined_ops() if not hasattr(torch.ops.bitsandbytes, n.split(".")[0])],
     "ns": hasattr(torch.ops, "bitsandbytes"),
+    "same_op_result": all(torch.equal(a, b) for a, b in zip(
+        torch.ops.bitsandbytes.quantize_blockwise(torch.linspace(-3, 3, 256), bnb.functional.create_dynamic_map(), 64),
+        torch.ops.bnbcy.quantize_blockwise(torch.linspace(-3, 3, 256), bnb.functional.create_dynamic_map(), 64))),
 }}))
 """
 
@@ -50,6 +53,7 @@ def _check_standin(out):
     assert set(out["devices"]) >= {"cpu", "cuda"}
     assert "bitsandbytes" in out["optim_str"] and "bitsandbytes" in out["paged_str"]  # Trainer's check
     assert out["ops"] == []  # every bnbcy op answers as torch.ops.bitsandbytes too
+    assert out["same_op_result"]
 
 
 def test_environment_variable_turns_the_standin_on():
