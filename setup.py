@@ -30,8 +30,17 @@ DEFAULT_ARCHS = ["75", "80", "86", "89", "90"]
 NVCC_FLAGS = ["--use_fast_math", "-O3", "-std=c++17", "-lineinfo"]
 
 
+def _env_flag(name):
+    """A BNBCY_* switch parsed by bnbcy/_env.py (loaded by path: the package is not built yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bnbcy_env", os.path.join(ROOT, "bnbcy", "_env.py"))
+    mod = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(mod)
+    return mod.get(name)
+
+
 def find_nvcc():
-    if os.environ.get("BNBCY_NO_NVCC"):
+    if _env_flag("BNBCY_NO_NVCC"):
         return None
     for cand in (os.environ.get("NVCC"),
                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),

@@ -262,6 +262,8 @@ def main(argv=None):
 
     info = bnbcy.build_info()
     _print_features(info)
+    from ._gpu_evidence import evidence, format_evidence   # how the GPU path was checked (its rule)
+    print("\n".join(format_evidence(evidence())))
     w = _weight(args.rows, args.cols)
     blocksizes = [int(b) for b in args.blocksizes.split(",")]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
