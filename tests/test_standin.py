@@ -133,11 +133,20 @@ def test_missing_submodule_is_a_clear_import_error():
     assert name == "bitsandbytes.no_such_module" and "bnbcy" in msg
 
 
-@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), (" 1 ", True),
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), (" 1 ", True), ("ON", True),
                                       ("", False), ("0", False), ("false", False), ("Off", False), ("no", False)])
-def test_environment_values(value, on):
-    assert hook.requested({"BNBCY_AS_BITSANDBYTES": value}) is on
-    assert hook.requested({}) is False
+def test_environment_values(monkeypatch, value, on):
+    """Parsed by bnbcy's one environment layer (bnbcy/_env.py), which the hook loads by path."""
+    monkeypatch.setenv("BNBCY_AS_BITSANDBYTES", value)
+    assert hook.requested() is on
+    monkeypatch.delenv("BNBCY_AS_BITSANDBYTES")
+    assert hook.requested() is False
+
+
+def test_environment_value_not_a_switch_warns_and_is_off(monkeypatch):
+    monkeypatch.setenv("BNBCY_AS_BITSANDBYTES", "maybe")
+    with pytest.warns(UserWarning, match="BNBCY_AS_BITSANDBYTES='maybe' is not accepted"):
+        assert hook.requested() is False
 
 
 def test_standin_version_is_pep440_and_states_the_api_level():
