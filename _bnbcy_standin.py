@@ -31,15 +31,34 @@ import warnings
 ENV_VAR = "BNBCY_AS_BITSANDBYTES"
 ALIAS = "bitsandbytes"
 TARGET = "bnbcy"
-_OFF = ("", "0", "false", "no", "off")
 
 _shadow_warned = False
 
 
-def requested(environ=None) -> bool:
-    """Whether ``BNBCY_AS_BITSANDBYTES`` asks for the stand-in (anything but unset, empty, ``0``,
-    ``false``, ``no``, ``off``)."""
-    return (environ if environ is not None else os.environ).get(ENV_VAR, "").strip().lower() not in _OFF
+def _bnbcy_file_module(filename: str):
+    """A standard-library-only module of the bnbcy package (``_env.py``, ``_version.py``), loaded
+    from its file without importing bnbcy (whose ``__init__`` imports torch); once per process."""
+    name = "_bnbcy_standin_" + filename[:-3].lstrip("_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(TARGET)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{ENV_VAR} is set but the bnbcy package is not importable")
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(mod_spec)  # dataclasses look it up
+    try:
+        mod_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def requested() -> bool:
+    """Whether ``BNBCY_AS_BITSANDBYTES`` asks for the stand-in, parsed by bnbcy's one environment
+    layer (``bnbcy/_env.py``: ``1/true/yes/on``; another value warns and counts as off)."""
+    return bool(_bnbcy_file_module("_env.py").get(ENV_VAR))
 
 
 def _target_name(fullname: str):
@@ -52,16 +71,10 @@ def _target_name(fullname: str):
 
 
 def _versions() -> tuple[str, str]:
-    """``(bnbcy version, bitsandbytes API level)`` from ``bnbcy/_version.py``, read without
-    importing bnbcy (so a metadata query stays cheap)."""
-    spec = importlib.util.find_spec(TARGET)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("BNBCY_AS_BITSANDBYTES is set but the bnbcy package is not importable")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "_version.py")
-    ns: dict = {}
-    with open(path, encoding="utf-8") as fh:
-        exec(compile(fh.read(), path, "exec"), ns)
-    return ns["__version__"], ns["BITSANDBYTES_API"]
+    """``(bnbcy version, bitsandbytes API level)`` from ``bnbcy/_version.py`` (a metadata query
+    must not import bnbcy)."""
+    v = _bnbcy_file_module("_version.py")
+    return v.__version__, v.BITSANDBYTES_API
 
 
 def standin_version() -> str:

@@ -4,17 +4,14 @@ installed bitsandbytes on the same scenarios (``tests/integration_scenarios.py``
 Three interpreters, in order: bitsandbytes writes 4-/8-bit checkpoints (and runs the loading
 scenarios for reference numbers); bnbcy, as ``bitsandbytes`` through ``BNBCY_AS_BITSANDBYTES=1``,
 runs every scenario, loads bitsandbytes' checkpoints and writes its own; bitsandbytes loads
-bnbcy's checkpoints.
+bnbcy's checkpoints. transformers, peft and accelerate are test dependencies (the ``test`` extra);
+the scenarios import them in their own interpreters.
 """
 import os
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-from standin_run import run_py  # noqa: E402
+from standin_run import run_py
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 STANDIN_SCENARIOS = "load4,load8,save4,save8,qlora,trainer"

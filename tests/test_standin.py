@@ -33,6 +33,9 @@ print(json.dumps({{
     "isinstance": isinstance(bnbcy.nn.Linear4bit(4, 4), bnb.nn.Linear4bit),
     "ops": [n for n in bnbcy._ops.defined_ops() if not hasattr(torch.ops.bitsandbytes, n.split(".")[0])],
     "ns": hasattr(torch.ops, "bitsandbytes"),
+    "same_op_result": all(torch.equal(a, b) for a, b in zip(
+        torch.ops.bitsandbytes.quantize_blockwise(torch.linspace(-3, 3, 256), bnb.functional.create_dynamic_map(), 64),
+        torch.ops.bnbcy.quantize_blockwise(torch.linspace(-3, 3, 256), bnb.functional.create_dynamic_map(), 64))),
 }}))
 """
 
@@ -50,6 +53,7 @@ def _check_standin(out):
     assert set(out["devices"]) >= {"cpu", "cuda"}
     assert "bitsandbytes" in out["optim_str"] and "bitsandbytes" in out["paged_str"]  # Trainer's check
     assert out["ops"] == []  # every bnbcy op answers as torch.ops.bitsandbytes too
+    assert out["same_op_result"]
 
 
 def test_environment_variable_turns_the_standin_on():
@@ -129,11 +133,20 @@ def test_missing_submodule_is_a_clear_import_error():
     assert name == "bitsandbytes.no_such_module" and "bnbcy" in msg
 
 
-@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), (" 1 ", True),
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), (" 1 ", True), ("ON", True),
                                       ("", False), ("0", False), ("false", False), ("Off", False), ("no", False)])
-def test_environment_values(value, on):
-    assert hook.requested({"BNBCY_AS_BITSANDBYTES": value}) is on
-    assert hook.requested({}) is False
+def test_environment_values(monkeypatch, value, on):
+    """Parsed by bnbcy's one environment layer (bnbcy/_env.py), which the hook loads by path."""
+    monkeypatch.setenv("BNBCY_AS_BITSANDBYTES", value)
+    assert hook.requested() is on
+    monkeypatch.delenv("BNBCY_AS_BITSANDBYTES")
+    assert hook.requested() is False
+
+
+def test_environment_value_not_a_switch_warns_and_is_off(monkeypatch):
+    monkeypatch.setenv("BNBCY_AS_BITSANDBYTES", "maybe")
+    with pytest.warns(UserWarning, match="BNBCY_AS_BITSANDBYTES='maybe' is not accepted"):
+        assert hook.requested() is False
 
 
 def test_standin_version_is_pep440_and_states_the_api_level():
