@@ -53,8 +53,8 @@ class ExecPlan:
 #: machine; see docs/fourbit.md). AVX-512 CPUs run the AVX2 kernel: their row is the AVX2 one,
 #: not measured there.
 PLANS = {
-    "avx2": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18),
-    "avx512": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18, measured=False),
+    "avx2": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18),
+    "avx512": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18, measured=False),
     "scalar": ExecPlan(fused_max_rows=2, tile_bytes=1 << 20, weights_per_thread=1 << 16),
 }
 
