@@ -193,6 +193,20 @@ def evaluate(layer_results, gen):
     return bars
 
 
+def under_plan(isa, plan, f):
+    """``f`` run with ``PLANS[isa]`` set to ``plan`` for the call (restored after)."""
+    from bnbcy._ops import fourbit_exec as FE
+
+    def call():
+        base = FE.PLANS[isa]
+        FE.PLANS[isa] = plan
+        try:
+            return f()
+        finally:
+            FE.PLANS[isa] = base
+    return call
+
+
 def calibrate(K, N, repeats):
     """Fused vs tiled at several row counts, and 1 vs 2 threads for small layers, on this ISA."""
     import dataclasses
@@ -202,16 +216,8 @@ def calibrate(K, N, repeats):
     report = {"isa": isa, "plan": dataclasses.asdict(base), "rows": {}, "threads": {}}
     for M in (2, 4, 8, 12, 16, 24, 32, 48):
         x = torch.randn(M, K).bfloat16()
-        fns = {}
-        for name, p in (("fused", dataclasses.replace(base, fused_max_rows=10 ** 9)),
-                        ("tiled", dataclasses.replace(base, fused_max_rows=0))):
-            def call(p=p, f=rotating_call(layers, x)):
-                FE.PLANS[isa] = p
-                try:
-                    return f()
-                finally:
-                    FE.PLANS[isa] = base
-            fns[name] = call
+        fns = {"fused": under_plan(isa, dataclasses.replace(base, fused_max_rows=10 ** 9), rotating_call(layers, x)),
+               "tiled": under_plan(isa, dataclasses.replace(base, fused_max_rows=0), rotating_call(layers, x))}
         st = {n: summary(t) for n, t in interleaved(fns, repeats).items()}
         report["rows"][M] = st
         print(f"calibrate rows {M:>3}: fused {st['fused']['median_ms']:.3f} ms  tiled {st['tiled']['median_ms']:.3f} ms",
@@ -221,15 +227,8 @@ def calibrate(K, N, repeats):
     for k in (256, 512, 1024, 2048):
         small = make_layers("bnbcy", k, k, 8)
         x = torch.randn(1, k).bfloat16()
-        fns = {}
-        for t in (1, 2):
-            def call(t=t, f=rotating_call(small, x)):
-                FE.PLANS[isa] = dataclasses.replace(base, weights_per_thread=(k * k if t == 1 else 1))
-                try:
-                    return f()
-                finally:
-                    FE.PLANS[isa] = base
-            fns[t] = call
+        fns = {t: under_plan(isa, dataclasses.replace(base, weights_per_thread=(k * k if t == 1 else 1)),
+                             rotating_call(small, x)) for t in (1, 2)}
         st = {n: summary(ts) for n, ts in interleaved(fns, repeats).items()}
         report["threads"][k * k] = st
         print(f"calibrate {k}x{k} 1 row: 1 thread {st[1]['median_ms']:.3f} ms  2 threads {st[2]['median_ms']:.3f} ms",
