@@ -262,8 +262,10 @@ def main(argv=None):
                     help="4-bit inference section: where to write the plot of time against rows")
     args = ap.parse_args(argv)
 
-    info = bnbcy.features()
+    info = bnbcy.build_info()
     _print_features(info)
+    from ._gpu_evidence import evidence, format_evidence   # how the GPU path was checked (its rule)
+    print("\n".join(format_evidence(evidence())))
     w = _weight(args.rows, args.cols)
     blocksizes = [int(b) for b in args.blocksizes.split(",")]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
