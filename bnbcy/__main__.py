@@ -258,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--outliers", type=int, default=4,
                     help="int8 demo: input feature columns holding outliers (|x| 15-25)")
     ap.add_argument("--optim-steps", type=int, default=200, help="optimizer demo: training steps")
+    ap.add_argument("--fourbit-plot", default="bnbcy_fourbit_rows.png",
+                    help="4-bit inference section: where to write the plot of time against rows")
     args = ap.parse_args(argv)
 
     info = bnbcy.build_info()
@@ -319,6 +321,9 @@ def main(argv=None):
     print(f"\nquantized with {how}; outlier columns {cols}. Weight bytes count int8 codes + float32 row "
           "scales (SCB);\nthreshold 6.0 multiplies the input columns holding |x| >= 6 in fp16 (the rest in "
           "int8), 0.0 quantizes all of them.")
+
+    from ._main_fourbit import run as run_fourbit_inference
+    run_fourbit_inference(plot_path=args.fourbit_plot)
 
     from ._main_optim import run as run_optimizers
     for device in devices:

@@ -5,7 +5,6 @@
 cdef extern from "bnbcy_cpu_fourbit_exec.h" nogil:
     ctypedef struct bnbcy_q4x_weight:
         pass
-    int bnbcy_cpu_isa()
     int bnbcy_q4x_weight_init(bnbcy_q4x_weight *W, const uint8_t *q, const float *code,
                               const bnbcy_q4_scales *sc, int64_t blocksize, int64_t N, int64_t K)
     int bnbcy_q4x_gemm_fused(const bnbcy_q4x_weight *W, const void *A, int dtype, int64_t M,
@@ -13,13 +12,7 @@ cdef extern from "bnbcy_cpu_fourbit_exec.h" nogil:
     int bnbcy_q4x_dequant_rows(const bnbcy_q4x_weight *W, int64_t n0, int64_t n1, float *buf,
                                int nthreads, int isa)
 
-_ISA_NAMES = ("scalar", "avx2", "avx512")
-
-
-def cpu_isa():
-    """The instruction set the CPU kernels use now: 'scalar', 'avx2' or 'avx512' (the best the
-    CPU has, lowered by ``BNBCY_CPU_ISA``)."""
-    return _ISA_NAMES[bnbcy_cpu_isa()]
+# The ISA in effect is cpu_blockwise.pxi's cpu_isa() (BNBCY_CPU_ISA synced when a view is made).
 
 
 cdef int _q4x_weight(bnbcy_q4x_weight *W, bnbcy_q4_scales *sc, TensorView q, TensorView code, object scales,

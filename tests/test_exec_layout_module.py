@@ -204,3 +204,19 @@ def test_compiled_module_matches_eager():
     compiled = torch.compile(m, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(x), eager)
+
+
+def test_main_job_section_prints_and_plots(tmp_path, capsys):
+    from bnbcy import _main_fourbit
+    path = tmp_path / "rows.png"
+    medians = _main_fourbit.run(K=64, N=96, rows=(1, 5), layers=2, repeats=2, plot_path=str(path))
+    out = capsys.readouterr().out
+    assert set(medians) == {"bnbcy", "bitsandbytes", "dense"} and all(len(v) == 2 for v in medians.values())
+    assert all(t > 0 for v in medians.values() for t in v)
+    assert "bitsandbytes/bnbcy" in out and "plot of time against rows" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    else:
+        assert path.stat().st_size > 0

@@ -49,12 +49,13 @@ class ExecPlan:
     measured: bool = True
 
 
-#: Measured with ``bench/bench_fourbit.py --calibrate`` (2-core AMD EPYC Zen 3, AVX2+FMA, shared
-#: machine; see docs/fourbit.md). AVX-512 CPUs run the AVX2 kernel: their row is the AVX2 one,
-#: not measured there.
+#: The avx2 row comes from single-thread fused-vs-tiled timings at 4096x4096, 1-64 rows, on a
+#: 2-core AMD EPYC Zen 3 (AVX2+FMA) shared with other jobs (load 10-17): provisional until
+#: ``bench/bench_fourbit.py --calibrate`` runs on a quiet machine. AVX-512 CPUs run the AVX2
+#: kernel: their row is the AVX2 one, not measured there; the scalar row is an estimate.
 PLANS = {
-    "avx2": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18),
-    "avx512": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18, measured=False),
+    "avx2": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18),
+    "avx512": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18, measured=False),
     "scalar": ExecPlan(fused_max_rows=2, tile_bytes=1 << 20, weights_per_thread=1 << 16),
 }
 

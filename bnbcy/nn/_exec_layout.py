@@ -116,7 +116,8 @@ def _applies(module, x, qs) -> bool:
     return (ENABLED and not module.training and not kernels.emulating()  # emulated runs test the CUDA path and x.device.type == "cpu" and w.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and not (torch.is_grad_enabled() and x.requires_grad)
-            and getattr(w, "bnb_quantized", False) and qs is not None and qs.shape is not None
+            and getattr(w, "bnb_quantized", False) and w.is_contiguous()  # a view, never a copy of the codes
+            and qs is not None and qs.shape is not None and qs.code is not None
             and tuple(qs.shape) == (module.out_features, module.in_features)
             and getattr(qs.absmax, "device", x.device).type == "cpu"
             and bnbcy.matmul_4bit is matmul_4bit)  # a patched matmul_4bit is honoured
