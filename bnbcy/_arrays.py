@@ -107,6 +107,14 @@ def num_blocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
 
 
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError naming it otherwise."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
+            or not 0 < int(blocksize) <= MAX_BLOCKSIZE:
+        raise ValueError(f"{name} must be an int in [1, {MAX_BLOCKSIZE}], got {blocksize!r}")
+    return int(blocksize)
+
+
 def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
     """Canonical name of a float32/float16/bfloat16 dtype (torch, NumPy or name); ValueError otherwise."""
     try:

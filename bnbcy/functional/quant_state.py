@@ -51,14 +51,7 @@ def _describe(x) -> str:
 # --------------------------------------------------------------------------------------------------
 check_float_dtype = _arrays.check_float_dtype
 check_shape = _arrays.check_shape
-
-
-def check_blocksize(blocksize, name: str = "quant_state.blocksize") -> int:
-    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError otherwise."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
-            or not 0 < int(blocksize) <= _arrays.MAX_BLOCKSIZE:
-        raise ValueError(f"{name} must be an int in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize!r}")
-    return int(blocksize)
+check_blocksize = _arrays.check_blocksize
 
 
 def check_offset(quant_state, name: str = "quant_state") -> float:
