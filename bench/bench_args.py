@@ -28,6 +28,7 @@ import harness  # noqa: E402
 
 from bnbcy import _C, _arrays  # noqa: E402
 import bnbcy.functional as F  # noqa: E402
+from bnbcy.backends.blockwise import code_view  # noqa: E402
 from bnbcy.functional.quant_state import check_quant_state  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def _cases():
     xs = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
     out, am = np.empty(4096, np.uint8), np.empty(64, np.float32)
     v_in, v_out, v_am = _C.view(xs, "A"), _C.view(out, "out"), _C.view(am, "absmax")
-    v_code = F.code_view(None, v_in)
+    v_code = code_view(None, v_in)
     big_out = [_C.view(np.empty(64, np.float32), "p") for _ in range(200)]
     big_in = [_C.view(np.empty(64, np.float32), "g") for _ in range(200)]
     _, ps = F.quantize_4bit(torch.randn(64, 64), compress_statistics=True)

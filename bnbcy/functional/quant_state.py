@@ -62,12 +62,10 @@ def check_offset(quant_state, name: str = "quant_state") -> float:
         raise TypeError(f"{name}.offset must be the 0-d float32 mean of a nested (double-quantized) state, "
                         f"got None")
     try:
-        if hasattr(offset, "__dlpack__"):
-            if int(np.prod(offset.shape)) != 1:
-                raise ValueError
-            value = float(offset.reshape(-1)[0].item())
-        elif isinstance(offset, numbers.Real) and not isinstance(offset, bool):
+        if isinstance(offset, numbers.Real) and not isinstance(offset, bool):
             value = float(offset)
+        elif hasattr(offset, "__dlpack__") and all(d == 1 for d in offset.shape):
+            value = float(offset.item())
         else:
             raise ValueError
     except (ValueError, TypeError, AttributeError):
