@@ -68,9 +68,13 @@ def main():
                 fn()
             samples[name].append((time.perf_counter() - t0) / args.inner * 1e6)
     meta = harness.collect_metadata("cpu")
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), []) \
+        if Path("/proc/cpuinfo").exists() else []
+    meta["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+    meta["bnbcy_cpu_isa"] = _C.cpu_isa()
     results = []
-    print(f"CPU: {meta['cpu_model']}, {meta['cpu_count']} cores; {args.repeats} interleaved rounds of "
-          f"{args.inner} calls; microseconds per call")
+    print(f"CPU: {meta['cpu_model']}, {meta['cpu_count']} cores, flags {' '.join(meta['cpu_flags'])}, bnbcy ISA "
+          f"{meta['bnbcy_cpu_isa']}; {args.repeats} interleaved rounds of {args.inner} calls; us per call")
     print(f"{'case':<16}{'median':>10}{'min':>10}{'IQR':>16}")
     for name, s in samples.items():
         a = np.asarray(s)
