@@ -19,6 +19,7 @@ _ISA_NAMES = ("scalar", "avx2", "avx512")
 def cpu_isa():
     """The instruction set the CPU kernels use now: 'scalar', 'avx2' or 'avx512' (the best the
     CPU has, lowered by ``BNBCY_CPU_ISA``)."""
+    _sync_isa()  # BNBCY_CPU_ISA as bnbcy/_env.py parses it (pyx/tensor_view.pxi)
     return _ISA_NAMES[bnbcy_cpu_isa()]
 
 
