@@ -166,8 +166,9 @@ def check_no_overlap(*outputs, inputs=()):
 
 
 def check_not_lazy(x, name: str):
-    """Raise the view layer's ValueError for a torch ``out=`` with the negative/conjugate bit set, before
-    it reaches a ``torch.ops.bnbcy.*.out`` overload (torch's dispatcher fails on it unclearly)."""
+    """Raise the view layer's ValueError for a torch ``out=`` (or in-place argument) with the
+    negative/conjugate bit set, before it reaches a ``torch.ops.bnbcy`` op (torch's dispatcher fails on
+    it unclearly)."""
     if isinstance(x, torch.Tensor) and (x.is_neg() or x.is_conj()):
         _C.view(x, name)
 
