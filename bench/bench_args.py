@@ -28,6 +28,7 @@ import harness  # noqa: E402
 
 from bnbcy import _C, _arrays  # noqa: E402
 import bnbcy.functional as F  # noqa: E402
+from bnbcy.backends.blockwise import code_view  # noqa: E402
 from bnbcy.functional.quant_state import check_quant_state  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def _cases():
     xs = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
     out, am = np.empty(4096, np.uint8), np.empty(64, np.float32)
     v_in, v_out, v_am = _C.view(xs, "A"), _C.view(out, "out"), _C.view(am, "absmax")
-    v_code = F.code_view(None, v_in)
+    v_code = code_view(None, v_in)
     big_out = [_C.view(np.empty(64, np.float32), "p") for _ in range(200)]
     big_in = [_C.view(np.empty(64, np.float32), "g") for _ in range(200)]
     _, ps = F.quantize_4bit(torch.randn(64, 64), compress_statistics=True)
@@ -67,9 +68,13 @@ def main():
                 fn()
             samples[name].append((time.perf_counter() - t0) / args.inner * 1e6)
     meta = harness.collect_metadata("cpu")
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), []) \
+        if Path("/proc/cpuinfo").exists() else []
+    meta["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+    meta["bnbcy_cpu_isa"] = _C.cpu_isa()
     results = []
-    print(f"CPU: {meta['cpu_model']}, {meta['cpu_count']} cores; {args.repeats} interleaved rounds of "
-          f"{args.inner} calls; microseconds per call")
+    print(f"CPU: {meta['cpu_model']}, {meta['cpu_count']} cores, flags {' '.join(meta['cpu_flags'])}, bnbcy ISA "
+          f"{meta['bnbcy_cpu_isa']}; {args.repeats} interleaved rounds of {args.inner} calls; us per call")
     print(f"{'case':<16}{'median':>10}{'min':>10}{'IQR':>16}")
     for name, s in samples.items():
         a = np.asarray(s)

@@ -107,6 +107,14 @@ def num_blocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
 
 
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError naming it otherwise."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
+            or not 0 < int(blocksize) <= MAX_BLOCKSIZE:
+        raise ValueError(f"{name} must be an int in [1, {MAX_BLOCKSIZE}], got {blocksize!r}")
+    return int(blocksize)
+
+
 def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
     """Canonical name of a float32/float16/bfloat16 dtype (torch, NumPy or name); ValueError otherwise."""
     try:
@@ -121,8 +129,8 @@ def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
 
 def check_shape(shape, name: str = "quant_state.shape") -> tuple:
     """``shape`` as a tuple of non-negative ints whose product fits the kernels; ValueError otherwise."""
-    ok = isinstance(shape, (tuple, list, torch.Size)) and all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ok = isinstance(shape, (tuple, list, torch.Size)) and all(  # type(d) is int: the fast common case
+        (type(d) is int or isinstance(d, numbers.Integral) and not isinstance(d, bool)) and d >= 0 for d in shape)
     if ok:
         shape = tuple(int(d) for d in shape)
         n = 1
@@ -148,30 +156,19 @@ def check_no_overlap(*outputs, inputs=()):
     Memory ranges are compared (``TensorView.span`` on the same device), so a slice, a reinterpreting
     ``.view(dtype)`` or any other alias is caught whatever framework made it. Inputs may alias each
     other (both are only read). ``None`` entries are skipped; views of empty arrays overlap nothing.
-    One sort and sweep: O(k log k) for k views (optimizer groups pass hundreds).
+    One sort and sweep in C (``_C.overlapping_pair``): optimizer groups pass hundreds of views.
     """
-    spans = sorted(((v.device_type, v.device_id) + v.span + (is_out, i), v)
-                   for is_out, group in ((True, outputs), (False, inputs))
-                   for i, v in enumerate(group) if v is not None and v.numel > 0)
-    dev = reach_any = reach_out = None  # the earlier view reaching furthest (any / outputs only)
-    for (dt, di, lo, hi, is_out, _), v in spans:
-        if dev != (dt, di):
-            dev, reach_any, reach_out = (dt, di), None, None
-        other = reach_any if is_out else reach_out
-        if other is not None and lo < other[0]:
-            a, b = (v, other[1]) if is_out else (other[1], v)
-            (a_lo, a_hi), (b_lo, b_hi) = a.span, b.span
-            raise ValueError(f"{a.name} must not share memory with {b.name}, got overlapping byte ranges "
-                             f"[{a_lo:#x}, {a_hi:#x}) and [{b_lo:#x}, {b_hi:#x})")
-        if reach_any is None or hi > reach_any[0]:
-            reach_any = (hi, v)
-        if is_out and (reach_out is None or hi > reach_out[0]):
-            reach_out = (hi, v)
+    pair = _C.overlapping_pair(outputs, inputs)
+    if pair is not None:
+        (a_lo, a_hi), (b_lo, b_hi) = pair[0].span, pair[1].span
+        raise ValueError(f"{pair[0].name} must not share memory with {pair[1].name}, got overlapping byte "
+                         f"ranges [{a_lo:#x}, {a_hi:#x}) and [{b_lo:#x}, {b_hi:#x})")
 
 
 def check_not_lazy(x, name: str):
-    """Raise the view layer's ValueError for a torch ``out=`` with the negative/conjugate bit set, before
-    it reaches a ``torch.ops.bnbcy.*.out`` overload (torch's dispatcher fails on it unclearly)."""
+    """Raise the view layer's ValueError for a torch ``out=`` (or in-place argument) with the
+    negative/conjugate bit set, before it reaches a ``torch.ops.bnbcy`` op (torch's dispatcher fails on
+    it unclearly)."""
     if isinstance(x, torch.Tensor) and (x.is_neg() or x.is_conj()):
         _C.view(x, name)
 

@@ -33,19 +33,22 @@ class BnbcyEnvWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Variable:
-    """One environment variable: ``kind`` is 'flag', 'choice' or 'megabytes'."""
+    """One environment variable: ``kind`` is 'flag', 'choice', 'megabytes' or 'path'."""
 
     name: str
     kind: str
     default: object
     choices: tuple = ()
     doc: str = ""
+    strict: bool = False  # a bad value raises ValueError instead of warning
 
     def accepted(self) -> str:
         if self.kind == "flag":
             return "1/true/yes/on or 0/false/no/off (or unset)"
         if self.kind == "choice":
             return ", ".join(repr(c) for c in self.choices) + " (or unset)"
+        if self.kind == "path":
+            return "a directory path (or unset)"
         return f"a whole number of megabytes from 0 to {POOL_MB_MAX}"
 
 
@@ -64,14 +67,25 @@ VARIABLES = {v.name: v for v in (
              "Build time: do not compile fatbins with nvcc (kernels come from NVRTC at first use)."),
     Variable("BNBCY_EMULATE_CUDA", "flag", False, (),
              "Run CUDA kernels in the SIMT emulator on the CPU."),
+    Variable("BNBCY_EMULATOR_ARCH", "choice", "800", ("750", "800", "860", "890", "900"),
+             "Compute capability (x100) the SIMT emulator models.", strict=True),
+    Variable("BNBCY_EMULATOR_SANITIZE", "flag", False, (),
+             "Build the SIMT emulator with memory sanitizing checks."),
+    Variable("BNBCY_EMULATOR_LATE_CP_ASYNC", "flag", False, (),
+             "Emulator: complete cp.async copies as late as allowed (finds missing waits)."),
+    Variable("BNBCY_EMULATOR_CACHE", "path", "", (),
+             "Directory of the built emulator libraries (default ~/.cache/bnbcy/emulator)."),
     Variable("BNBCY_AS_BITSANDBYTES", "flag", False, (),
-             "Let `import bitsandbytes` load bnbcy."),
+             "Let `import bitsandbytes` load bnbcy (read at interpreter start-up by the stdlib-only "
+             "`_bnbcy_standin` module, which must not import bnbcy; same switch values)."),
 )}
 
 _parsed: dict = {}  # (name, raw) -> parsed value
 
 
 def _warn(var: Variable, raw: str, what: str):
+    if var.strict:
+        raise ValueError(f"{var.name}={raw!r} is not accepted ({what}); accepted: {var.accepted()}")
     warnings.warn(f"{var.name}={raw!r} is not accepted ({what}); accepted: {var.accepted()}; "
                   f"using the default {var.default!r}", BnbcyEnvWarning, stacklevel=4)
     return var.default
@@ -85,6 +99,8 @@ def _parse(var: Variable, raw: str):
         if text in _FALSE:
             return False
         return _warn(var, raw, "not a switch value")
+    if var.kind == "path":
+        return raw.strip()
     if var.kind == "choice":
         if text == "" or text == "auto":
             return var.default
@@ -142,7 +158,8 @@ def describe() -> str:
     """Markdown table of every variable (docs/errors.md embeds it; a test keeps them equal)."""
     rows = ["| variable | accepted values | default | on a bad value | meaning |", "|---|---|---|---|---|"]
     for v in VARIABLES.values():
-        bad = "ValueError" if v.kind == "megabytes" else "one-time BnbcyEnvWarning, default used"
+        bad = "ValueError" if v.kind == "megabytes" or v.strict else \
+            "—" if v.kind == "path" else "one-time BnbcyEnvWarning, default used"
         default = "unset" if v.default in ("", False) else repr(v.default)
         rows.append(f"| `{v.name}` | {v.accepted()} | {default} | {bad} | {v.doc} |")
     return "\n".join(rows)

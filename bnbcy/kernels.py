@@ -383,7 +383,7 @@ _emulate_lock = threading.Lock()
 
 
 def _env_flag(name):
-    return os.environ.get(name, "").strip() not in ("", "0")
+    return _env.get(name)  # parsed in bnbcy/_env.py
 
 
 def emulating() -> bool:
@@ -403,9 +403,7 @@ def _late_cp_async():
 
 
 def _emulator_config():
-    arch = int(os.environ.get("BNBCY_EMULATOR_ARCH", "800") or 800)
-    if arch not in (750, 800, 860, 890, 900):
-        raise ValueError(f"BNBCY_EMULATOR_ARCH must be one of 750, 800, 860, 890, 900, got {arch}")
+    arch = int(_env.get("BNBCY_EMULATOR_ARCH"))  # one of 750, 800, 860, 890, 900 (else ValueError)
     return arch, _env_flag("BNBCY_EMULATOR_SANITIZE")
 
 

@@ -103,6 +103,28 @@ def _():
     return (lambda: F.quantize_blockwise(_Storageless((1000,)), out=out)), [out]
 
 
+def _dtensor(t):
+    """``t`` as a one-rank DTensor (a gloo process group of one, created once per process)."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if not dist.is_initialized():
+        store = os.path.join(tempfile.mkdtemp(), "store")
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{store}")
+        import atexit
+        atexit.register(dist.destroy_process_group)
+    return distribute_tensor(t, init_device_mesh("cpu", (1,)), [Shard(0)])
+
+
+@_p("quantize_blockwise", "A a DTensor reaching the array layer (it segfaulted a kernel before)", "ValueError")
+def _():
+    out, d = torch.zeros(1024, dtype=torch.uint8), _dtensor(_x())
+    return (lambda: F.quantize_blockwise(d, out=out)), [out]
+
+
 @_p("quantize_blockwise", "blocksize <= 0, > 2**31-1, or not an int", "ValueError")
 def _():
     x = _x(5000)

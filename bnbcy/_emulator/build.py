@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 import threading
 
+from .. import _env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIME = os.path.join(HERE, "simt_runtime.cpp")
 CXX_FLAGS = ("-std=gnu++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
@@ -45,7 +47,7 @@ def compiler():
 
 
 def cache_dir():
-    d = os.environ.get("BNBCY_EMULATOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bnbcy",
+    d = _env.get("BNBCY_EMULATOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bnbcy",
                                                                "emulator")
     os.makedirs(d, exist_ok=True)
     return d

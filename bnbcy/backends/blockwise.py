@@ -2,7 +2,6 @@
 once, outputs allocated, kernels of :func:`bnbcy.backends.device_kernels` called."""
 from __future__ import annotations
 
-import numbers
 
 from .. import _arrays
 from ..functional.maps import dynamic_map
@@ -16,13 +15,8 @@ _default_codes: dict = {}
 
 
 def as_blocksize(blocksize) -> int:
-    """``blocksize`` as a positive int (ValueError naming it otherwise)."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    blocksize = int(blocksize)
-    if not 0 < blocksize <= _arrays.MAX_BLOCKSIZE:
-        raise ValueError(f"blocksize must be in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize}")
-    return blocksize
+    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]`` (ValueError naming it otherwise)."""
+    return _arrays.check_blocksize(blocksize)
 
 
 def check_blocksize(blocksize, like, allowed_cuda=BLOCKWISE_BLOCKSIZES):

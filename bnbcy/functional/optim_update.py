@@ -285,6 +285,8 @@ def optimizer_update_32bit(optimizer_name, g, p, state1, beta1, eps, step, lr, s
     _check_name(optimizer_name)
     max_unorm = _scalar(max_unorm, "max_unorm")
     param_norm = _param_norm(p) if max_unorm > 0 else 0.0
+    for x, nm in ((p, "p"), (state1, "state1"), (state2, "state2")):  # updated in place: refuse lazy views
+        _arrays.check_not_lazy(x, nm)
     torch.ops.bnbcy.optimizer_update_32bit(
         optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, _scalar(beta1, "beta1"),
         _scalar(beta2, "beta2"), _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"),
@@ -405,6 +407,8 @@ def optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, beta1,
                                               skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
         return
     _check_name(optimizer_name)
+    for x, nm in ((p, "p"), (state1, "state1"), (state2, "state2"), (absmax1, "absmax1"), (absmax2, "absmax2")):
+        _arrays.check_not_lazy(x, nm)  # updated in place: refuse lazy views before the op
     torch.ops.bnbcy.optimizer_update_8bit_blockwise(
         optimizer_name, g, p, state1, state2, _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
         _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"), _steps([step], 1)[0],

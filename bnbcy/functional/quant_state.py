@@ -51,14 +51,7 @@ def _describe(x) -> str:
 # --------------------------------------------------------------------------------------------------
 check_float_dtype = _arrays.check_float_dtype
 check_shape = _arrays.check_shape
-
-
-def check_blocksize(blocksize, name: str = "quant_state.blocksize") -> int:
-    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError otherwise."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
-            or not 0 < int(blocksize) <= _arrays.MAX_BLOCKSIZE:
-        raise ValueError(f"{name} must be an int in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize!r}")
-    return int(blocksize)
+check_blocksize = _arrays.check_blocksize
 
 
 def check_offset(quant_state, name: str = "quant_state") -> float:
@@ -69,12 +62,10 @@ def check_offset(quant_state, name: str = "quant_state") -> float:
         raise TypeError(f"{name}.offset must be the 0-d float32 mean of a nested (double-quantized) state, "
                         f"got None")
     try:
-        if hasattr(offset, "__dlpack__"):
-            if int(np.prod(offset.shape)) != 1:
-                raise ValueError
-            value = float(offset.reshape(-1)[0].item())
-        elif isinstance(offset, numbers.Real) and not isinstance(offset, bool):
+        if isinstance(offset, numbers.Real) and not isinstance(offset, bool):
             value = float(offset)
+        elif hasattr(offset, "__dlpack__") and all(d == 1 for d in offset.shape):
+            value = float(offset.item())
         else:
             raise ValueError
     except (ValueError, TypeError, AttributeError):
