@@ -225,6 +225,12 @@ cpdef TensorView view(object obj, str name):
         numel *= t.shape[i]
     v.shape = tuple(shape)
     v.numel = numel
+    if t.data == NULL and numel != 0:
+        # e.g. a torch DTensor exports its global shape with no storage: a kernel would
+        # dereference NULL (issue 11). Its local shard (dtensor.to_local()) is an array.
+        raise ValueError(f"{name} exports a NULL data pointer with {numel} elements (shape {v.shape}); "
+                         f"pass an array that holds its data (for a DTensor: its local shard, "
+                         f".to_local())")
     cdef int64_t expected = 1
     cdef bint contiguous = True
     if t.strides == NULL:
