@@ -166,7 +166,8 @@ def optimizer_state_to_sharded(p, state: dict) -> dict:
     Every tensor takes the parameter's (local) shape -- placed like ``p`` when ``p`` is a
     DTensor -- so a sharded checkpoint holds each rank's piece and a full one the whole
     state: ``state1``/``state2`` as they are (8-bit codes or float32), the 8-bit block maxima
-    ``absmax1``/``absmax2`` repeated for each element of their block. The shared maps
+    ``absmax1``/``absmax2`` repeated for each element of their block (for FSDP1, which gathers
+    all of a parameter's states in one dtype, the 8-bit codes as float32). The shared maps
     ``qmap1``/``qmap2`` and the per-step scratch ``unorm_vec`` are left out (rebuilt on load).
 
     Parameters
@@ -189,10 +190,14 @@ def optimizer_state_to_sharded(p, state: dict) -> dict:
             v = per_elem.reshape((*v.shape[:lead_k], *pl.shape)) if lead_k else per_elem.reshape(pl.shape)
             out[k] = _like_param(v.contiguous(), p, lead_k)
         elif k in ("state1", "state2") and isinstance(v, torch.Tensor):
+            if v.dtype == torch.uint8 and not is_dtensor(p):
+                v = v.float()    # FSDP1 gathers all of a parameter's states in one dtype (codes are exact)
             out[k] = _like_param(v, p, lead if k == "state1" else 0)
         else:
             out[k] = v
-    return out
+    # FSDP1 all-gathers a parameter's tensor states in one buffer in sorted-name order and
+    # hands them back in the dict's order: keep the two the same
+    return dict(sorted(out.items()))
 
 
 def optimizer_state_from_sharded(p, state: dict, qmap) -> dict:
@@ -235,6 +240,10 @@ def optimizer_state_from_sharded(p, state: dict, qmap) -> dict:
         if tuple(a.shape) != tuple(s.shape):
             raise ValueError(f"optimizer absmax{n} in the sharded form must have state{n}'s shape "
                              f"{tuple(s.shape)}, got {tuple(a.shape)}")
+        if s.dtype != torch.uint8:           # FSDP1's float32 copy of the 8-bit codes
+            if not bool(((s >= 0) & (s <= 255) & (s == s.round())).all()):
+                raise ValueError(f"optimizer state{n} beside absmax{n} must hold 8-bit codes 0..255")
+            s = s.to(torch.uint8)
         code = qmap(name, pl.device)
         st["qmap" + n] = code
         st["state" + n], st["absmax" + n] = _compact_blocks(s.contiguous(), a.contiguous(), code, lead_k)
@@ -255,7 +264,7 @@ def _compact_blocks(codes, per_elem, code, lead):
         absmax = first.contiguous()
         return codes, (absmax.reshape(-1) if not lead else absmax)
     # another sharding: requantize the values in this shard's blocks
-    from ..functional.blockwise import quantize_blockwise
+    from .functional.blockwise import quantize_blockwise
     values = code.float()[rows_c.long()] * rows_a
     new_codes, absmaxes = [], []
     for row in values:
@@ -346,8 +355,14 @@ def check_sharded_config(p, config) -> None:
     ------
     NotImplementedError
         ``percentile_clipping < 100`` on a sharded parameter (the gradient-norm history
-        would be per shard).
+        would be per shard); ``max_unorm > 0`` on an FSDP1 view (the ranks holding the
+        parameter's pieces are unknown here).
     """
+    if config["max_unorm"] > 0.0 and _is_fsdp1_view(p):
+        raise NotImplementedError(
+            "the LAMB/LARS trust ratio (max_unorm > 0) is not supported on FSDP1 parameters: the norm of the "
+            "whole parameter needs every rank holding a piece of it, and FSDP1 does not say which ranks do. "
+            "Use FSDP2 (torch.distributed.fsdp.fully_shard), where it is computed over the DTensor's mesh")
     if config["percentile_clipping"] < 100 and is_sharded(p):
         raise NotImplementedError(
             "percentile_clipping < 100 is not supported for sharded (FSDP/DTensor) parameters: the clipping "
@@ -427,3 +442,13 @@ def local_piece(t, like):
     (no communication: every rank holds ``t``)."""
     from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def expose_quant_state(weight, quant_state) -> None:
+    """Set ``quant_state`` and the names of its state-dict entries (``absmax``,
+    ``quant_map``, ``nested_*``) as attributes of a DTensor weight, as :class:`Params4bit`
+    exposes them, so FQN resolution by getattr finds them."""
+    weight.quant_state = quant_state
+    for k, v in quant_state.as_dict(packed=False).items():
+        if isinstance(v, torch.Tensor):
+            setattr(weight, k, v)

@@ -540,6 +540,10 @@ class Linear4bit(nn.Linear):
         if quant_state is None:
             return
         fixed = _dist.use_fixed_length_blob(self.weight)
+        if _dist.is_dtensor(self.weight):
+            # torch.distributed.checkpoint.state_dict resolves "weight.absmax" etc. by getattr
+            # on the parameter, which FSDP2 made a plain DTensor: give it the names again
+            _dist.expose_quant_state(self.weight, quant_state)
         for k, v in quant_state.as_dict(packed=True).items():
             if fixed and k.startswith("quant_state."):
                 v = _dist.pad_blob(v)
