@@ -130,6 +130,34 @@ def _load_all_or_nothing(module, load_state_dict, state_dict, strict, assign):
         raise
 
 
+def _check_packed_state(codes, quant_state, wkey):
+    """Sizes of loaded 4-bit codes and their state against the state's shape/blocksize; an
+    error message, or None."""
+    n = 1
+    for d in quant_state.shape:
+        n *= int(d)
+    local = _dist.local(codes)
+    nbytes = (local.numel() * local.element_size()) if not _dist.is_sharded(codes) else None
+    if nbytes is not None and nbytes != (n + 1) // 2:
+        return (f"{wkey}: {nbytes} bytes of packed codes for a weight of shape {tuple(quant_state.shape)}, "
+                f"expected {(n + 1) // 2}")
+    try:
+        blocks = -(-n // int(quant_state.blocksize))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return f"{wkey}.quant_state: blocksize must be a positive int, got {quant_state.blocksize!r}"
+    if quant_state.absmax is None or quant_state.absmax.numel() != blocks:
+        got = None if quant_state.absmax is None else quant_state.absmax.numel()
+        return (f"{wkey}.absmax: expected {blocks} block maxima for shape {tuple(quant_state.shape)} and "
+                f"blocksize {quant_state.blocksize}, got {got}")
+    if quant_state.nested:
+        s2 = quant_state.state2
+        nb2 = -(-blocks // int(s2.blocksize))
+        if s2.absmax is None or s2.absmax.numel() != nb2:
+            return (f"{wkey}.nested_absmax: expected {nb2} elements, got "
+                    f"{None if s2.absmax is None else s2.absmax.numel()}")
+    return None
+
+
 def _matmul_4bit(*args, **kwargs):
     # through the package attribute, as bitsandbytes calls ``bnb.matmul_4bit``, so that a
     # patched ``bnbcy.matmul_4bit`` is honoured
@@ -622,6 +650,10 @@ class Linear4bit(nn.Linear):
             error_msgs.append(f"size mismatch for {wkey}: the checkpoint holds a quantized weight of shape "
                               f"{None if quant_state.shape is None else tuple(quant_state.shape)}, the module "
                               f"expects {expected}")
+            return
+        msg = _check_packed_state(codes, quant_state, wkey)
+        if msg:
+            error_msgs.append(msg)
             return
         held = _dist.is_sharded(w) or not isinstance(w, Params4bit)
         if held or (self._weight_is_quantized() and not assign and w.device.type != "meta"
