@@ -181,61 +181,64 @@ def _state_dict_fsdp1(model, kind):
 
 def _trained(how, seed=0, steps=2, rank=0, world=1):
     model = wrap(build(seed), how)
-    train(model, make_optimizer("AdamW", model.parameters()), steps, rank, world)
+    # torch's AdamW: the checkpoint scenarios test the modules, whatever library's optimizer
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, opt, steps, rank, world)
     return model
+
+
+def _ckpt_funcs(path):
+    """(how, kind, save(model) -> sd, load(model, sd) -> result) of a checkpoint path."""
+    how, kind = path.split("_")
+    if how == "fsdp1":
+        def save(m):
+            with _state_dict_fsdp1(m, kind):
+                return m.state_dict()
+
+        def load(m, sd):
+            with _state_dict_fsdp1(m, kind):
+                return m.load_state_dict(sd)
+        return how, kind, save, load
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+    opts = StateDictOptions(full_state_dict=kind == "full")
+    return (how, kind, lambda m: get_model_state_dict(m, options=opts),
+            lambda m, sd: set_model_state_dict(m, sd, options=opts))
 
 
 def sc_ckpt(rank, world, path="fsdp1_full", tmp=None):
     """Save under one setting, load into a model built from another seed, compare."""
+    if path == "dcp":
+        return _ckpt_dcp(rank, world, tmp)
+    how, kind, save, load = _ckpt_funcs(path)
+    src = _trained(how, rank=rank, world=world)
+    want = _out(src)
+    sd = save(src)
+    res = {"has_quant_state": any("quant_state.bitsandbytes__" in k for k in sd)}
+    full_copy = {k: v.clone() for k, v in sd.items()} if kind == "full" else None   # FSDP2's set_* rewrites sd
+    dst = wrap(build(seed=5), how)
+    before = _out(dst)
+    result = load(dst, sd)
+    res["missing"], res["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
+    res["exact"] = _same(_out(dst), want)
+    res["changed"] = not _same(before, want)
+    if kind == "full":
+        # a checkpoint saved under FSDP loads into a plain model, and back
+        plain = build(seed=9)
+        plain.load_state_dict(full_copy)
+        res["into_plain_exact"] = _same(_out(plain), want)
+        back = wrap(build(seed=11), how)
+        load(back, plain.state_dict())
+        res[f"plain_into_{how}_exact"] = _same(_out(back), want)
+    return res
+
+
+def _ckpt_dcp(rank, world, tmp):
     import torch.distributed as dist
-    res = {}
-    if path.startswith("fsdp1"):
-        kind = path.split("_")[1]
-        src = _trained("fsdp1", rank=rank, world=world)
-        want = _out(src)
-        with _state_dict_fsdp1(src, kind):
-            sd = src.state_dict()
-        dst = wrap(build(seed=5), "fsdp1")
-        before = _out(dst)
-        with _state_dict_fsdp1(dst, kind):
-            result = dst.load_state_dict(sd)
-        got = _out(dst)
-        res["missing"], res["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
-        res["exact"] = _same(got, want)
-        res["changed"] = not _same(before, want)
-        if kind == "full":
-            # a checkpoint saved under FSDP loads into a plain model, and back
-            plain = build(seed=9)
-            plain.load_state_dict(sd)
-            res["into_plain_exact"] = _same(_out(plain), want)
-            back = wrap(build(seed=11), "fsdp1")
-            with _state_dict_fsdp1(back, "full"):
-                back.load_state_dict(plain.state_dict())
-            res["plain_into_fsdp1_exact"] = _same(_out(back), want)
-        return res
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         set_model_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     src = _trained("fsdp2", rank=rank, world=world)
     want = _out(src)
-    if path in ("fsdp2_full", "fsdp2_sharded"):
-        opts = StateDictOptions(full_state_dict=path == "fsdp2_full")
-        sd = get_model_state_dict(src, options=opts)
-        res["has_quant_state"] = any("quant_state.bitsandbytes__" in k for k in sd)
-        full_copy = {k: v.clone() for k, v in sd.items()} if path == "fsdp2_full" else None  # set_* rewrites sd
-        dst = wrap(build(seed=5), "fsdp2")
-        before = _out(dst)
-        result = set_model_state_dict(dst, sd, options=opts)
-        res["missing"], res["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
-        res["exact"] = _same(_out(dst), want)
-        res["changed"] = not _same(before, want)
-        if path == "fsdp2_full":
-            plain = build(seed=9)
-            plain.load_state_dict(full_copy)
-            res["into_plain_exact"] = _same(_out(plain), want)
-            back = wrap(build(seed=11), "fsdp2")
-            set_model_state_dict(back, plain.state_dict(), options=opts)
-            res["plain_into_fsdp2_exact"] = _same(_out(back), want)
-        return res
+    res = {}
     # torch.distributed.checkpoint: sharded save on 2 ranks, load on 2, reshard 2 -> 1 -> 2
     import torch.distributed.checkpoint as dcp
     ck = os.path.join(tmp, "dcp2")
@@ -505,10 +508,12 @@ COMPARE = {
 }
 
 
-def compare():
+def compare(names=None):
     """Each scenario alone (a crash ends only its own run), bnbcy then bitsandbytes."""
     rows = {}
     for name, job in COMPARE.items():
+        if names and name not in names:
+            continue
         for lib in ("bnbcy", "bitsandbytes"):
             res, info = launch({name: job}, lib=lib, timeout=120)
             r0 = res[0].get(name)
@@ -526,7 +531,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "worker":
         _worker(sys.argv[2:])
     elif sys.argv[1] == "compare":
-        rows = compare()
+        rows = compare(sys.argv[3].split(",") if len(sys.argv) > 3 else None)
         if len(sys.argv) > 2:
             with open(sys.argv[2], "w") as f:
                 json.dump(rows, f, indent=1)

@@ -92,8 +92,7 @@ def test_model_checkpoint_round_trip_is_bit_exact(path, backend):
         assert r["missing"] == [] and r["unexpected"] == []
         assert r["changed"], "the target model must start different, or the test proves nothing"
         assert r["exact"]
-        if path.startswith("fsdp2"):
-            assert r["has_quant_state"]
+        assert r["has_quant_state"]
         if path.endswith("full"):     # FSDP checkpoint -> plain model -> FSDP again
             assert r["into_plain_exact"]
             assert r[f"plain_into_{path.split('_')[0]}_exact"]
