@@ -1,6 +1,7 @@
 """Params4bit and Linear4bit/LinearNF4/LinearFP4 on the CPU (NUMERICS.md §3.5, §4)."""
 import copy
 import io
+import logging
 import pickle
 import warnings
 
@@ -305,17 +306,24 @@ def test_compute_dtype_from_first_input():
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_fp16_input_without_compute_dtype_warns_once(rows):
+def test_fp16_input_without_compute_dtype_logs_once(rows, caplog):
+    # bitsandbytes' notice, through logging, in its words
     m, _ = _quantized_linear(quant_type="nf4")
     x = _randn(rows, 96, seed=10, dtype=torch.float16)
-    with pytest.warns(UserWarning, match="float16 input and has no compute_dtype.*runs in float16"):
+    with caplog.at_level(logging.WARNING, logger="bnbcy.nn.modules"):
         y = m(x)
+    tail = "slow inference." if rows == 1 else "slow inference or training speed."
+    assert [r.getMessage() for r in caplog.records] == [
+        "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 (default). "
+        "This will lead to " + tail]
     assert m.compute_dtype is None and y.dtype == torch.float16
     ref = _dense_ref(m, x)
     assert (y.double() - ref).abs().max() <= 3e-3 * ref.abs().max()
-    with warnings.catch_warnings():
+    caplog.clear()
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="bnbcy.nn.modules"):
         warnings.simplefilter("error")
-        m(x)  # only the first call warns
+        m(x)  # only the first call logs
+    assert caplog.records == []
 
 
 def test_fp16_input_with_fp32_compute_dtype_warns_upcast():

@@ -1,7 +1,8 @@
-"""Autograd wrappers of the quantized matmuls (NUMERICS.md §4).
+"""Autograd wrappers of the quantized matmuls (NUMERICS.md §4), built on the ``torch.ops.bnbcy``
+ops so that ``torch.compile`` traces them whole.
 
-``matmul_4bit`` is the QLoRA path: the 4-bit weight is frozen, so gradients
-flow to the input and the bias only.
+``matmul_4bit`` is the QLoRA path: the 4-bit weight is frozen, so gradients flow to the input
+and the bias only (the ``gemm_4bit`` op carries that autograd formula).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .. import _arrays
+from .._ops.fourbit import dequantize_weight
 from ..functional import fourbit_matmul as _mm
 from ..functional import int8 as _i8
 from ..functional.fourbit import dequantize_4bit, packed_bytes
@@ -19,7 +20,8 @@ from ..functional.fourbit import dequantize_4bit, packed_bytes
 
 class MatMul4Bit(torch.autograd.Function):
     """``A @ W.T + bias`` with a packed 4-bit ``W``; backward gives ``grad_A = grad @ W`` and
-    ``grad_bias = grad.sum``, never a gradient for the frozen weight."""
+    ``grad_bias = grad.sum``, never a gradient for the frozen weight. (:func:`matmul_4bit`
+    calls the differentiable ``gemm_4bit`` op directly; this class is bitsandbytes' API.)"""
 
     @staticmethod
     def forward(ctx, A, B, out=None, bias=None, quant_state=None):
@@ -28,7 +30,11 @@ class MatMul4Bit(torch.autograd.Function):
         ctx.save_for_backward(B)
         if bias is not None and bias.dtype != A.dtype:
             bias = bias.to(A.dtype)
-        return _mm.gemm_4bit(A, B, quant_state, bias=bias, out=out)
+        y = _mm.gemm_4bit(A, B, quant_state, bias=bias)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -38,8 +44,15 @@ class MatMul4Bit(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=ctx.bias_dtype)
         if need_A:
-            grad_A = _mm.weight_grad_input(grad_output, B, ctx.state)
+            absmax, blocksize, qt, absmax_8bit, absmax_code, offset = _mm.gemm_args(ctx.state)
+            W = dequantize_weight(B, list(ctx.state.shape), absmax, blocksize, qt, grad_output.dtype,
+                                  absmax_8bit, absmax_code, offset)
+            grad_A = torch.matmul(grad_output, W)
         return grad_A, None, None, grad_bias, None
+
+
+def _is_torch(x):
+    return isinstance(x, torch.Tensor)
 
 
 def matmul_4bit(A, B, quant_state, out=None, bias=None):
@@ -56,7 +69,7 @@ def matmul_4bit(A, B, quant_state, out=None, bias=None):
     out : array, optional
         Output buffer ``(..., N)`` (not with autograd).
     bias : array, optional
-        ``[N]``.
+        ``[N]``; cast to A's dtype (differentiably).
 
     Returns
     -------
@@ -69,22 +82,27 @@ def matmul_4bit(A, B, quant_state, out=None, bias=None):
         raise ValueError(f"matmul_4bit: quant_state.shape must be 2-D [N, K], got {quant_state.shape}")
     N, K = (int(s) for s in quant_state.shape)
     if A.shape and A.shape[-1] == N and N != K:
-        # A weight quantized as [K, N] (deprecated orientation): multiply by its dequantized transpose.
-        warnings.warn("matmul_4bit: the weight seems quantized as [in_features, out_features]; this "
-                      "orientation is deprecated and runs through a dense dequantized weight",
-                      DeprecationWarning, stacklevel=2)
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"matmul_4bit: weight was quantized from a [K, N] tensor (quant_state.shape="
+                f"{list(quant_state.shape)}). Re-quantize from the weight in [N, K] (out_features, "
+                "in_features) orientation. This will be an error in a future version.",
+                DeprecationWarning, stacklevel=2)
         W = dequantize_4bit(packed_bytes(B, "B"), quant_state).reshape(N, K)
-        if _arrays._kind(A) == "torch":
-            return torch.nn.functional.linear(A, W.to(A.dtype).t(), bias)
-        y = A @ W.astype(A.dtype)
-        return y if bias is None else y + bias
-    if _arrays._kind(A) == "torch" and torch.is_grad_enabled() and (
-            A.requires_grad or (bias is not None and bias.requires_grad)):
+        if _is_torch(A):
+            y = torch.nn.functional.linear(A, W.to(A.dtype).t(), bias)
+        else:
+            y = A @ W.astype(A.dtype)
+            y = y if bias is None else y + bias
         if out is not None:
-            raise ValueError("matmul_4bit: out= cannot be used when gradients are required")
-        return MatMul4Bit.apply(A, B, None, bias, quant_state)
-    if bias is not None and _arrays.dtype_name(bias.dtype) != _arrays.dtype_name(A.dtype):
-        bias = bias.to(A.dtype) if _arrays._kind(bias) == "torch" else bias.astype(A.dtype)
+            out[...] = y
+            return out
+        return y
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype) if _is_torch(bias) else bias.astype(A.dtype)
+    if out is not None and _is_torch(A) and torch.is_grad_enabled() and (
+            A.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("matmul_4bit: out= cannot be used when gradients are required")
     return _mm.gemm_4bit(A, B, quant_state, bias=bias, out=out)
 
 
@@ -123,7 +141,9 @@ class MatmulLtState:
 
 
 def _int8_weight(B, state):
-    """(CB, SCB) of the weight: quantized from B when it holds 16/32-bit values that changed."""
+    """(CB, SCB) of the weight: ``state.CB``/``SCB`` when the weight is frozen int8
+    (``has_fp16_weights=False``; B itself is then not looked at, as in bitsandbytes), else
+    quantized from the 16/32-bit B when it changed."""
     if state.has_fp16_weights or state.CB is None:
         if B.dtype == torch.int8:
             raise ValueError("the weight is int8 but state.CB/SCB are not set: pass the MatmulLtState "
@@ -134,7 +154,46 @@ def _int8_weight(B, state):
 
 
 def _dequant_weight(CB, SCB, dtype):
-    return (CB.to(dtype) * (SCB.unsqueeze(1) * float(_i8.INV127)).to(dtype))
+    """``CB * SCB / 127`` in ``dtype``, rounded once (bitsandbytes' expression)."""
+    return CB.to(dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+def _check_features(A, CB):
+    if A.shape[-1] != CB.shape[-1]:
+        raise ValueError(f"matmul: A has {A.shape[-1]} features, the int8 weight {tuple(CB.shape)} expects "
+                         f"{CB.shape[-1]}")
+
+
+def _int8_forward(A, B, state, bias):
+    """The LLM.int8() product ``A @ W.T + bias`` in A's dtype (no autograd); returns
+    ``(y, CB, SCB)``."""
+    CB, SCB = _int8_weight(B, state)
+    N = CB.shape[0]
+    if A.numel() == 0:
+        return A.new_empty(A.shape[:-1] + (N,)), CB, SCB
+    _check_features(A, CB)
+    A2 = A.reshape(-1, A.shape[-1])
+    # outputs are produced in A's dtype, or float32 for other float dtypes (float64), then cast
+    cd = A.dtype if A.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if cd != A.dtype:
+        A2 = A2.to(cd)
+    # bitsandbytes quantizes activations as float16 (its CUDA kernel's contract)
+    A16 = A2 if A2.dtype == torch.float16 else A2.to(torch.float16)
+    CA, SCA, cols = _i8.int8_vectorwise_quant(A16, state.threshold)
+    bias_c = None if bias is None else bias.to(cd)
+    if state.threshold > 0.0:
+        state.idx = cols
+        y, _ = _i8.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, cols, bias_c)
+    else:
+        y = _i8.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias_c, dtype=cd)
+    return y.reshape(A.shape[:-1] + (N,)).to(A.dtype), CB, SCB
+
+
+def _to_out(y, out):
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 class MatMul8bitLt(torch.autograd.Function):
@@ -152,36 +211,11 @@ class MatMul8bitLt(torch.autograd.Function):
         ctx.state = state
         ctx.A_shape, ctx.A_dtype = A.shape, A.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        N = B.shape[0]
-        if A.numel() == 0:
-            ctx.empty = True
-            return torch.empty(A.shape[:-1] + (N,), dtype=A.dtype, device=A.device)
-        ctx.empty = False
-        if A.shape[-1] != B.shape[-1]:
-            raise ValueError(f"matmul: A has {A.shape[-1]} features, the weight {tuple(B.shape)} expects "
-                             f"{B.shape[-1]}")
-        A2 = A.reshape(-1, A.shape[-1])
-        # outputs are produced in A's dtype, or float32 for other float dtypes (float64), then cast
-        cd = A.dtype if A.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        if cd != A.dtype:
-            A2 = A2.to(cd)
-        # bitsandbytes quantizes activations as float16 (its CUDA kernel's contract)
-        A16 = A2 if A2.dtype == torch.float16 else A2.to(torch.float16)
-        CA, SCA, cols = _i8.int8_vectorwise_quant(A16, state.threshold)
-        CB, SCB = _int8_weight(B, state)
-        bias_c = None if bias is None else bias.to(cd)
-        if state.threshold > 0.0:
-            state.idx = cols
-            y, subA = _i8.int8_mixed_scaled_mm(A2, CA, CB, SCA, SCB, cols, bias_c)
-        else:
-            y = _i8.int8_scaled_mm(CA, CB, SCA, SCB, bias=bias_c, dtype=cd)
-        y = y.reshape(A.shape[:-1] + (N,)).to(A.dtype)
-        if out is not None:
-            out.copy_(y)
-            y = out
+        ctx.empty = A.numel() == 0
+        y, _, _ = _int8_forward(A, B, state, bias)
         ctx.grad_B = ctx.needs_input_grad[1]
         ctx.save_for_backward(A if ctx.grad_B else None)
-        return y
+        return _to_out(y, out)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -202,6 +236,18 @@ class MatMul8bitLt(torch.autograd.Function):
         return grad_A, grad_B, None, grad_bias, None
 
 
+def _fp_forward(A, B, state, bias):
+    """``A @ dequant(CB).T + bias`` in A's dtype as plain differentiable torch code (traceable by
+    torch.compile): gradients for A and bias, and for a trainable float ``B`` the
+    straight-through ``grad.T @ A`` of bitsandbytes' ``MatMul8bitFp``."""
+    CB, SCB = _int8_weight(B, state)
+    _check_features(A, CB)
+    W = _dequant_weight(CB, SCB, A.dtype)
+    if B.dtype != torch.int8 and B.requires_grad:
+        W = B + (W - B).detach()   # forward: the int8 weight; backward: gradient into B
+    return torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
+
+
 class MatMul8bitFp(torch.autograd.Function):
     """Training on the CPU (as bitsandbytes): ``A @ dequant(CB).T + bias`` in A's dtype, with
     input, weight and bias gradients."""
@@ -209,20 +255,15 @@ class MatMul8bitFp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, out=None, bias=None, state=None):
         state = state or MatmulLtState()
-        if A.shape[-1] != B.shape[-1]:
-            raise ValueError(f"matmul: A has {A.shape[-1]} features, the weight {tuple(B.shape)} expects "
-                             f"{B.shape[-1]}")
         CB, SCB = _int8_weight(B, state)
+        _check_features(A, CB)
         W = _dequant_weight(CB, SCB, A.dtype)
         # backward rebuilds W from the int8 codes instead of keeping a float copy alive
         ctx.state = state
         ctx.save_for_backward(A)
         ctx.bias_dtype = None if bias is None else bias.dtype
         y = torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
-        if out is not None:
-            out.copy_(y)
-            y = out
-        return y
+        return _to_out(y, out)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -247,6 +288,8 @@ def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
         ``(..., K)`` float16/bfloat16/float32.
     B : torch.Tensor
         The weight ``[N, K]``: 16/32-bit (quantized here) or int8 with ``state.CB``/``SCB`` set.
+        With ``state.has_fp16_weights=False`` and ``state.CB`` set, the weight is ``state.CB``
+        and B is not looked at.
     out : torch.Tensor, optional
     state : MatmulLtState, optional
     threshold : float
@@ -257,10 +300,21 @@ def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
     -------
     torch.Tensor
         ``(..., N)`` in A's dtype.
+
+    Notes
+    -----
+    As bitsandbytes: in training mode on the CPU the product is ``A @ dequant(CB).T``
+    (``MatMul8bitFp``), else the int8 product (``MatMul8bitLt``). Calls that need no gradient
+    and the CPU training product run as plain op calls, without an ``autograd.Function``, so
+    that torch.compile traces them whole.
     """
     state = state or MatmulLtState()
     if threshold > 0.0:
         state.threshold = threshold
     if state.is_training and A.device.type in ("cpu", "xpu"):
-        return MatMul8bitFp.apply(A, B, out, bias, state)
+        return _to_out(_fp_forward(A, B, state, bias), out)
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if not needs_grad:
+        return _to_out(_int8_forward(A, B, state, bias)[0], out)
     return MatMul8bitLt.apply(A, B, out, bias, state)

@@ -3,6 +3,7 @@
 Every op takes torch tensors, CuPy arrays or NumPy arrays and returns arrays
 of the input's kind on the input's device.
 """
+from .. import _ops  # noqa: F401  (defines torch.ops.bnbcy.*, which the functions call)
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .fourbit import (dequantize_4bit, dequantize_fp4, dequantize_nf4, get_4bit_type, quantize_4bit,
                       quantize_fp4, quantize_nf4)

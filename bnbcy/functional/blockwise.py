@@ -1,100 +1,50 @@
 """8-bit blockwise quantization: ``quantize_blockwise`` / ``dequantize_blockwise``
-(NUMERICS.md §2). CPU arrays run the Cython/OpenMP kernels, CUDA arrays the
-``cuda_src/blockwise8.cu`` kernels through the kernel registry."""
+(NUMERICS.md §2), bitsandbytes' signatures. Torch tensors go through the ops
+``torch.ops.bnbcy.{quantize,dequantize}_blockwise``; CuPy/NumPy arrays and caller-provided
+outputs through the same array-level functions (:mod:`bnbcy.backends.blockwise`)."""
 from __future__ import annotations
 
-import numbers
+import numpy as np
+import torch
 
-from .. import _C, _arrays, kernels
-from .maps import dynamic_map
+from .. import _C, _arrays
+from ..backends import blockwise as _bw
+from ..backends.blockwise import check_blocksize, code_view  # noqa: F401  (public helpers)
 from .quant_state import QuantState
 
-FLOAT_DTYPES = _arrays.FLOAT_DTYPES
-CUDA_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-# Elements per CUDA thread; must equal BNBCY_Q8_ITEMS in cuda_src/blockwise8.cu.
-_ITEMS = 8
-_DEQUANT_THREADS = 256
-_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+FLOAT_DTYPES = _bw.FLOAT_DTYPES
+CUDA_BLOCKSIZES = _bw.BLOCKWISE_BLOCKSIZES
 
-_QUANTIZE = kernels.register(kernels.KernelSpec(
-    "quantize_blockwise", "blockwise8", "bnbcy_quantize_blockwise_{dtype}_{blocksize}", "ppppq",
-    (("dtype", tuple(_SUFFIX.values())), ("blocksize", CUDA_BLOCKSIZES))))
-_DEQUANTIZE = kernels.register(kernels.KernelSpec(
-    "dequantize_blockwise", "blockwise8", "bnbcy_dequantize_blockwise_{dtype}", "ppppqi",
-    (("dtype", tuple(_SUFFIX.values())),)))
-
-# The default map, per (framework, device), so CUDA calls do not copy it each time.
-_default_codes: dict = {}
+# default map per torch device (a tensor the ops can take); never written into
+_default_torch_codes: dict = {}
 
 
-def check_blocksize(blocksize, like, allowed_cuda=CUDA_BLOCKSIZES):
-    """Validate ``blocksize`` for an op on ``like``'s device; return it as int."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    blocksize = int(blocksize)
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
-    if like.is_cuda and blocksize not in allowed_cuda:
-        raise ValueError(f"blocksize must be one of {allowed_cuda} on CUDA, got {blocksize}")
-    return blocksize
-
-
-def code_view(code, like):
-    """View of the code map (float32[256]) on ``like``'s framework and device."""
+def _torch_code(code, A):
+    """``code`` as the op takes it: a tensor on A's device (None: the dynamic map)."""
     if code is None:
-        key = (like.kind, like.device)
-        code = _default_codes.get(key)
+        code = _default_torch_codes.get(A.device)
         if code is None:
-            code = _default_codes[key] = _arrays.to_like(dynamic_map(), like)
-    else:
-        if not hasattr(code, "__dlpack__"):
-            raise TypeError(f"code must be a float32 array of 256 values, got {type(code).__name__}")
-        got = _arrays.dtype_name(code.dtype)
-        if got != "float32":
-            raise ValueError(f"code must have dtype float32, got {got}")
-        if _arrays._kind(code) != like.kind or str(getattr(code, "device", "cpu")) != _device_str(like):
-            code = _arrays.to_like(code, like)
-    v = _arrays.input_view(code, "code", ("float32",))
-    if v.numel != 256:
-        raise ValueError(f"code must have 256 values, got {v.numel} (shape {v.shape})")
-    return v
+            from .maps import dynamic_map
+            code = _default_torch_codes[A.device] = dynamic_map().to(A.device)
+    return code
 
 
-def _device_str(like):
-    # how each framework spells the device of an array on like's device
-    if like.kind == "torch":
-        return str(like.obj.device)
-    if like.kind == "cupy":
-        return f"<CUDA Device {like.device_id}>"
-    return "cpu"
-
-
-def _launch_quantize(a, code, q, absmax, blocksize):
-    if a.is_cuda:
-        threads = max(256, blocksize // _ITEMS)
-        grid = -(-a.numel // (threads * _ITEMS))
-        kernels.registry.launch(_QUANTIZE, {"dtype": _SUFFIX[a.dtype], "blocksize": blocksize},
-                                (grid,), (threads,), (a, code, q, absmax, a.numel), a)
-    else:
-        _C.cpu_quantize_blockwise(a, code, q, absmax, blocksize)
-
-
-def _launch_dequantize(q, code, absmax, out, blocksize):
-    if q.is_cuda:
-        grid = -(-q.numel // (_DEQUANT_THREADS * _ITEMS))
-        kernels.registry.launch(_DEQUANTIZE, {"dtype": _SUFFIX[out.dtype]}, (grid,), (_DEQUANT_THREADS,),
-                                (q, code, absmax, out, q.numel, blocksize.bit_length() - 1), q)
-    else:
-        _C.cpu_dequantize_blockwise(q, code, absmax, out, blocksize)
+def _via_op(A, *arrays):
+    """Whether a call goes through the torch op: torch tensors only, no caller buffers."""
+    return isinstance(A, torch.Tensor) and all(x is None or isinstance(x, torch.Tensor) for x in arrays)
 
 
 def _mean(x):
     """0-d float32 mean in x's framework (torch's reduction order for torch)."""
     m = x.mean()
-    if _arrays._kind(x) == "numpy":
-        import numpy as np
+    if isinstance(x, np.ndarray):
         m = np.asarray(m, dtype=np.float32)
     return m
+
+
+def _own(code):
+    # the state owns its map (as in bitsandbytes): later edits of `code` do not leak in
+    return code.clone() if isinstance(code, torch.Tensor) else code.copy()
 
 
 def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nested=False):
@@ -138,22 +88,16 @@ def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nest
     dequantizes to -0.0); in a block holding ±inf, finite values get the code of
     0.0 and ±inf code 0.
     """
-    a = _arrays.input_view(A, "A", FLOAT_DTYPES)
-    blocksize = check_blocksize(blocksize, a)
     if nested and absmax is not None:
         raise ValueError("absmax= cannot be combined with nested=True: the state's absmax is then uint8 codes")
-    codev = code_view(code, a)
-    nblocks = -(-a.numel // blocksize)
-    if out is None:
-        out = _arrays.empty(a, a.shape, "uint8")
-    qv = _arrays.output_view(out, "out", a, "uint8", a.numel, a.shape)
-    if absmax is None:
-        absmax = _arrays.empty(a, (nblocks,), "float32")
-    amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
-    _launch_quantize(a, codev, qv, amv, blocksize)
-
-    # the state owns its map (as in bitsandbytes): later edits of `code` do not leak in
-    state_code = codev.obj.clone() if a.kind == "torch" else codev.obj.copy()
+    if _via_op(A, code) and out is None and absmax is None:
+        code = _torch_code(code, A)
+        out, absmax = torch.ops.bnbcy.quantize_blockwise.default(A, code, _bw.as_blocksize(blocksize))
+        state_code = code.to(A.device, copy=True)
+    else:
+        out, absmax = _bw.quantize_blockwise(A, code, blocksize, out=out, absmax=absmax)
+        like = _C.view(out, "out")
+        state_code = _own(_bw.default_code(like) if code is None else _arrays.to_like(code, like))
     if nested:
         offset = _mean(absmax)
         absmax -= offset
@@ -187,30 +131,21 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
     array
         A's shape, ``quant_state.dtype`` (float32 without a state).
     """
-    if quant_state is None and absmax is None:
-        raise ValueError("dequantize_blockwise needs quant_state or absmax")
-    q = _arrays.input_view(A, "A", ("uint8",))
     if quant_state is None:
-        quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
-                                 dtype=_arrays.framework_dtype(q.kind, "float32"))
-    blocksize = check_blocksize(quant_state.blocksize, q)
-    out_dtype = _arrays.dtype_name(quant_state.dtype)
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {out_dtype}")
-
-    scales = quant_state.absmax
-    if quant_state.nested:
-        scales = dequantize_blockwise(scales, quant_state.state2)
-        scales += quant_state.offset
-    nblocks = -(-q.numel // blocksize)
-    amv = _arrays.input_view(scales, "absmax", ("float32",))
-    _arrays.check_same_device(amv, q, "absmax")
-    if amv.numel < nblocks:
-        raise ValueError(f"absmax must have at least {nblocks} values for {q.numel} codes in blocks of "
-                         f"{blocksize}, got {amv.numel}")
-    codev = code_view(quant_state.code, q)
-    if out is None:
-        out = _arrays.empty(q, q.shape, out_dtype)
-    outv = _arrays.output_view(out, "out", q, out_dtype, q.numel, q.shape)
-    _launch_dequantize(q, codev, amv, outv, blocksize)
-    return out
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        dtype = torch.float32 if isinstance(A, torch.Tensor) else np.float32
+    else:
+        absmax, code, blocksize, dtype = (quant_state.absmax, quant_state.code, quant_state.blocksize,
+                                          quant_state.dtype)
+        if quant_state.nested:
+            absmax = dequantize_blockwise(absmax, quant_state.state2)
+            absmax += quant_state.offset
+    if _via_op(A, absmax, code, out) and isinstance(dtype, torch.dtype):
+        blocksize = _bw.as_blocksize(blocksize)
+        code = _torch_code(code, A)
+        if out is None:
+            return torch.ops.bnbcy.dequantize_blockwise.default(A, absmax, code, blocksize, dtype)
+        torch.ops.bnbcy.dequantize_blockwise.out(A, absmax, code, blocksize, dtype, out)
+        return out
+    return _bw.dequantize_blockwise(A, absmax, code, blocksize, dtype, out=out)

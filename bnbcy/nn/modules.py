@@ -18,6 +18,7 @@ so ``Linear4bit(...).cpu()`` or ``.to("cpu")`` quantizes.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -28,6 +29,8 @@ from torch import nn
 from ..functional.fourbit import quantize_4bit as _quantize_4bit
 from .. import distributed as _dist
 from ..functional.quant_state import QuantState
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weight_quant_state_from_module",
            "Int8Params", "Linear8bitLt", "maybe_rearrange_weight", "Embedding", "StableEmbedding"]
@@ -467,18 +470,19 @@ class Linear4bit(nn.Linear):
         if x.dtype in (torch.float32, torch.bfloat16):
             # safe to compute in the input's own dtype, and fastest
             self.compute_dtype = x.dtype
-        elif x.dtype == torch.float16:
-            # bitsandbytes keeps compute_dtype unset here and warns; the matmul then runs in
-            # float16. Say so plainly (bnb's text blames a float32 default that is not used).
-            single = x.numel() == x.shape[-1]
-            warnings.warn(
-                f"{type(self).__name__} received a torch.float16 input and has no compute_dtype: the 4-bit "
-                f"matmul runs in float16 for this and later calls{' (single-row inference)' if single else ''}. "
-                f"Pass compute_dtype=torch.float16 to make that explicit, or compute_dtype=torch.float32 "
-                f"for float32 accumulation at lower speed.", UserWarning, stacklevel=3)
+        elif x.dtype == torch.float16 and not torch.compiler.is_compiling():
+            # bitsandbytes keeps compute_dtype unset here (the matmul runs in float16) and logs
+            # this notice, in its words
+            if x.numel() == x.shape[-1]:
+                logger.warning("Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
+                               "(default). This will lead to slow inference.")
+            else:
+                logger.warning("Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
+                               "(default). This will lead to slow inference or training speed.")
 
     def _warn_fp16_upcast(self, x: torch.Tensor) -> None:
-        if self._fp16_upcast_warned or x.dtype != torch.float16 or self.compute_dtype != torch.float32:
+        if self._fp16_upcast_warned or x.dtype != torch.float16 or self.compute_dtype != torch.float32 \
+                or torch.compiler.is_compiling():
             return
         self._fp16_upcast_warned = True
         warnings.warn(
@@ -820,8 +824,9 @@ class Int8Params(_DtypeCastsThroughTo, torch.nn.Parameter):
         return self
 
     @property
-    def is_quantized(self) -> bool:
-        """Whether ``data`` holds int8 codes."""
+    def _is_int8(self) -> bool:
+        # whether ``data`` holds int8 codes (not named is_quantized: that is torch.Tensor's, for
+        # torch's own quantized tensors, and libraries read it)
         return self.dtype == torch.int8
 
     # ----------------------------------------------------------------- pickling / copying
@@ -909,7 +914,7 @@ class Int8Params(_DtypeCastsThroughTo, torch.nn.Parameter):
 
     def to(self, *args, **kwargs):
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        quantized = self.is_quantized
+        quantized = self._is_int8
         if (not quantized and not self.has_fp16_weights and device is not None and device.type != "meta"
                 and self.device.type != "meta"):
             return self._quantize(device)
@@ -1030,7 +1035,7 @@ class Linear8bitLt(nn.Linear):
         # of the parameter and the state tensors are brought along here
         result = super()._apply(fn, recurse)
         w = self.weight
-        if isinstance(w, Int8Params) and w.is_quantized:
+        if isinstance(w, Int8Params) and w._is_int8:
             dev = w.device
             if w.CB is not None:
                 w.CB = w.data
@@ -1112,8 +1117,13 @@ class Linear8bitLt(nn.Linear):
         wkey, skey = prefix + "weight", prefix + "SCB"
         incoming = state_dict.get(wkey)
         scb_in = state_dict.get(skey)
-        quantized = isinstance(self.weight, Int8Params) and self.weight.is_quantized
+        quantized = isinstance(self.weight, Int8Params) and self.weight._is_int8
         float_in = incoming is not None and incoming.is_floating_point()
+        if float_in and not quantized and scb_in is not None:
+            # bitsandbytes' error (a float weight with row scales is a checkpoint this module
+            # cannot hold until it is quantized); raised before anything is loaded
+            raise RuntimeError("Loading a quantized checkpoint into non-quantized Linear8bitLt is not supported. "
+                               "Please call module.cuda() before module.load_state_dict()")
         if (incoming is None and scb_in is None) or (float_in and not quantized):
             old = self.weight
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -1200,7 +1210,7 @@ class Linear8bitLt(nn.Linear):
             error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(incoming.shape)} from "
                               f"checkpoint, the shape in current model is {self._expected_shape()}")
             return
-        quantized = isinstance(self.weight, Int8Params) and self.weight.is_quantized
+        quantized = isinstance(self.weight, Int8Params) and self.weight._is_int8
         if scb_in is None:
             if not quantized or self._scb() is None:
                 error_msgs.append(f"{skey} is missing: an int8 weight needs its row scales to load into a "
