@@ -397,11 +397,20 @@ def sc_dtensor_kernel(rank, world):
     mesh = init_device_mesh(DEVICE, (world,))
     t = distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)])
     bnb = _lib()
+    res = {}
     try:
         bnb.functional.quantize_blockwise(t)
-        return {"outcome": "accepted"}
+        res["outcome"] = "accepted"
     except Exception as exc:   # noqa: BLE001
-        return {"outcome": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        res["outcome"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if LIB == "bnbcy":      # below the op layer: the tensor view every kernel call goes through
+        from bnbcy import _C
+        try:
+            _C.view(t, "A")
+            res["view"] = "accepted"
+        except Exception as exc:   # noqa: BLE001
+            res["view"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return res
 
 
 SCENARIOS = {"train": sc_train, "ckpt": sc_ckpt, "optim": sc_optim, "ddp": sc_ddp,

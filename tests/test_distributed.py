@@ -129,7 +129,11 @@ def test_ddp_broadcasts_codes_and_statistics(base, backend):
 
 def test_dtensor_into_a_kernel_is_refused():
     for r in _result("ddp", "dtensor_kernel"):
-        assert r["outcome"].startswith("ValueError") and "NULL data pointer" in r["outcome"]
+        # the op layer refuses it (torch's DTensor dispatch: no sharding rule for bnbcy's ops) ...
+        assert r["outcome"].startswith(("RuntimeError", "NotImplementedError", "ValueError")), r
+        assert "DTensor" in r["outcome"] or "NULL data pointer" in r["outcome"], r
+        # ... and the tensor view below it refuses a NULL-pointer export with elements
+        assert r["view"].startswith("ValueError") and "NULL data pointer" in r["view"], r
 
 
 def test_fsdp1_trust_ratio_refused():
