@@ -22,6 +22,7 @@ checkpoints and DDP (see ``docs/distributed.md``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 
 import torch
@@ -386,7 +387,7 @@ def make_contiguous(p) -> None:
         p.grad = p.grad.contiguous()
 
 
-def launch_with_global_trust_ratio(optimizer, key, p) -> None:
+def launch_with_global_trust_ratio(optimizer, eight, hyper, pc, p) -> None:
     """One LAMB/LARS update of the sharded ``p`` with the trust ratio of the whole parameter.
 
     The kernel scales a shard's update by ``max_unorm * ||p|| / ||u||`` (when that is < 1)
@@ -405,17 +406,19 @@ def launch_with_global_trust_ratio(optimizer, key, p) -> None:
     """
     state = optimizer.state[p]
     pl, gl = local(p).detach(), local(p.grad)
-    dry_p = pl.clone()
-    dry_p.grad = gl
-    dry_state = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("qmap1", "qmap2") else v)
-                 for k, v in state.items()}
-    optimizer._launch(key, [dry_p], states=[dry_state])
-    u2_local = float(dry_state["unorm_vec"].reshape(-1)[0])
+    u2_local = 0.0
+    if pl.numel():
+        dry_p = pl.clone()
+        dry_p.grad = gl
+        dry_state = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("qmap1", "qmap2") else v)
+                     for k, v in state.items()}
+        optimizer._launch(eight, hyper, pc, [dry_p], states=[dry_state])
+        u2_local = float(dry_state["unorm_vec"].reshape(-1)[0])
     p_norm_local = float(torch.norm(pl.float()))       # as the kernel computes ||p||
     sums = all_reduce_sums(torch.tensor([[u2_local, float(pl.double().square().sum())]],
                                         dtype=torch.float64), [p])
     u_g, p_g = float(sums[0, 0]) ** 0.5, float(sums[0, 1]) ** 0.5
-    max_unorm = key[8]
+    max_unorm = hyper.max_unorm
     scale = max_unorm * p_g / u_g if u_g > max_unorm * p_g else 1.0
     if scale >= 1.0 or u2_local == 0.0:
         eff = 0.0
@@ -428,7 +431,8 @@ def launch_with_global_trust_ratio(optimizer, key, p) -> None:
             f"{type(optimizer).__name__}: the global trust ratio scales this update by {scale:.6g}, but this "
             f"rank's shard of the parameter (shape {tuple(pl.shape)}) is all zeros, so the per-shard kernel "
             f"cannot apply it; initialise the parameter away from zero or use max_unorm=0")
-    optimizer._launch(key[:8] + (eff,) + key[9:], [p])
+    if pl.numel():
+        optimizer._launch(eight, dataclasses.replace(hyper, max_unorm=eff), pc, [p])
 
 
 # ------------------------------------------------------------------------ state-dict helpers
