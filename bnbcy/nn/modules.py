@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..functional.fourbit import quantize_4bit as _quantize_4bit
+from .. import distributed as _dist
 from ..functional.quant_state import QuantState
 from . import _exec_layout
 
@@ -37,6 +39,127 @@ __all__ = ["Params4bit", "Linear4bit", "LinearFP4", "LinearNF4", "fix_4bit_weigh
 # Settings a Params4bit carries besides its data; pickling/copying keeps all of them.
 _SETTINGS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "quant_storage",
              "bnb_quantized", "module")
+
+
+# ------------------------------------------------------------------ state-dict helpers
+def _set_quant_buffers(module, tensors):
+    """Register ``tensors`` (name -> tensor or None) as non-persistent buffers ``_qs_<name>``
+    of ``module`` (not in the state dict; DDP broadcasts them in place)."""
+    for name, t in tensors.items():
+        key = "_qs_" + name
+        if t is None or not isinstance(t, torch.Tensor):
+            module._buffers.pop(key, None)
+            module._non_persistent_buffers_set.discard(key)
+        else:
+            module._buffers[key] = t
+            module._non_persistent_buffers_set.add(key)
+
+
+def _snapshot(module):
+    """What a state-dict load may change in ``module``: parameter objects, their data and
+    attributes, buffers, the module's attributes (and LLM.int8 state)."""
+    params = {}
+    for name, p in module._parameters.items():
+        if p is None:
+            params[name] = (None, None, None)
+            continue
+        data = _dist.local(p).detach().clone()
+        attrs = dict(p.__dict__) if not _dist.is_dtensor(p) else None
+        params[name] = (p, data, attrs)
+    extra = {}
+    for k in ("CB", "SCB"):
+        for holder in (module._parameters.get("weight"), getattr(module, "state", None)):
+            t = getattr(holder, k, None) if holder is not None else None
+            if isinstance(t, torch.Tensor):
+                extra[id(t)] = (t, t.detach().clone())
+    state = getattr(module, "state", None)
+    return (params, dict(module._buffers), set(module._non_persistent_buffers_set),
+            {k: v for k, v in module.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")},
+            dict(state.__dict__) if state is not None and hasattr(state, "__dict__") else None, extra)
+
+
+def _restore(module, snap):
+    params, buffers, non_persistent, attrs, state_attrs, extra = snap
+    with torch.no_grad():
+        for name, (p, data, pattrs) in params.items():
+            module._parameters[name] = p
+            if p is None:
+                continue
+            target = _dist.local(p)
+            if target.shape == data.shape and target.dtype == data.dtype:
+                target.copy_(data)
+            else:
+                p.data = data
+            if pattrs is not None:
+                p.__dict__.clear()
+                p.__dict__.update(pattrs)
+        for t, data in extra.values():
+            if t.shape == data.shape and t.dtype == data.dtype:
+                t.copy_(data)
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    module._non_persistent_buffers_set.clear()
+    module._non_persistent_buffers_set.update(non_persistent)
+    for k in [k for k in module.__dict__ if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
+        del module.__dict__[k]
+    module.__dict__.update(attrs)
+    if state_attrs is not None:
+        module.state.__dict__.clear()
+        module.state.__dict__.update(state_attrs)
+
+
+def _atomic_load(module, load, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs):
+    """Run ``load`` (a ``_load_from_state_dict`` body); if it reports an error or raises,
+    put ``module`` back as it was."""
+    snap = _snapshot(module)
+    n = len(error_msgs)
+    try:
+        load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    except BaseException:
+        _restore(module, snap)
+        raise
+    if len(error_msgs) > n:
+        _restore(module, snap)
+
+
+def _load_all_or_nothing(module, load_state_dict, state_dict, strict, assign):
+    """``load_state_dict`` that leaves ``module`` as it was when it raises (e.g. for missing
+    or unexpected keys under ``strict``, reported after everything else was loaded)."""
+    snap = _snapshot(module)
+    try:
+        return load_state_dict(state_dict, strict=strict, assign=assign)
+    except BaseException:
+        _restore(module, snap)
+        raise
+
+
+def _check_packed_state(codes, quant_state, wkey):
+    """Sizes of loaded 4-bit codes and their state against the state's shape/blocksize; an
+    error message, or None."""
+    n = 1
+    for d in quant_state.shape:
+        n *= int(d)
+    local = _dist.local(codes)
+    nbytes = (local.numel() * local.element_size()) if not _dist.is_sharded(codes) else None
+    if nbytes is not None and nbytes != (n + 1) // 2:
+        return (f"{wkey}: {nbytes} bytes of packed codes for a weight of shape {tuple(quant_state.shape)}, "
+                f"expected {(n + 1) // 2}")
+    try:
+        blocks = -(-n // int(quant_state.blocksize))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return f"{wkey}.quant_state: blocksize must be a positive int, got {quant_state.blocksize!r}"
+    if quant_state.absmax is None or quant_state.absmax.numel() != blocks:
+        got = None if quant_state.absmax is None else quant_state.absmax.numel()
+        return (f"{wkey}.absmax: expected {blocks} block maxima for shape {tuple(quant_state.shape)} and "
+                f"blocksize {quant_state.blocksize}, got {got}")
+    if quant_state.nested:
+        s2 = quant_state.state2
+        nb2 = -(-blocks // int(s2.blocksize))
+        if s2.absmax is None or s2.absmax.numel() != nb2:
+            return (f"{wkey}.nested_absmax: expected {nb2} elements, got "
+                    f"{None if s2.absmax is None else s2.absmax.numel()}")
+    return None
 
 
 def _matmul_4bit(*args, **kwargs):
@@ -403,33 +526,97 @@ class Linear4bit(nn.Linear):
         return _matmul_4bit(x, self.weight.t(), bias=bias, quant_state=quant_state).to(inp_dtype)
 
     # -------------------------------------------------------------------- state dict
+    @property
+    def quant_state(self) -> Optional[QuantState]:
+        """The weight's quant state, kept on the module too (a wrapper such as FSDP may
+        replace the parameter object and lose it)."""
+        return self.__dict__.get("_quant_state")
+
+    @quant_state.setter
+    def quant_state(self, value: Optional[QuantState]) -> None:
+        self.__dict__["_quant_state"] = value
+        self._sync_quant_buffers()
+
+    def _sync_quant_buffers(self):
+        # absmax / nested state as non-persistent buffers that *are* the state's tensors: DDP
+        # broadcasts buffers in place, so rank 0's statistics travel with its codes
+        qs = self.__dict__.get("_quant_state")
+        _set_quant_buffers(self, {"absmax": qs.absmax if qs is not None else None,
+                                  "nested_absmax": qs.state2.absmax if qs is not None and qs.nested else None,
+                                  "nested_offset": qs.offset if qs is not None and qs.nested else None})
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._sync_quant_buffers()       # a move/cast replaced the buffers: point them at the state again
+        return result
+
+    def _current_quant_state(self):
+        """The weight's quant state, or the module's when a wrapper replaced the parameter."""
+        w = self.weight
+        if isinstance(w, Params4bit) and not _dist.is_dtensor(w):
+            return w.quant_state
+        return self.quant_state
+
+    def _weight_is_quantized(self) -> bool:
+        w = self.weight
+        if isinstance(w, Params4bit) and not _dist.is_dtensor(w):
+            return bool(w.bnb_quantized)
+        return self.quant_state is not None     # held by a wrapper (FSDP), quantized before
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """``weight`` and ``bias`` as nn.Linear, then the weight's quant state as
         ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*`` and the packed
-        ``weight.quant_state.bitsandbytes__<type>`` blob (bitsandbytes' keys)."""
+        ``weight.quant_state.bitsandbytes__<type>`` blob (bitsandbytes' keys).
+
+        The quant state comes from the module when a wrapper (FSDP) replaced the parameter.
+        In a distributed state dict (the weight is a DTensor or held by FSDP, or inside
+        :func:`bnbcy.distributed.fixed_length_quant_state`) the blob is padded with JSON
+        whitespace to a fixed length, which DCP's planner needs."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        quant_state = getattr(self.weight, "quant_state", None)
-        if quant_state is not None:
-            for k, v in quant_state.as_dict(packed=True).items():
-                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+        quant_state = self._current_quant_state() if self._weight_is_quantized() else None
+        if quant_state is None:
+            return
+        fixed = _dist.use_fixed_length_blob(self.weight)
+        if _dist.is_dtensor(self.weight):
+            # torch.distributed.checkpoint.state_dict resolves "weight.absmax" etc. by getattr
+            # on the parameter, which FSDP2 made a plain DTensor: give it the names again
+            _dist.expose_quant_state(self.weight, quant_state)
+        for k, v in quant_state.as_dict(packed=True).items():
+            if fixed and k.startswith("quant_state."):
+                v = _dist.pad_blob(v)
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: on any error (bad entries, missing
+        or unexpected keys with ``strict``) the module is left as it was."""
+        return _load_all_or_nothing(self, super().load_state_dict, state_dict, strict, assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Load a quantized (bitsandbytes-format) or a float state dict.
 
-        * Quantized: the ``weight.*`` quant-state entries rebuild the weight with
-          :meth:`Params4bit.from_prequantized` on the current weight's device (the
-          incoming codes' device when the current weight is on ``meta``). The module
-          need not be quantized before.
+        * Quantized: the ``weight.*`` quant-state entries give the codes' state. Into a
+          quantized module (or one whose parameter FSDP holds: a DTensor, an FSDP1 view) the
+          codes are copied into the existing parameter and the state replaced; otherwise
+          the weight is rebuilt with :meth:`Params4bit.from_prequantized` on the current
+          weight's device (the incoming codes' device when the current weight is on
+          ``meta``). The module need not be quantized before.
         * Float into a not-yet-quantized module: as ``nn.Linear`` (copied in place).
         * Float into a quantized module: the float weight is quantized with the module's
-          settings on the current device.
+          settings and installed as above.
+
+        An error leaves this module as it was (the message goes to ``error_msgs``).
         """
+        _atomic_load(self, self._load_weight_and_rest, state_dict, prefix, local_metadata, strict, missing_keys,
+                     unexpected_keys, error_msgs)
+
+    def _load_weight_and_rest(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         wkey = prefix + "weight"
         qs_prefix = wkey + "."
         qs_keys = [k for k in state_dict if k.startswith(qs_prefix)]
         incoming = state_dict.get(wkey)
-        if not qs_keys and not (incoming is not None and getattr(self.weight, "bnb_quantized", False)):
+        if not qs_keys and not (incoming is not None and self._weight_is_quantized()):
             old = self.weight
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
@@ -444,32 +631,91 @@ class Linear4bit(nn.Linear):
         if incoming is None:
             missing_keys.append(wkey)
             return
-        device = self.weight.device if self.weight.device.type != "meta" else incoming.device
+        w = self.weight
+        device = w.device if w.device.type != "meta" else incoming.device
         expected = (self.out_features, self.in_features)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         try:
             if qs_keys:
-                new = Params4bit.from_prequantized(
-                    data=incoming.detach(), quantized_stats={k[len(qs_prefix):]: state_dict[k] for k in qs_keys},
-                    requires_grad=False, device=device, module=self)
+                stats = {k[len(qs_prefix):]: state_dict[k] for k in qs_keys}
+                quant_state = QuantState.from_dict(qs_dict={k: _dist.full(v) for k, v in stats.items()},
+                                                   device=device)
+                codes = incoming.detach()
             elif tuple(incoming.shape) == expected and incoming.is_floating_point():
-                w = self.weight
-                new = Params4bit(incoming.detach().clone(), requires_grad=False, blocksize=w.blocksize,
-                                 compress_statistics=w.compress_statistics, quant_type=w.quant_type,
-                                 quant_storage=w.quant_storage, module=self)._quantize(device)
+                settings = w if isinstance(w, Params4bit) else self._settings_param()
+                q = Params4bit(_dist.full(incoming.detach()).clone(), requires_grad=False,
+                               blocksize=settings.blocksize, compress_statistics=settings.compress_statistics,
+                               quant_type=settings.quant_type, quant_storage=settings.quant_storage)._quantize(device)
+                codes, quant_state = q.data, q.quant_state
             else:
                 error_msgs.append(f"size mismatch for {wkey}: copying a float weight of shape "
                                   f"{tuple(incoming.shape)} into a quantized {type(self).__name__} "
                                   f"of shape {expected}")
                 return
-        except (ValueError, KeyError, TypeError) as exc:
-            error_msgs.append(f"While loading the quantized weight {wkey}: {exc}")
+        except Exception as exc:    # noqa: BLE001 -- any bad entry is this key's load error
+            error_msgs.append(f"While loading the quantized weight {wkey}: {type(exc).__name__}: {exc}")
             return
-        if tuple(new.quant_state.shape) != expected:
+        if quant_state.shape is None or tuple(quant_state.shape) != expected:
             error_msgs.append(f"size mismatch for {wkey}: the checkpoint holds a quantized weight of shape "
-                              f"{tuple(new.quant_state.shape)}, the module expects {expected}")
+                              f"{None if quant_state.shape is None else tuple(quant_state.shape)}, the module "
+                              f"expects {expected}")
             return
+        msg = _check_packed_state(codes, quant_state, wkey)
+        if msg:
+            error_msgs.append(msg)
+            return
+        held = _dist.is_sharded(w) or not isinstance(w, Params4bit)
+        if held or (self._weight_is_quantized() and not assign and w.device.type != "meta"
+                    and _dist.local(w).dtype == codes.dtype and tuple(w.shape) == tuple(codes.shape)):
+            msg = self._copy_codes_in_place(codes, wkey)
+            if msg:
+                error_msgs.append(msg)
+                return
+            self._install_quant_state(quant_state)
+            return
+        new = Params4bit(codes.to(device), requires_grad=False, quant_state=quant_state,
+                         blocksize=quant_state.blocksize, compress_statistics=quant_state.nested,
+                         quant_type=quant_state.quant_type, quant_storage=codes.dtype, module=self,
+                         bnb_quantized=True)
         self.weight = new
+        self.quant_state = quant_state
         self.quant_storage = new.quant_storage
+
+    def _settings_param(self):
+        # the settings of a weight a wrapper replaced (it is quantized: the module has its state)
+        qs = self.quant_state
+        return SimpleNamespace(blocksize=qs.blocksize, compress_statistics=qs.nested, quant_type=qs.quant_type,
+                               quant_storage=self.quant_storage)
+
+    def _copy_codes_in_place(self, codes, wkey):
+        """Copy packed ``codes`` into the existing weight (the object FSDP/optimizers hold);
+        an error message, or None."""
+        w = self.weight
+        target = _dist.local(w)
+        if _dist.is_dtensor(w) and not _dist.is_dtensor(codes):
+            codes = _dist.local_piece(codes, w)      # a full checkpoint into a sharded weight
+        src = _dist.local(codes)
+        if src.dtype != target.dtype:
+            # same bytes, another quant_storage view
+            if src.numel() * src.element_size() != target.numel() * target.element_size():
+                return (f"size mismatch for {wkey}: {src.numel() * src.element_size()} bytes of packed codes "
+                        f"({src.dtype}) cannot replace the {target.numel() * target.element_size()} bytes of "
+                        f"this rank's weight ({target.dtype})")
+            src = src.contiguous().reshape(-1).view(torch.uint8).view(target.dtype)
+        if src.numel() != target.numel():
+            return (f"size mismatch for {wkey}: copying packed codes of shape {tuple(src.shape)} into a weight of "
+                    f"shape {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(src.reshape(target.shape))
+        return None
+
+    def _install_quant_state(self, quant_state):
+        w = self.weight
+        if isinstance(w, Params4bit) and not _dist.is_dtensor(w):
+            w.quant_state = quant_state
+            w.blocksize, w.compress_statistics = quant_state.blocksize, quant_state.nested
+            w.quant_type, w.bnb_quantized = quant_state.quant_type, True
+        self.quant_state = quant_state
 
     def _rewrap_weight(self, old):
         # load_state_dict(assign=True) replaces the parameter by a plain one: restore the
@@ -804,6 +1050,7 @@ class Linear8bitLt(nn.Linear):
                 self.state.CB = w.data if not self.state.has_fp16_weights else self.state.CB.to(dev)
             if self.state.SCB is not None and self.state.SCB.device != dev and dev.type != "meta":
                 self.state.SCB = self.state.SCB.to(dev)
+        self._sync_quant_buffers()
         return result
 
     # ----------------------------------------------------------------------- forward
@@ -844,6 +1091,11 @@ class Linear8bitLt(nn.Linear):
             destination[prefix + "weight_format"] = torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"],
                                                                  dtype=torch.uint8)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: on any error (bad entries, missing
+        or unexpected keys with ``strict``) the module is left as it was."""
+        return _load_all_or_nothing(self, super().load_state_dict, state_dict, strict, assign)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Load a quantized (bitsandbytes-format) or a float state dict.
@@ -854,7 +1106,19 @@ class Linear8bitLt(nn.Linear):
           device (the incoming codes' device when the current weight is on ``meta``).
         * float ``weight`` into a not yet quantized module: as ``nn.Linear``.
         * float ``weight`` into a quantized module: quantized on the current device.
+
+        An error leaves this module as it was (the message goes to ``error_msgs``).
         """
+        _atomic_load(self, self._load_weight_and_rest, state_dict, prefix, local_metadata, strict, missing_keys,
+                     unexpected_keys, error_msgs)
+        self._sync_quant_buffers()
+
+    def _sync_quant_buffers(self):
+        # SCB as a non-persistent buffer that *is* the row-scale tensor (DDP broadcasts it in place)
+        _set_quant_buffers(self, {"SCB": self._scb()})
+
+    def _load_weight_and_rest(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         wkey, skey = prefix + "weight", prefix + "SCB"
         incoming = state_dict.get(wkey)
         scb_in = state_dict.get(skey)

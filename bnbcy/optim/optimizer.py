@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from .. import distributed as _dist
 from . import paged
 
 __all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
@@ -335,12 +336,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         bits = config["optim_bits"]
         if bits not in (8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
-        eight = bits == 8 and p.numel() >= config["min_8bit_size"]
+        eight = bits == 8 and _dist.uses_8bit_state(p, config["min_8bit_size"])
         dtype = torch.uint8 if eight else torch.float32
         lead = getattr(self, "_state1_lead", None)
+        state = self.state[p]
+        p = _dist.local(p)                # distributed hook: state is per shard
         s1_shape = (lead, *p.shape) if lead else tuple(p.shape)
 
-        state = self.state[p]
         state["step"] = 0
         state["state1"] = self.get_state_buffer(p, dtype, shape=s1_shape)
         if self._n_states == 2:
@@ -380,6 +382,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             t = config.get(key)
             if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1):
                 raise ValueError(f"{key} must be None or a positive int, got {t!r}")
+        _dist.check_sharded_config(p, config)
 
     def _validate_param(self, p, device):
         g = p.grad
@@ -408,6 +411,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _expected_state(self, p, config, eight):
         """``{key: (shape, dtype)}`` of the state tensors of ``p`` (what :meth:`init_state` makes)."""
         lead = getattr(self, "_state1_lead", None)
+        p = _dist.local(p)                # distributed hook: state is per shard
         shape = tuple(p.shape)
         dtype = torch.uint8 if eight else torch.float32
         out = {"state1": ((lead, *shape) if lead else shape, dtype)}
@@ -567,21 +571,31 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["step"] += 1
             if p.numel() == 0:
                 continue
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
-            if not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
+            # distributed hook: a sharded parameter's trust ratio is global (a call per parameter,
+            # on every rank, even one whose shard is empty)
+            global_ratio = hyper.max_unorm > 0.0 and _dist.is_sharded(p)
+            if _dist.local(p).numel() == 0 and not global_ratio:
+                continue
+            if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
+                _dist.make_contiguous(p)
             eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
-            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
+            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None,
+                   id(p) if pc < 100 or global_ratio else None)
             buckets.setdefault(key, []).append(p)
         for (eight, hyper, pc, _, _), ps in buckets.items():
-            self._launch(eight, hyper, pc, ps)
+            if hyper.max_unorm > 0.0 and _dist.is_sharded(ps[0]):
+                _dist.launch_with_global_trust_ratio(self, eight, hyper, pc, ps[0])
+            else:
+                self._launch(eight, hyper, pc, ps)
 
-    def _launch(self, eight, h, pc, ps):
+    def _launch(self, eight, h, pc, ps, states=None):
+        """One kernel call for the parameters ``ps`` (``states``: stand-ins for their
+        ``self.state`` entries, as the distributed trust-ratio pass uses)."""
         F = _F()
-        st = [self.state[p] for p in ps]
-        gs = [p.grad for p in ps]
+        st = [self.state[p] for p in ps] if states is None else states
+        gs = [_dist.local(p.grad) for p in ps]      # distributed hook: kernels see local shards
+        ps = [_dist.local(p) for p in ps]
         steps = [s["step"] for s in st]
         two = self._n_states == 2
         gnorm_scale = 1.0
@@ -619,8 +633,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Optimizer state with the quantization tensors nested under
         ``"__bnb_optimizer_quant_state__"`` per parameter (keeps FSDP from gathering them)."""
         sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         wrapped = {}
         for k, v in sd["state"].items():
+            if isinstance(k, int) and k < len(params) and _dist.is_sharded(params[k]) and isinstance(v, dict):
+                # distributed hook: the per-shard form FSDP / DCP gather and shard
+                wrapped[k] = _dist.optimizer_state_to_sharded(params[k], v)
+                continue
             if isinstance(v, dict):
                 v = dict(v)
                 quant = {kk: v.pop(kk) for kk in [kk for kk in v if kk in self.non_castable_tensor_keys]}
@@ -682,6 +701,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             else:
                 state[k] = v
 
+        for p in list(state):                   # distributed hook: back to per-shard state
+            if isinstance(p, torch.Tensor) and _dist.is_sharded(p) and isinstance(state[p], dict):
+                state[p] = _dist.optimizer_state_from_sharded(p, state[p], self._qmap)
         for p, st in state.items():             # share one qmap tensor per device again
             if isinstance(p, torch.Tensor) and isinstance(st, dict):
                 for k, name in (("qmap1", "dynamic"), ("qmap2", "udynamic")):
