@@ -46,7 +46,7 @@ import os
 import threading
 
 from . import _C
-from . import _arrays
+from . import _arrays, _env
 
 PACKAGE_CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda")
 REPO_CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
@@ -114,7 +114,7 @@ class KernelRegistry:
         self._emulated_all = []  # every emulator Library loaded (launch counts of rebuilt ones too)
         self._checked = set()  # (library key, symbol) whose signature matched its spec
         self._lock = threading.RLock()
-        self.sync = bool(os.environ.get("BNBCY_CUDA_SYNC"))
+        self.sync = _env.get("BNBCY_CUDA_SYNC")
 
     # ----------------------------------------------------------------- specs
     def register(self, spec: KernelSpec) -> KernelSpec:
@@ -294,7 +294,7 @@ class KernelRegistry:
             else:
                 entry = None
                 fatbin = self.manifest.get("modules", {}).get(module)
-                if fatbin and not os.environ.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
+                if fatbin and not _env.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
                     try:
                         with cupy.cuda.Device(device):
                             mod = cupy.RawModule(path=os.path.join(self.cuda_dir, fatbin))
@@ -378,8 +378,7 @@ def nvrtc_options(options, cuda_dir):
 
 
 # ----------------------------------------------------------------------------- emulation
-_emulate_depth = 0
-_emulate_late = []  # late_cp_async of the enclosing emulate() blocks, innermost last
+_emulate_stack = []  # (enabled, late_cp_async) of the enclosing emulate() blocks, innermost last
 _emulate_lock = threading.Lock()
 
 
@@ -389,8 +388,11 @@ def _env_flag(name):
 
 def emulating() -> bool:
     """Whether ops on CPU arrays are sent through the CUDA launch path to the SIMT emulator
-    (``BNBCY_EMULATE_CUDA=1`` or :func:`emulate`). The one CPU/CUDA dispatch consults this."""
-    return _emulate_depth > 0 or _env_flag("BNBCY_EMULATE_CUDA")
+    (the innermost :func:`emulate` block, else ``BNBCY_EMULATE_CUDA=1``). The one CPU/CUDA
+    dispatch consults this."""
+    if _emulate_stack:
+        return _emulate_stack[-1][0]
+    return _env_flag("BNBCY_EMULATE_CUDA")
 
 
 def use_cuda_kernels(view) -> bool:
@@ -399,8 +401,9 @@ def use_cuda_kernels(view) -> bool:
 
 
 def _late_cp_async():
-    if _emulate_late and _emulate_late[-1] is not None:
-        return _emulate_late[-1]
+    for enabled, late in reversed(_emulate_stack):
+        if late is not None:
+            return late
     return _env_flag("BNBCY_EMULATOR_LATE_CP_ASYNC")
 
 
@@ -417,11 +420,14 @@ def _fast_math(options):
 
 
 @contextlib.contextmanager
-def emulate(late_cp_async=None):
+def emulate(enabled=True, late_cp_async=None):
     """Run CUDA kernels on CPU arrays in the SIMT emulator inside the ``with`` block.
 
     Parameters
     ----------
+    enabled : bool
+        ``False``: CPU arrays use the CPU kernels inside the block (even under
+        ``BNBCY_EMULATE_CUDA=1``), e.g. to compute a reference.
     late_cp_async : bool, optional
         ``cp.async`` copies land only when a ``cp.async.wait_group`` requires them (a missing
         or too weak wait then reads stale shared memory); default ``BNBCY_EMULATOR_LATE_CP_ASYNC``.
@@ -429,14 +435,12 @@ def emulate(late_cp_async=None):
     Notes
     -----
     Emulated is not run on a GPU: see ``docs/emulator.md`` for what the emulator guarantees.
+    Blocks nest; the innermost decides. The setting is process-wide, not per thread.
     """
-    global _emulate_depth
     with _emulate_lock:
-        _emulate_depth += 1
-        _emulate_late.append(late_cp_async)
+        _emulate_stack.append((bool(enabled), late_cp_async))
     try:
         yield
     finally:
         with _emulate_lock:
-            _emulate_depth -= 1
-            _emulate_late.pop()
+            _emulate_stack.pop()

@@ -18,7 +18,8 @@
 //       blockDim = 256. cols <= BNBCY_I8_WARP_ROW_MAX_COLS: one warp per row, 8 rows per block,
 //       grid = ceil(rows / 8); otherwise one block per row, grid = rows.
 //   bnbcy_int8_mm_dequant_{f16,bf16,f32}(A, row_stats, col_stats, bias, out, rows, cols)
-//       out = T(fma.rn.ftz(fl32(fl32(float(A) * row[r]) * col[c]), 0x38820610, bias[c] or 0))
+//       out = T(fma.rn.ftz(fl32(fl32(float(A) * row[r]) * col[c]), 0x38820610, bias[c] or 0)); bias is
+//       float32 whatever T (the launcher widens an fp16/bf16 bias, exactly)
 //       (bnb's kdequant_mm_int32_fp16). blockDim = 256, 8 outputs per thread,
 //       grid = ceil(rows * cols / 2048).
 //   bnbcy_int8_gemm_mma(A, B, C, M, N, K)     C[M, N] = A[M, K] @ B[N, K]^T, int32, exact.
@@ -185,7 +186,7 @@ __device__ __forceinline__ float dequant_one(int a, float rs, float cs, float b)
 template <class Tr>
 __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const float *__restrict__ row_stats,
                                                 const float *__restrict__ col_stats,
-                                                const typename Tr::storage *__restrict__ bias,
+                                                const float *__restrict__ bias,
                                                 typename Tr::storage *__restrict__ out, long long rows, int cols) {
     typedef typename Tr::storage S;
     const long long n = rows * cols;
@@ -205,10 +206,7 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
         load8(col_stats + c, cs);
         float b[8];
         if (bias != nullptr) {
-            S braw[8];
-            load8(bias + c, braw);
-#pragma unroll
-            for (int e = 0; e < 8; e++) b[e] = Tr::to_float(braw[e]);
+            load8(bias + c, b);
         } else {
 #pragma unroll
             for (int e = 0; e < 8; e++) b[e] = 0.0f;
@@ -224,7 +222,7 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
             if (i < n) {
                 const long long r = i / cols;
                 const int c = (int)(i - r * cols);
-                const float b = bias != nullptr ? Tr::to_float(bias[c]) : 0.0f;
+                const float b = bias != nullptr ? bias[c] : 0.0f;
                 out[i] = Tr::from_float(dequant_one<Tr>(A[i], row_stats[r], col_stats[c], b));
             }
         }
@@ -524,7 +522,7 @@ __device__ __forceinline__ void gemm_mma_sm80(const s8 *__restrict__ A, const s8
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(BNBCY_I8_THREADS) bnbcy_int8_mm_dequant_##SUF(                \
         const int *__restrict__ A, const float *__restrict__ row_stats, const float *__restrict__ col_stats,    \
-        const TR::storage *__restrict__ bias, TR::storage *__restrict__ out, long long rows, int cols) {        \
+        const float *__restrict__ bias, TR::storage *__restrict__ out, long long rows, int cols) {              \
         int8_mm_dequant<TR>(A, row_stats, col_stats, bias, out, rows, cols);                                    \
     }
 

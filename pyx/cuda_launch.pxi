@@ -18,7 +18,7 @@ ctypedef int (*cuLaunchKernel_t)(void *f, unsigned int gx, unsigned int gy, unsi
                                  unsigned int shmem, void *stream, void **params,
                                  void **extra) noexcept nogil
 ctypedef int (*cuGetErrorString_t)(int error, const char **pstr) noexcept nogil
-ctypedef int (*cuCtxGetDevice_t)(int *device) noexcept nogil
+ctypedef int (*cuCtxGetCurrent_t)(void **pctx) noexcept nogil
 ctypedef int (*cuDevicePrimaryCtxRetain_t)(void **pctx, int dev) noexcept nogil
 ctypedef int (*cuCtxPushCurrent_t)(void *ctx) noexcept nogil
 ctypedef int (*cuCtxPopCurrent_t)(void **pctx) noexcept nogil
@@ -32,7 +32,7 @@ ctypedef int (*emu_launch_t)(const void *entry, const unsigned int *grid, const 
 cdef void *_libcuda = NULL
 cdef cuLaunchKernel_t _cuLaunchKernel = NULL
 cdef cuGetErrorString_t _cuGetErrorString = NULL
-cdef cuCtxGetDevice_t _cuCtxGetDevice = NULL
+cdef cuCtxGetCurrent_t _cuCtxGetCurrent = NULL
 cdef cuDevicePrimaryCtxRetain_t _cuDevicePrimaryCtxRetain = NULL
 cdef cuCtxPushCurrent_t _cuCtxPushCurrent = NULL
 cdef cuCtxPopCurrent_t _cuCtxPopCurrent = NULL
@@ -62,7 +62,7 @@ cdef void *_sym(const char *name) except NULL:
 
 
 cdef int _load_driver() except -1:
-    global _libcuda, _cuLaunchKernel, _cuGetErrorString, _cuCtxGetDevice
+    global _libcuda, _cuLaunchKernel, _cuGetErrorString, _cuCtxGetCurrent
     global _cuDevicePrimaryCtxRetain, _cuCtxPushCurrent, _cuCtxPopCurrent, _cuStreamSynchronize
     if _libcuda != NULL:
         return 0
@@ -74,7 +74,7 @@ cdef int _load_driver() except -1:
     _libcuda = h
     _cuLaunchKernel = <cuLaunchKernel_t>_sym(b"cuLaunchKernel")
     _cuGetErrorString = <cuGetErrorString_t>_sym(b"cuGetErrorString")
-    _cuCtxGetDevice = <cuCtxGetDevice_t>_sym(b"cuCtxGetDevice")
+    _cuCtxGetCurrent = <cuCtxGetCurrent_t>_sym(b"cuCtxGetCurrent")
     _cuDevicePrimaryCtxRetain = <cuDevicePrimaryCtxRetain_t>_sym(b"cuDevicePrimaryCtxRetain")
     _cuCtxPushCurrent = <cuCtxPushCurrent_t>_sym(b"cuCtxPushCurrent_v2")
     _cuCtxPopCurrent = <cuCtxPopCurrent_t>_sym(b"cuCtxPopCurrent_v2")
@@ -179,7 +179,7 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
     _load_driver()
     cdef void *ctx = _primary_context(device)
     cdef void *popped = NULL
-    cdef int current = -1
+    cdef void *current = NULL
     cdef int rc
     cdef int rc_sync = 0
     cdef bint pushed = False
@@ -188,7 +188,7 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
     with nogil:
         # Kernels live in the device's primary context (the one torch and CuPy
         # use); make it current only when the calling thread is elsewhere.
-        if _cuCtxGetDevice(&current) != 0 or current != device:
+        if _needs_push(_cuCtxGetCurrent(&current), current, ctx):
             rc = _cuCtxPushCurrent(ctx)
             pushed = rc == 0
         else:
@@ -202,6 +202,17 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
             _cuCtxPopCurrent(&popped)
     _check(rc, f"launch of a kernel on cuda:{device} with grid {grid} and block {block}")
     _check(rc_sync, f"kernel execution on cuda:{device} (grid {grid}, block {block})")
+
+
+cdef inline bint _needs_push(int rc, void *current, void *primary) noexcept nogil:
+    # Only the retained primary context itself will do: another context current on the same
+    # device (cuCtxCreate, a library's own) has neither the loaded modules nor the memory.
+    return rc != 0 or current == NULL or current != primary
+
+
+def _context_needs_push(int rc, uintptr_t current, uintptr_t primary):
+    """Whether a launch pushes the primary context, given cuCtxGetCurrent's result (tests)."""
+    return _needs_push(rc, <void *>current, <void *>primary)
 
 
 cdef int _emulated_launch(uintptr_t function, unsigned int *g, unsigned int *b, unsigned int shared_mem,

@@ -40,6 +40,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu_only(reason): a CUDA test that needs real hardware, not the emulator")
 
 
+def _emulator_suite(item):
+    # the CUDA test files written for both a GPU and the emulator (tensors on cuda_env.DEVICE)
+    name = os.path.basename(str(item.fspath))
+    return name.endswith("_cuda.py") or name.startswith("test_emulator")
+
+
 def pytest_collection_modifyitems(config, items):
     if EMULATED:
         for item in items:
@@ -47,10 +53,15 @@ def pytest_collection_modifyitems(config, items):
             if mark is not None:
                 why = mark.args[0] if mark.args else "needs real hardware"
                 item.add_marker(pytest.mark.skip(reason=f"needs a real GPU, not the emulator: {why}"))
+            elif "cuda" in item.keywords and not _emulator_suite(item):
+                item.add_marker(pytest.mark.skip(reason=(
+                    "needs a real GPU: written for CUDA tensors (device placement, CuPy, torch.cuda); "
+                    "its kernels run emulated in tests/test_*_cuda.py and tests/test_emulator.py")))
         return
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason=f"CUDA test skipped: {CUDA_SKIP_REASON}")
+    skip = pytest.mark.skip(reason=f"CUDA test skipped: {CUDA_SKIP_REASON}; the emulated CUDA suite runs "
+                                   "them on the CPU: BNBCY_EMULATE_CUDA=1 python -m pytest -m cuda tests")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
@@ -74,7 +85,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"{len(cov) - len(unused)} of {len(cov)} registered kernels launched in the emulator, "
                   f"{sum(cov.values())} emulated launches")
     if unused:
-        tr.write_line(f"never launched: {', '.join(unused)}")
+        more = f" and {len(unused) - 12} more" if len(unused) > 12 else ""
+        tr.write_line(f"never launched: {', '.join(unused[:12])}{more}")
     path = os.environ.get("BNBCY_EMULATOR_REPORT")
     if path:
         with open(path, "w") as fh:

@@ -240,7 +240,8 @@ def _assert_matmul_close(out, ref, absref, dtype, K, what):
                                  f"max err {float(err.max()):.3e}, tol at worst {float(tol[bad].min()):.3e}")
 
 
-GEMV_SHAPES = [(1, 32), (7, 64), (33, 96), (100, 4128), (257, 320), (1024, 4096)]
+GEMV_SHAPES = pick([(1, 32), (7, 64), (33, 96), (100, 4128), (257, 320), (1024, 4096)],
+                   [(1, 32), (7, 64), (33, 96), (20, 4128), (257, 320)])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -268,8 +269,9 @@ def test_gemv_matches_float64_reference(dtype, qt, blocksize, with_bias):
 @pytest.mark.parametrize("qt", ["nf4", "custom"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemm_small_matches_float64_reference(dtype, M, qt, with_bias):
-    for (N, K), blocksize in [((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((250, 2080), 4096),
-                              ((1024, 4096), 64)]:
+    for (N, K), blocksize in pick([((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((250, 2080), 4096),
+                                   ((1024, 4096), 64)],
+                                  [((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((40, 4096), 4096)]):
         q, absmax = _quantized_weight(N, K, blocksize, "nf4", seed=N + K)
         code = _code_map(qt, seed=K)
         g = torch.Generator().manual_seed(M * 1000 + N)
@@ -348,3 +350,14 @@ def test_matmul_on_bnb_weights(bnbF, dtype, qt, blocksize):
     sync()
     rel = float((bout.double() - gv.double()).norm() / ref[0].norm())
     assert rel < 8 * EPS[dtype] + 1e-5, f"ours vs bnb gemv_4bit: relative L2 difference {rel:.3e}"
+
+
+def test_nf4_thresholds_cuda():
+    """Every NF4 threshold (bnb's CUDA literals as nvcc compiles them), its neighbours and values
+    between get the codes of the rule checked on the CPU by tests/test_nf4_thresholds.py."""
+    from test_nf4_thresholds import blocks_of, check_nf4_codes, codes, threshold_probe_values
+    x = threshold_probe_values()
+    a, idx = blocks_of(x)
+    q, absmax = _ours_quantize(torch.from_numpy(a).to(DEVICE), 64, "nf4")
+    assert torch.all(absmax == 1.0)
+    check_nf4_codes(codes(q.cpu().numpy(), a.size), x, idx)

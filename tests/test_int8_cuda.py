@@ -221,6 +221,22 @@ def test_mm_dequant_matches_emulation(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_mm_dequant_bias_of_another_dtype(out_dtype, bias_dtype):
+    """The bias is read in its own dtype (it was read as the output dtype: an fp32 bias with fp16
+    output gave garbage, an fp16 bias with fp32 output read past the buffer)."""
+    from bnbcy import functional as F
+    for shape in ((3, 7), (17, 64), (2, 8)):  # scalar and 16-byte paths
+        A, row, col, bias = _dequant_inputs(*shape, seed=shape[0] * 3 + shape[1])
+        b = bias.to(bias_dtype)
+        out = F.int8_mm_dequant(A, row, col, bias=b, dtype=out_dtype)
+        sync()
+        _assert_same_floats(out, _emulated_dequant(A, row, col, b, out_dtype).to(out.device),
+                            f"bias {bias_dtype} out {out_dtype} {shape}")
+
+
+@cuda
 def test_mm_dequant_unaligned_scalar_path(bnbF):
     A, row, col, bias = _dequant_inputs(9, 64, seed=3)
     buf = torch.empty(A.numel() + 1, dtype=torch.int32, device=DEVICE)
@@ -236,6 +252,7 @@ def test_mm_dequant_unaligned_scalar_path(bnbF):
 GEMM_SHAPES = [(1, 1, 1), (1, 1, 3), (3, 5, 7), (1, 17, 33), (17, 33, 127), (33, 17, 129), (127, 129, 64),
                (128, 128, 64), (129, 127, 65), (64, 64, 16), (3, 200, 1023), (1, 4096, 4096), (200, 300, 1024),
                (257, 4099, 4093), (130, 258, 4100), (1000, 1000, 4097), (4096, 4096, 4096)]
+GEMM_SHAPES = pick(GEMM_SHAPES, [s for s in GEMM_SHAPES if s[0] * s[1] * s[2] <= 2**23])
 POISON = -123456789
 
 
@@ -329,8 +346,20 @@ def test_launch_int8_gemm_rejects_bad_arguments():
         I8.launch_int8_gemm(None, None, None, -1, 1, 1)
     with pytest.raises(ValueError, match="K"):
         I8.launch_int8_gemm(None, None, None, 1, 1, 2**31)
-    with pytest.raises(ValueError, match="row tiles"):
-        I8.launch_int8_gemm(None, None, None, 128 * 65536, 1, 1)
+
+
+@cuda
+@pytest.mark.parametrize("kernel", I8.GEMM_KERNELS)
+def test_int8_gemm_splits_tall_products(monkeypatch, kernel):
+    """M above gridDim.y (65535) row tiles is launched in row slabs instead of raising (the limit
+    is lowered here so that the slabs are small)."""
+    monkeypatch.setattr(I8, "_MAX_GRID_Y", 2)
+    bm = I8._GEMM_TILES[kernel][0]
+    M, N, K = 5 * bm + 3, 9, 40
+    g = torch.Generator().manual_seed(4)
+    A, B = _rand_i8((M, K), g).to(DEVICE), _rand_i8((N, K), g).to(DEVICE)
+    C = _ours_gemm(A, B, kernel, M, N, K)
+    assert torch.equal(C.cpu(), _gemm_ref(A, B))
 
 
 def test_launch_vectorwise_quant_rejects_negative_threshold():

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cuda
 
 NAMES = ["adam", "momentum", "rmsprop", "adagrad", "lion", "ademamix"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SIZES = [1, 255, 257, 4097, 2**20]
+SIZES = pick([1, 255, 257, 4097, 2**20], [1, 255, 257, 4097, 70001])
 GUARD = 300  # poisoned elements after every array: the kernels must not touch them
 # name -> (beta1, beta2, beta3, alpha, eps, weight_decay, lr)
 HP = {

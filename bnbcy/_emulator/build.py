@@ -20,7 +20,10 @@ import threading
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIME = os.path.join(HERE, "simt_runtime.cpp")
 CXX_FLAGS = ("-std=gnu++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
-             "-fno-fast-math", "-fno-math-errno", "-w")
+             "-fno-fast-math", "-fno-math-errno", "-w",
+             # nothing shared between two loaded builds (static locals of inline functions would be
+             # unified process-wide as GNU unique symbols): only the entry points are exported
+             "-fvisibility=hidden", "-fno-gnu-unique")
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
                   "-g")
 # `extern __shared__ T name[];` (dynamic shared memory): the one rewrite of the source.
@@ -189,7 +192,8 @@ def build(module: str, source: str, include_dir: str, arch: int = 80, ftz: bool 
                 table.append(f'    bnbcy_emu::make_entry(&bnbcy_emu_launch, "{name}", &{name}, '
                              f'(int)({bounds if bounds else 0})),')
             table.append("    {}};" if not kernels else "};")
-            table.append('extern "C" bnbcy_emu::Entry *bnbcy_emu_kernels(int *n) { '
+            table.append('extern "C" __attribute__((visibility("default"))) '
+                         'bnbcy_emu::Entry *bnbcy_emu_kernels(int *n) { '
                          f"*n = {len(kernels)}; return bnbcy_emu_table; }}")
             with open(src, "a") as fh:
                 fh.write("\n".join(table) + "\n")

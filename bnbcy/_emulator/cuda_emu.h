@@ -142,9 +142,13 @@ static inline int __float_as_int(float f) { int u; memcpy(&u, &f, 4); return u; 
 
 // ------------------------------------------------------------- exact PTX float operations
 namespace bnbcy_emu {
-static inline bool is_sub(float x) { return x != 0.0f && fabsf(x) < 0x1p-126f; }
+// (bit tests: the MXCSR of an emulated thread may have DAZ set, which would hide subnormals)
+static inline bool is_sub(float x) {
+    const uint32_t u = __float_as_uint(x);
+    return (u & 0x7f800000u) == 0 && (u & 0x007fffffu) != 0;
+}
 // .ftz: a subnormal input or (rounded) result becomes a zero of the same sign
-static inline float ftz(float x) { return is_sub(x) ? copysignf(0.0f, x) : x; }
+static inline float ftz(float x) { return is_sub(x) ? __uint_as_float(__float_as_uint(x) & 0x80000000u) : x; }
 // The pinned helpers compute with denormals on (the MXCSR of an emulated thread may have
 // FTZ/DAZ set for the unpinned code), then flush exactly as PTX says.
 struct IeeeScope {

@@ -426,9 +426,9 @@ static int launch_impl(const Entry *e, const unsigned *grid, const unsigned *blo
 }
 }  // namespace bnbcy_emu
 
-extern "C" int bnbcy_emu_launch(const void *entry, const unsigned *grid, const unsigned *block, unsigned shmem,
+extern "C" __attribute__((visibility("default"))) int bnbcy_emu_launch(const void *entry, const unsigned *grid, const unsigned *block, unsigned shmem,
                                 void **params, int nparams, char *err, int errlen, int flags) {
     return bnbcy_emu::launch_impl((const bnbcy_emu::Entry *)entry, grid, block, shmem, params, nparams, err, errlen, flags);
 }
 
-extern "C" void bnbcy_emu_configure(int flags) { bnbcy_emu::g_flags = flags; }
+extern "C" __attribute__((visibility("default"))) void bnbcy_emu_configure(int flags) { bnbcy_emu::g_flags = flags; }
