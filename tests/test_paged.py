@@ -162,8 +162,7 @@ def test_get_paged_and_prefetch_tensor_like_bitsandbytes():
         paged.get_paged(2, dtype=torch.complex64, device="cpu")
     with pytest.raises(ValueError, match="non-negative int of bytes"):
         mgr.set_budget(-5, "cpu")
-    with pytest.raises(RuntimeError, match="get_instance"):
-        paged.PageManager()
+    assert paged.PageManager.get_instance() is mgr
 
 
 def _cuda_ready():

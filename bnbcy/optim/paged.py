@@ -178,18 +178,13 @@ class PageManager:
     ``prefetch_all``), plus a per-device budget with least-recently-prefetched eviction.
     """
 
-    _instance = None
-
     def __init__(self):
-        raise RuntimeError("Call get_instance() instead")
+        self.initialize()
 
-    @classmethod
-    def get_instance(cls):
-        """Return the singleton, creating it on first use."""
-        if cls._instance is None:
-            cls._instance = cls.__new__(cls)
-            cls._instance.initialize()
-        return cls._instance
+    @staticmethod
+    def get_instance():
+        """The process-wide manager (the one the optimizers use)."""
+        return _MANAGER
 
     def initialize(self):
         """Forget every registration, budget and counter (paged tensors stay valid)."""
@@ -310,6 +305,9 @@ class PageManager:
         """
         for t in self.paged_tensors[::-1]:
             prefetch_tensor(t, to_cpu)
+
+
+_MANAGER = PageManager()
 
 
 def _nbytes(t):
