@@ -197,34 +197,14 @@ def _nested_scales(like, nblocks, absmax, absmax_8bit, absmax_code, absmax_offse
 
 def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
               absmax_offset=None, out=None, code=None):
-    """``A @ W.T (+ bias)`` for the packed 4-bit weight ``W`` = ``B`` of shape ``shapeB = [N, K]``.
+    """``A @ W.T (+ bias)`` for the packed 4-bit weight ``B`` of shape ``shapeB = [N, K]``:
+    bitsandbytes' ``gemm_4bit`` op (arguments as its schema; ``A``, ``B``, ``bias``, ``out`` as in
+    :func:`bnbcy.functional.gemm_4bit`).
 
-    Parameters
-    ----------
-    A : array
-        ``(..., K)``, float32/float16/bfloat16.
-    B : array
-        The packed weight (any quant_storage view, transposed or not).
-    shapeB : sequence of int
-        ``[N, K]``.
-    absmax : array
-        float32 block maxima; with ``absmax_8bit``, the maxima of its 256-blocks.
-    blocksize : int
-    quant_type : {'nf4', 'fp4'} or None
-        None with ``code`` given (gemv_4bit).
-    bias : array, optional
-        ``[N]`` of A's dtype.
-    absmax_8bit, absmax_code, absmax_offset : array, optional
-        Double-quantized block maxima: uint8 codes, their float32[256] map and 0-d offset.
-    out : array, optional
-        ``(..., N)`` of A's dtype.
-    code : array, optional
-        The 16-value map (default: the quant type's table).
-
-    Returns
-    -------
-    array
-        ``(..., N)`` in A's dtype, framework and device.
+    ``absmax`` holds float32 block maxima, or with ``absmax_8bit`` (their uint8 codes) the maxima
+    of its 256-blocks, with ``absmax_code`` (float32[256]) and the 0-d ``absmax_offset``.
+    ``quant_type`` may be None when ``code`` (the 16-value map) is given (``gemv_4bit``).
+    Returns ``(..., N)`` in A's dtype, framework and device.
     """
     if len(shapeB) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {tuple(shapeB)}")
