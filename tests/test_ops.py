@@ -138,6 +138,24 @@ def test_add_namespace_answers_with_the_same_kernels():
         assert _schema("bnbcy_ns_test", base, overload or "default") == _schema("bnbcy", base, overload or "default")
 
 
+def test_add_namespace_bitsandbytes_in_a_fresh_process_and_clash_here():
+    import subprocess
+    import sys
+    code = ("import torch, bnbcy._ops as o; o.add_namespace('bitsandbytes'); "
+            "W, A = torch.randn(8, 64), torch.randn(2, 64); "
+            "q, a = torch.ops.bitsandbytes.quantize_4bit(W, 64, 'nf4', torch.uint8); "
+            "y = torch.ops.bitsandbytes.gemm_4bit(A, q, [8, 64], a, 64, 'nf4'); "
+            "assert torch.equal(y, torch.ops.bnbcy.gemm_4bit(A, q, [8, 64], a, 64, 'nf4')); "
+            "print(sorted(torch.ops.bitsandbytes.dequantize_4bit.overloads()), tuple(y.shape))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["['default',", "'out']", "(2,", "8)"]
+    # here the real bitsandbytes owns torch.ops.bitsandbytes: refused, nothing half-defined
+    with pytest.raises(RuntimeError, match="already defines"):
+        _ops.add_namespace("bitsandbytes")
+    _ops.add_namespace("bnbcy_ns_test")
+
+
 def test_one_dispatch_point_sends_cpu_arrays_to_cuda_launchers_when_emulating(monkeypatch):
     calls = []
     cpu_kernel = backends.cpu.quantize_blockwise
