@@ -87,6 +87,21 @@ def test_opcheck_gemm_4bit_nested_and_autograd(dtype):
     Wd = F.dequantize_4bit(q, st).to(dtype)
     torch.testing.assert_close(A.grad, torch.matmul(g, Wd))
     torch.testing.assert_close(bias.grad, g.reshape(-1, 16).sum(0))
+    # the backward's own op (bnbcy's; chunked over W's rows on the CPU)
+    _opcheck(torch.ops.bnbcy.gemm_4bit_grad_input.default, (g, q, [16, 96], st.state2.absmax, 64, "nf4"),
+             {k: kwargs[k] for k in ("absmax_8bit", "absmax_code", "absmax_offset")})
+
+
+def test_gemm_4bit_input_gradient_is_chunked_on_cpu(monkeypatch):
+    W = torch.randn(37, 80, generator=_g(19))
+    q, st = F.quantize_4bit(W, quant_type="fp4")
+    g = torch.randn(3, 37, generator=_g(20))
+    whole = torch.ops.bnbcy.gemm_4bit_grad_input(g, q, [37, 80], st.absmax, 64, "fp4")
+    monkeypatch.setattr(backends.cpu, "CHUNK_ELEMENTS", 5 * 80)   # 8 chunks, the last one short
+    chunked = torch.ops.bnbcy.gemm_4bit_grad_input(g, q, [37, 80], st.absmax, 64, "fp4")
+    ref = g.double() @ F.dequantize_4bit(q, st).double()
+    for y in (whole, chunked):
+        assert (y.double() - ref).abs().max() <= 1e-5 * (g.abs().double() @ W.abs().double()).max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

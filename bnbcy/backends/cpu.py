@@ -58,6 +58,17 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
         out2[:, n0:n1] = linear_dense(A2, Wc, bias[n0:n1] if bias is not None else None)
 
 
+def gemm_4bit_grad_input(g, q, scales, out, M, N, K, blocksize, quant_type):
+    """``out[M, K] = grad[M, N] @ W``, W dequantized a chunk of rows at a time."""
+    g2 = g.obj.reshape(M, N)
+    out[...] = 0
+    for n0, n1, Wc in weight_chunks(q, scales, N, K, blocksize, quant_type, g):
+        if isinstance(out, torch.Tensor):
+            out.addmm_(g2[:, n0:n1], Wc)
+        else:
+            out += g2[:, n0:n1] @ Wc
+
+
 def _as_torch(x):
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
 

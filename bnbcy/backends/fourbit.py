@@ -246,6 +246,35 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     return out
 
 
+def gemm_4bit_grad_input(grad, B, shapeB, absmax, blocksize, quant_type, absmax_8bit=None, absmax_code=None,
+                         absmax_offset=None):
+    """``grad @ W`` (``(..., N)`` -> ``(..., K)``, grad's dtype): the input gradient of
+    :func:`gemm_4bit`, with the weight arguments of that op. On the CPU the weight is
+    dequantized a chunk of rows at a time, so the dense weight never exists whole."""
+    if len(shapeB) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {tuple(shapeB)}")
+    N, K = int(shapeB[0]), int(shapeB[1])
+    g = _arrays.input_view(grad, "grad", FLOAT_DTYPES, allow_empty=True)
+    if not g.shape or g.shape[-1] != N:
+        raise ValueError(f"grad must have {N} values in its last dimension, got shape {tuple(g.shape)}")
+    q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
+    _arrays.check_same_device(q, g, "B")
+    if q.numel < (N * K + 1) // 2:
+        raise ValueError(f"B holds {q.numel} bytes, too few for a [{N}, {K}] 4-bit weight")
+    blocksize = check_blocksize_4bit(blocksize)
+    check_quant_type(quant_type)
+    nblocks = -(-N * K // blocksize)
+    if absmax_8bit is None:
+        scales = _absmax_view(absmax, g, nblocks, "absmax (quant_state.absmax)")
+    else:
+        scales = _nested_scales(g, nblocks, absmax, absmax_8bit, absmax_code, absmax_offset)
+    M = g.numel // N
+    out = _arrays.empty(g, (M, K), g.dtype)
+    if M:
+        device_kernels(g).gemm_4bit_grad_input(g, q, scales, out, M, N, K, blocksize, quant_type)
+    return out.reshape(tuple(g.shape[:-1]) + (K,))
+
+
 def quant_type_of(quant_type, code_v):
     """``quant_type``, or (None) the type whose table ``code_v`` (16 float32 values) holds: the
     dense paths dequantize by type, ``gemv_4bit`` gives only the map."""
