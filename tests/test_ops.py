@@ -213,3 +213,12 @@ def test_numpy_arrays_take_the_same_path_and_checks():
         F.quantize_4bit(W.astype(np.float64))
     with pytest.raises(ValueError, match="A must have dtype"):
         F.quantize_4bit(torch.from_numpy(W).double())
+
+
+def test_meta_tensors_get_shapes_from_the_fake_kernels():
+    A = torch.empty(3, 64, device="meta")
+    q, absmax = torch.ops.bnbcy.quantize_4bit(torch.empty(8, 64, device="meta"), 64, "nf4", torch.uint8)
+    assert (q.shape, q.dtype, absmax.shape) == ((256, 1), torch.uint8, (8,))
+    assert torch.ops.bnbcy.gemm_4bit(A, q, [8, 64], absmax, 64, "nf4").shape == (3, 8)
+    CA, SCA, cols = torch.ops.bnbcy.int8_vectorwise_quant(A.half(), 0.0)
+    assert (CA.dtype, SCA.shape, cols) == (torch.int8, (3,), None)
