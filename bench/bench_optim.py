@@ -1,32 +1,36 @@
-"""Benchmark optimizer steps: bnbcy vs bitsandbytes vs torch.optim.
+"""Benchmark optimizer steps: bnbcy vs torch.optim (fused) vs bitsandbytes.
 
 Usage::
 
-    python bench/bench_optim.py                    # CPU: one 16M-element float32 parameter
-    python bench/bench_optim.py --n 1M --repeats 5 # quicker
+    python bench/bench_optim.py                    # CPU: every case below, 40 interleaved rounds
+    python bench/bench_optim.py --ops adam8bit --n 1M --repeats 30   # quicker
     python bench/bench_optim.py --device cuda      # GPU: 256M-element tensor, and a ~100M-parameter
                                                    # model of ~200 tensors of mixed sizes
 
-Cases (``--ops``):
+Cases (``--ops``), one float32 parameter of ``--n`` elements (default 16M on the CPU):
 
-* ``adam8bit``: ``Adam8bit`` step (bitsandbytes' ``Adam8bit``; torch: ``torch.optim.Adam(fused=True)``,
-  the 32-bit state it replaces).
-* ``adam32bit``: ``Adam32bit`` / ``Adam(optim_bits=32)`` step vs ``torch.optim.Adam(fused=True)``.
-* ``model`` (CUDA): ``AdamW8bit`` over ~200 tensors of mixed sizes (100M parameters) vs
+* ``adam32bit``: ``Adam32bit`` vs ``torch.optim.Adam(fused=True)`` (and bitsandbytes' ``Adam32bit``).
+* ``adam8bit``: ``Adam8bit`` vs ``torch.optim.Adam(fused=True)``, the 32-bit state it replaces (and
+  bitsandbytes' ``Adam8bit``).
+* ``lion8bit``, ``ademamix8bit``, ``lamb8bit``: bnbcy only; compared with ``adam8bit`` per byte moved.
+* ``model``: ``AdamW8bit`` over ~200 tensors of mixed sizes (100M parameters) vs
   ``torch.optim.AdamW(fused=True)``.
 
 Each timed call is one ``optimizer.step()`` with the gradients already in place (set once in
-setup); the parameters drift a little over the repeats, which does not change the cost.
-Bytes per call: p, g read, p written, plus the states read and written (8 bytes per element for
-32-bit Adam, 2 + a little for 8-bit), for GB/s and % of copy bandwidth.
+setup); the parameters drift a little over the repeats, which does not change the cost. The
+implementations of a case are timed interleaved, round by round (``bench/harness.py``). Bytes
+per call (bnbcy's step; the GB/s column of every implementation of a case uses it): p read and
+written, g read, the states read and written (``OPS`` below). On the CPU the copy bandwidth is
+measured too (``torch`` ``copy_`` of 256 MiB), the yardstick of the "% of copy" figures.
 
-The optimizer-state memory (bytes per parameter) of each implementation is reported in the case's
-params (``state_bytes_per_param``).
+The optimizer-state memory (bytes per parameter) of each implementation is printed at the end
+and stored in the JSON config (``state_bytes_per_param``).
 
-Bars: CPU Adam8bit <= 1.5x the time of torch fused Adam and >= 20x faster than bitsandbytes'
-CPU Adam8bit; Adam32bit <= 1.2x torch fused; Adam8bit state <= 2.04 bytes/param. GPU: Adam8bit on
-256M elements >= 1.0x bitsandbytes and >= 70% of copy bandwidth; the 200-tensor model >= 1.0x
-torch AdamW(fused=True).
+Bars (CPU, defined for 2 cores): Adam32bit and Adam8bit each <= 1.0x the time of torch's fused
+Adam; Adam8bit >= 20x faster than bitsandbytes' CPU Adam8bit; Lion8bit, AdEMAMix8bit, LAMB8bit no
+slower than Adam8bit per byte moved; the 200-tensor model <= 1.0x torch's fused AdamW; Adam8bit
+state <= 2.04 bytes/param. GPU: Adam8bit on 256M elements >= 1.0x bitsandbytes and >= 70% of copy
+bandwidth; the 200-tensor model >= 1.0x torch AdamW(fused=True).
 """
 from __future__ import annotations
 
@@ -41,7 +45,16 @@ import harness  # noqa: E402
 from harness import Bar, Case  # noqa: E402
 
 LIBS = {"bnbcy": "bnbcy", "bitsandbytes": "bitsandbytes"}
-OPS = ("adam8bit", "adam32bit", "model")
+#: op -> (bnbcy class, torch class or None, bytes per element bnbcy's step reads + writes)
+OPS = {
+    "adam32bit": ("Adam32bit", "Adam", 28),      # p r/w 8, g 4, two float32 states r/w 16
+    "adam8bit": ("Adam8bit", "Adam", 16),        # p r/w 8, g 4, two 8-bit states r/w 4 (+ absmax)
+    "lion8bit": ("Lion8bit", None, 14),          # one 8-bit state
+    "ademamix8bit": ("AdEMAMix8bit", None, 18),  # three 8-bit states
+    "lamb8bit": ("LAMB8bit", None, 26),          # + the trust-ratio pass: g 4, states 2, ||p|| 4
+    "model": ("AdamW8bit", "AdamW", 16),         # ~200 tensors, 100M parameters
+}
+CPU_OPS = ("adam32bit", "adam8bit", "lion8bit", "ademamix8bit", "lamb8bit", "model")
 #: "<op>/<impl>" -> optimizer-state bytes per parameter, filled while the cases run
 STATE_BYTES: dict = {}
 
@@ -69,18 +82,21 @@ def state_bytes(opt) -> int:
 
 
 def bind_step(impl, op, params_numel):
+    cls_name, torch_name, _ = OPS[op]
+
     def bind(params):
+        if impl == "torch" and torch_name is None:
+            return None
+        if impl == "bitsandbytes" and op not in ("adam8bit", "adam32bit"):
+            return None   # bitsandbytes' CPU optimizers take seconds per step at these sizes
         params = [p.detach().clone().requires_grad_() for p in params]
         g = torch.Generator(device="cpu").manual_seed(1)
         for p in params:
             p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 1e-2
         if impl == "torch":
-            cls = torch.optim.AdamW if op == "model" else torch.optim.Adam
-            opt = cls(params, lr=1e-3, fused=True)
+            opt = getattr(torch.optim, torch_name)(params, lr=1e-3, fused=True)
         else:
-            optim = _lib(impl).optim
-            cls = {"adam8bit": optim.Adam8bit, "adam32bit": optim.Adam32bit, "model": optim.AdamW8bit}[op]
-            opt = cls(params, lr=1e-3)
+            opt = getattr(_lib(impl).optim, cls_name)(params, lr=1e-3)
         opt.step()  # states exist from here on
         STATE_BYTES[f"{op}/{impl}"] = state_bytes(opt) / params_numel
 
@@ -107,17 +123,31 @@ def model_shapes(total: int, count: int = 200):
 def make_cases(device, ops, impls, n, seed, rotate):
     for op in ops:
         shapes = model_shapes(n if n < 2**27 else 100 * 2**20) if op == "model" else [(n,)]
+        if op == "model" and device == "cpu":
+            shapes = model_shapes(100 * 2**20)
         numel = sum(s[0] for s in shapes)
 
         def setup(shapes=shapes):
             g = torch.Generator().manual_seed(seed)
             return [torch.randn(s, generator=g).to(device) for s in shapes]
-        per_elem = 16 if op != "adam8bit" else 14  # p r/w + g r (+ states r/w: 8 B 32-bit, ~2 B 8-bit)
         binders = {i: bind_step(i, op, numel) for i in impls}
         yield Case(name=f"{op} n={numel / 2**20:.0f}M tensors={len(shapes)}",
-                   params={"op": op, "numel": numel, "tensors": len(shapes)},
-                   nbytes=numel * (per_elem if op != "adam8bit" else 12 + 4), setup=setup, impls=binders,
-                   device=device, rotate=1, reference="torch", check=check_close)
+                   params={"op": op, "numel": numel, "tensors": len(shapes), "bytes_per_elem": OPS[op][2]},
+                   nbytes=numel * OPS[op][2], setup=setup, impls=binders, device=device, rotate=1,
+                   reference="torch" if OPS[op][1] else None, check=check_close)
+
+
+def _ns_per_byte(r, impl="bnbcy"):
+    e = r["impls"].get(impl, {})
+    return e["median_ms"] * 1e6 / r["nbytes"] if e.get("status") == "ok" else None
+
+
+def per_byte_vs_adam8bit(r):
+    """Metric: (Adam8bit's time per byte) / (this case's time per byte), bnbcy, same run: >= 1 when
+    the case is no slower than Adam8bit by more than its extra bytes."""
+    base = next((x for x in harness.LAST_RESULTS if x["params"]["op"] == "adam8bit"), None)
+    mine, ref = _ns_per_byte(r), _ns_per_byte(base) if base else None
+    return ref / mine if mine and ref else None
 
 
 def make_bars(device, threads):
@@ -130,26 +160,35 @@ def make_bars(device, threads):
                 harness.ratio_metric("torch"), 1.0),
         ]
     note = "" if threads == 2 else f" [bar is defined for 2 cores; this run: {threads} threads]"
-    return [
-        Bar("CPU Adam8bit time <= 1.5x torch fused Adam (ratio torch/bnbcy >= 0.667)" + note, is_op("adam8bit"),
-            harness.ratio_metric("torch"), 1 / 1.5),
+    bars = [
+        Bar("CPU Adam32bit time <= 1.0x torch Adam(fused=True) (ratio torch/bnbcy >= 1)" + note, is_op("adam32bit"),
+            harness.ratio_metric("torch"), 1.0),
+        Bar("CPU Adam8bit time <= 1.0x torch Adam(fused=True) (ratio torch/bnbcy >= 1)" + note, is_op("adam8bit"),
+            harness.ratio_metric("torch"), 1.0),
         Bar("CPU Adam8bit >= 20x faster than bitsandbytes" + note, is_op("adam8bit"),
             harness.ratio_metric("bitsandbytes"), 20.0),
-        Bar("CPU Adam32bit time <= 1.2x torch fused Adam (ratio >= 0.833)" + note, is_op("adam32bit"),
-            harness.ratio_metric("torch"), 1 / 1.2),
+        Bar("CPU 200-tensor 100M model: AdamW8bit time <= 1.0x torch AdamW(fused=True)" + note, is_op("model"),
+            harness.ratio_metric("torch"), 1.0),
     ]
+    for op in ("lion8bit", "ademamix8bit", "lamb8bit"):
+        bars.append(Bar(f"CPU {OPS[op][0]} time per byte <= Adam8bit's ({OPS[op][2]} vs 16 B/elem; "
+                        "metric Adam8bit ns/B / its ns/B >= 1)" + note, is_op(op), per_byte_vs_adam8bit, 1.0))
+    return bars
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", nargs="+", default=None, help="adam8bit adam32bit model")
+    p.add_argument("--ops", nargs="+", default=None, help=" ".join(OPS))
     p.add_argument("--n", default=None, help="elements (default 16M on cpu, 256M on cuda; model: 100M)")
-    harness.add_common_args(p, repeats=10, warmup=2)
+    harness.add_common_args(p, repeats=40, warmup=3)
     args = p.parse_args(argv)
     harness.check_common_args(p, args)
     cuda = args.device == "cuda"
-    args.ops = harness.list_arg(args.ops or (["adam8bit", "model"] if cuda else ["adam8bit", "adam32bit"]), str)
+    args.ops = harness.list_arg(args.ops or (["adam8bit", "model"] if cuda else list(CPU_OPS)), str)
+    args.cpu_copy_bandwidth = True   # GB/s against the measured copy bandwidth on the CPU too
+    if not cuda and args.copy_mib == 1024:
+        args.copy_mib = 256
     if any(o not in OPS for o in args.ops):
         p.error(f"unknown op(s); choose from {list(OPS)}")
     text = args.n or ("256M" if cuda else "16M")

@@ -306,6 +306,43 @@ def time_cuda(fns: Sequence[Callable[[], Any]], repeats: int) -> Timing:
                                wall_ms_mean=wall * 1e3 / repeats)
 
 
+def time_interleaved(impls: Mapping[str, Sequence[Callable[[], Any]]], device: str, repeats: int) -> dict:
+    """Time warmed-up implementations round by round: round ``r`` calls every implementation's
+    ``fns[r % len(fns)]`` once, in the order given. Returns ``{name: Timing}``.
+
+    CPU calls are timed with ``time.perf_counter``; CUDA calls with an event pair each, read
+    after one synchronize per round.
+    """
+    samples = {name: [] for name in impls}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of a call would be billed to it
+    try:
+        for r in range(repeats):
+            events = []
+            for name, fns in impls.items():
+                fn = fns[r % len(fns)]
+                if device == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    out = fn()
+                    end.record()
+                    events.append((name, start, end))
+                else:
+                    t0 = time.perf_counter()
+                    out = fn()
+                    t1 = time.perf_counter()
+                    samples[name].append((t1 - t0) * 1e3)
+                out = None  # noqa: F841  (freed outside the timed interval)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                for name, start, end in events:
+                    samples[name].append(start.elapsed_time(end))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: Timing.from_samples(v, copies=len(impls[name]), warmup=0) for name, v in samples.items() if v}
+
+
 def time_callables(fns: Sequence[Callable[[], Any]], device: str, warmup: int,
                    repeats: int) -> tuple:
     """Warm up, then time ``fns`` on ``device``.
@@ -437,7 +474,12 @@ def run_case(case: Case, warmup: int = 3, repeats: int = 20,
         order.remove(case.reference)
         order.insert(0, case.reference)
 
+    # Prepare and warm up every implementation, then time them interleaved: round r calls each
+    # implementation once, in turn, so a stall of the machine (these VMs stall threads in ~4 ms
+    # quanta) or a drift of its clock hits all of them alike instead of one implementation's
+    # whole series.
     ref_out = None
+    ready = {}
     for name in order:
         entry: dict = {"status": "n/a", "reason": None}
         result["impls"][name] = entry
@@ -447,33 +489,16 @@ def run_case(case: Case, warmup: int = 3, repeats: int = 20,
             fns = [case.impls[name](inp) for inp in inputs]
             if any(fn is None for fn in fns):
                 raise ImplUnavailable("not provided for this case")
+            out = _warm_up(fns, warmup)
             if case.device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            timing, out = time_callables(fns, case.device, warmup, repeats)
+                torch.cuda.synchronize()  # surface asynchronous errors of the warm-up here
         except Exception as exc:
             entry["reason"] = _reason(exc)
             log(f"  {case.name} [{name}]: n/a ({entry['reason']})")
             del fns, out
             _free(case.device)
             continue
-
-        entry["status"] = "ok"
-        entry.update(dataclasses.asdict(timing))
-        entry["gbps"] = case.nbytes / (timing.median_ms * 1e-3) / 1e9
-        entry["pct_copy"] = 100.0 * entry["gbps"] / copy_gbps if copy_gbps else None
-        if case.device == "cuda":
-            entry["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated())
-            # Events cover only torch's current stream; work on another stream
-            # would make the event times (but not the wall time) tiny.
-            total_events = sum(timing.samples_ms)
-            total_wall = timing.wall_ms_mean * len(timing.samples_ms)
-            if total_wall > 0 and total_events < 0.5 * total_wall and total_wall > 1.0:
-                entry["warning"] = ("CUDA event times sum to %.0f%% of the wall time: does this "
-                                    "implementation launch on torch.cuda.current_stream()?"
-                                    % (100 * total_events / total_wall))
-                log(f"  {case.name} [{name}]: WARNING {entry['warning']}")
-
+        ready[name] = fns
         if case.check is not None:
             try:
                 if name == case.reference:
@@ -482,10 +507,21 @@ def run_case(case: Case, warmup: int = 3, repeats: int = 20,
                     entry["check"] = case.check(ref_out, out)
             except Exception as exc:
                 entry["check"] = {"ok": False, "error": _reason(exc)}
-        log(f"  {case.name} [{name}]: {timing.median_ms:.3f} ms, {entry['gbps']:.1f} GB/s")
-        del fns, out
-        _free(case.device)
+        del out
 
+    timings = time_interleaved(ready, case.device, repeats)
+    for name, timing in timings.items():
+        entry = result["impls"][name]
+        timing.warmup = max(warmup, len(ready[name]))
+        entry["status"] = "ok"
+        entry.update(dataclasses.asdict(timing))
+        entry["gbps"] = case.nbytes / (timing.median_ms * 1e-3) / 1e9
+        entry["pct_copy"] = 100.0 * entry["gbps"] / copy_gbps if copy_gbps else None
+        if case.device == "cuda":
+            entry["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated())
+        log(f"  {case.name} [{name}]: median {timing.median_ms:.3f} ms (min {timing.min_ms:.3f}, "
+            f"IQR {timing.iqr_ms:.3f}), {entry['gbps']:.1f} GB/s")
+    del ready
     del inputs, ref_out
     _free(case.device)
 
@@ -701,6 +737,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+#: the CPU flags that decide bnbcy's kernel paths (recorded with every result)
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+              "avx512_bf16", "avx512_vbmi", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list:
+    """The :data:`SIMD_FLAGS` this CPU reports in ``/proc/cpuinfo`` (empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in SIMD_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device: str) -> str:
     """GPU name for ``"cuda"``, CPU model otherwise."""
     if device == "cuda" and torch.cuda.is_available():
@@ -740,6 +794,8 @@ def collect_metadata(device: str) -> dict:
         "device": device,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
@@ -829,6 +885,10 @@ def format_header(meta: dict, copy_bandwidth: Optional[dict]) -> str:
         f"{meta['date_utc']}; torch {v['torch']}, bitsandbytes {v['bitsandbytes']}, "
         f"bnbcy {v['bnbcy']}, cupy {v['cupy']}",
     ]
+    if meta.get("device") == "cpu":
+        load = meta.get("load_average")
+        lines.append(f"cpu: {meta.get('cpu_model')}; flags {' '.join(meta.get('cpu_flags') or []) or '?'}; "
+                     f"load average {' '.join(f'{x:.1f}' for x in load) if load else '?'}")
     if copy_bandwidth:
         lines.append(f"copy bandwidth: {copy_bandwidth['gbps']:.0f} GB/s (median; best "
                      f"{copy_bandwidth['gbps_best']:.0f}), {copy_bandwidth['nbytes'] / 2**20:.0f} MiB "
@@ -860,7 +920,7 @@ def add_common_args(p, repeats: int = 20, warmup: int = 3) -> None:
                    help="input copies to rotate among (default: auto, >2x L2 on cuda, 1 on cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--copy-mib", type=int, default=1024,
-                   help="buffer size for the copy-bandwidth measurement (cuda only)")
+                   help="buffer size for the copy-bandwidth measurement (cuda; cpu where the script measures it)")
     p.add_argument("--json", type=Path, default=None,
                    help="result file (default: bench/results/<device>-<date>-<commit>.json)")
     p.add_argument("--no-json", action="store_true", help="do not write a result file")
@@ -876,9 +936,15 @@ def check_common_args(p, args) -> None:
         p.error(f"unknown impl(s) {bad}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.repeats < MIN_REPEATS:
+        print(f"warning: --repeats {args.repeats} < {MIN_REPEATS}: on these VMs (threads stalled in ~4 ms "
+              "quanta) that is a smoke run, not a measurement", file=sys.stderr)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
 
+
+#: the fewest timed rounds that make a measurement (see bench/README.md)
+MIN_REPEATS = 30
 
 #: the case results of the latest :func:`run_benchmark`
 LAST_RESULTS: list = []
@@ -906,9 +972,10 @@ def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
                   rotate=args.rotate if args.rotate is not None else "auto")
 
     copy_bw = None
-    if args.device == "cuda":
+    if args.device == "cuda" or getattr(args, "cpu_copy_bandwidth", False):
         try:
-            copy_bw = measure_copy_bandwidth("cuda", nbytes=args.copy_mib << 20)
+            copy_bw = measure_copy_bandwidth(args.device, nbytes=args.copy_mib << 20,
+                                             repeats=max(args.repeats, MIN_REPEATS))
         except Exception as exc:
             print(f"copy-bandwidth measurement failed: {exc}", file=sys.stderr)
 

@@ -52,7 +52,8 @@
 #define BNBCY_OPT32_CHUNK (BNBCY_OPT_THREADS * BNBCY_OPT32_ITEMS)
 #define BNBCY_OPT8_CHUNK BNBCY_OPT_THREADS
 
-enum { OPT_ADAM = 0, OPT_MOMENTUM = 1, OPT_RMSPROP = 2, OPT_ADAGRAD = 4, OPT_LION = 5, OPT_ADEMAMIX = 6 };
+// The rule ids of bnbcy/optim/_table.py RULE_IDS (the CPU's BNBCY_OPT_* too; tests/test_optim_table.py).
+enum { OPT_ADAM = 0, OPT_MOMENTUM = 1, OPT_RMSPROP = 2, OPT_ADAGRAD = 3, OPT_LION = 4, OPT_ADEMAMIX = 5 };
 
 // ------------------------------------------------------------------------------- table
 struct OptRow {

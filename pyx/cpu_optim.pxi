@@ -37,11 +37,9 @@ cdef extern from "bnbcy_cpu_optim.h" nogil:
     int bnbcy_opt_update(const bnbcy_opt_args *a, bnbcy_opt_tensor *ts, int ntensors, int bits8,
                          int nthreads)
 
-cdef dict _OPT_NAMES = {
-    "adam": BNBCY_OPT_ADAM, "lamb": BNBCY_OPT_ADAM, "momentum": BNBCY_OPT_MOMENTUM,
-    "lars": BNBCY_OPT_MOMENTUM, "rmsprop": BNBCY_OPT_RMSPROP, "adagrad": BNBCY_OPT_ADAGRAD,
-    "lion": BNBCY_OPT_LION, "ademamix": BNBCY_OPT_ADEMAMIX,
-}
+#: the C rule ids by name (tests/test_optim_table.py checks them against bnbcy/optim/_table.py)
+OPT_RULE_IDS = {"adam": BNBCY_OPT_ADAM, "momentum": BNBCY_OPT_MOMENTUM, "rmsprop": BNBCY_OPT_RMSPROP,
+                "adagrad": BNBCY_OPT_ADAGRAD, "lion": BNBCY_OPT_LION, "ademamix": BNBCY_OPT_ADEMAMIX}
 
 
 # Requantization tables of the AVX-512 8-bit path (256 KB each) by (map bytes, sign fix); like
@@ -101,12 +99,13 @@ def opt_requant_codes(TensorView code, bint sign_fix, TensorView x, TensorView v
     return True
 
 
-cdef int _opt_code(str name) except -1:
-    try:
-        return _OPT_NAMES[name]
-    except KeyError:
-        raise ValueError(f"Unsupported optimizer name {name!r}; expected one of "
-                         f"{', '.join(sorted(_OPT_NAMES))}") from None
+cdef int _opt_code(object name) except -1:
+    """The C rule id of optimizer ``name``, through the one table (bnbcy/optim/_table.py)."""
+    from bnbcy.optim import _table
+    row = _table.KERNELS.get(name) if isinstance(name, str) else None
+    if row is None:
+        raise ValueError(f"Unsupported optimizer name {name!r}; expected one of {', '.join(_table.OPTIMIZER_NAMES)}")
+    return OPT_RULE_IDS[row.rule]
 
 
 cdef void _opt_check_lists(int count, list lists, tuple names) except *:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _C, _arrays, kernels
+from ..optim import _table
 
-NAMES = ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion")
-ALIASES = {"lamb": "adam", "lars": "momentum"}
-UNORM_NAMES = ("adam", "momentum", "rmsprop", "adagrad")
-TWO_STATE = ("adam", "ademamix")
+# The kernels are named by rule (bnbcy/optim/_table.py): one per rule, the others alias them.
+NAMES = tuple(_table.RULE_IDS)
+ALIASES = {k.name: k.rule for k in _table.KERNELS.values() if k.name != k.rule}
+UNORM_NAMES = tuple(r for r in NAMES if any(k.trust_ratio and k.rule == r for k in _table.KERNELS.values()))
+TWO_STATE = tuple(r for r in NAMES if any(k.states == 2 and k.rule == r for k in _table.KERNELS.values()))
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 # Must match cuda_src/optim.cu.
@@ -97,7 +99,7 @@ def _like_view(params):
     if x is None or not hasattr(x, "__dlpack__"):
         raise TypeError(f"params[0] must be a torch.Tensor or cupy.ndarray, got {type(x).__name__}")
     v = _C.view(_arrays._plain(x, _C.kind_of(x)), "params[0]")
-    if not v.is_cuda:
+    if not kernels.use_cuda_kernels(v):
         raise ValueError(f"the optimizer kernels need CUDA arrays, got params[0] on {v.device}")
     if v.dtype not in _SUFFIX:
         raise ValueError(f"params must be float32, float16 or bfloat16, got {v.dtype}")
@@ -189,12 +191,11 @@ class _Group:
     def upload(self, table):
         """The table on the parameters' device, copied on their framework's current stream."""
         obj = self.like.obj
+        if not self.like.is_cuda:  # the SIMT emulator (bnbcy.kernels.emulate) reads host memory
+            return table, _C.view(table, "table")
         if self.like.kind == "torch":
             import torch
-            host = torch.from_numpy(table)
-            # pinned memory: the copy is asynchronous and torch's caching host allocator keeps the
-            # buffer until the copy has run
-            host = host.pin_memory()
+            host = stage_table(table, lambda t: t.pin_memory(), torch.cuda.is_current_stream_capturing())
             dev = host.to(obj.device, non_blocking=True)
         else:
             import cupy
@@ -206,6 +207,29 @@ class _Group:
         """Launch ``spec`` with one CTA per work item (chunk or tensor), at most ``_MAX_GRID``."""
         grid = (max(1, min(int(work_items), _MAX_GRID)),)
         kernels.registry.launch(spec, variant, grid, (_THREADS,), args, self.like)
+
+
+#: pinned host tables of launches captured into CUDA graphs: a replay copies from the captured
+#: host address again, so the buffer must never return to torch's caching host allocator
+GRAPH_TABLES: list = []
+
+
+def stage_table(table, pin, capturing):
+    """The tensor table as a pinned host tensor for an asynchronous upload.
+
+    Outside graph capture the buffer may go back to torch's caching host allocator once the
+    copy has run (it records the copy's stream). Under capture the copy is recorded, not run:
+    every replay reads the captured host address again, so a recycled buffer would hand the
+    kernels another launch's table. Captured tables are therefore kept for the life of the
+    process (:data:`GRAPH_TABLES`; one small table per captured launch). A replay runs the
+    captured step's table (its step counts and hyper-parameters), as bitsandbytes' captured
+    launches run their captured scalars.
+    """
+    import torch
+    host = pin(torch.from_numpy(table))
+    if capturing:
+        GRAPH_TABLES.append(host)
+    return host
 
 
 def _hyper(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale):

@@ -21,31 +21,64 @@ synchronisation), through ``_optim_cuda``.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import numpy as np
 import torch
 
-from .. import _C, _arrays
+from .. import _C, _arrays, backends
+from .._ops import optim as _optim_ops  # noqa: F401  (defines torch.ops.bnbcy.optimizer_update_*)
+from ..optim import _table
 from . import _optim_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
-OPTIMIZER_NAMES = ("adam", "lamb", "ademamix", "momentum", "lars", "rmsprop", "adagrad", "lion")
-_TWO_STATE = ("adam", "lamb", "ademamix")
+OPTIMIZER_NAMES = _table.OPTIMIZER_NAMES
+_TWO_STATE = tuple(k.name for k in _table.KERNELS.values() if k.states == 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The hyper-parameters of one update step, as the optimizer classes pass them (hashable:
+    parameters with equal records share a kernel call)."""
+    lr: float
+    beta1: float
+    beta2: float = 0.0
+    beta3: float = 0.0
+    alpha: float = 0.0
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_unorm: float = 0.0
+    skip_zeros: bool = False
 
 
 def _check_name(name):
-    if not isinstance(name, str) or name not in OPTIMIZER_NAMES:
-        raise ValueError(f"Unsupported optimizer name {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    _table.kernel(name)
 
 
 def _on_cuda(views):
-    """True when the arrays are on a GPU (then all of them must be; the launcher checks devices)."""
-    cuda = [v.is_cuda for v in views if v is not None]
+    """Whether the update runs the CUDA kernels: the arrays are on a GPU (then all of them must
+    be; the launcher checks devices), or CPU arrays go to the SIMT emulator
+    (:func:`bnbcy.kernels.emulating`)."""
+    views = [v for v in views if v is not None]
+    cuda = [v.is_cuda for v in views]
     if any(cuda) and not all(cuda):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
-    return bool(cuda) and cuda[0]
+    return bool(views) and backends.on_cuda(views[0])
+
+
+def _check_unorm_vecs(unorm_vecs, max_unorm):
+    """``unorm_vec`` entries, when the update writes them, must be writable float32[1] arrays."""
+    if max_unorm <= 0.0:
+        return
+    for k, u in enumerate(unorm_vecs):
+        if u is None:
+            continue
+        v = _inplace_view(u, "unorm_vec" if len(unorm_vecs) == 1 else f"unorm_vecs[{k}]", ("float32",))
+        if v.numel != 1:
+            raise ValueError(f"unorm_vec must be a float32 array of one element (receives the squared update "
+                             f"norm), got {v.numel} elements")
 
 
 def _device_norm(p):
@@ -54,6 +87,14 @@ def _device_norm(p):
         return torch.linalg.vector_norm(p.detach().float()).reshape(1)
     import cupy
     return cupy.linalg.norm(p.astype(cupy.float32).ravel()).reshape(1)
+
+
+def _norm_slot(p, value):
+    """A given ||p|| as a float32[1] array on p's device."""
+    if isinstance(p, torch.Tensor):
+        return torch.full((1,), value, dtype=torch.float32, device=p.device)
+    import cupy
+    return cupy.full((1,), value, dtype=cupy.float32)
 
 
 def _unorm_slots(unorm_vecs, ps):
@@ -146,12 +187,13 @@ def _group_by_dtype(ps, gs):
 
 def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, steps, lr, state2s=None,
                                  beta2=0.0, beta3=0.0, alpha=0.0, weight_decay=0.0, gnorm_scale=1.0,
-                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False):
+                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False, param_norms=None):
     """In-place 32-bit update of several parameters (one kernel call per dtype).
 
     Same arguments as :func:`optimizer_update_32bit`, with lists for ``gs``, ``ps``,
     ``state1s``, ``state2s`` (None entries for 1-state optimizers), ``unorm_vecs``
-    and ``steps`` (a list, or one int for all).
+    and ``steps`` (a list, or one int for all). ``param_norms``: ``norm(p)`` per parameter for
+    the trust ratio (computed here when omitted).
     """
     _check_name(optimizer_name)
     ps, gs = list(ps), list(gs)
@@ -163,6 +205,9 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
     unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
     steps = _steps(steps, count)
     max_unorm = _scalar(max_unorm, "max_unorm")
+    _check_unorm_vecs(unorm_vecs, max_unorm)
+    if param_norms is not None:
+        param_norms = [_scalar(x, "param_norm") for x in _as_list(param_norms, count, "param_norms")]
     pv, gv, groups = _group_by_dtype(ps, gs)
     s1v, s2v = [], []
     for k in range(count):
@@ -173,12 +218,15 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
             if state2s[k] is None:
                 raise ValueError(f"{optimizer_name} needs state2")
             s2v.append(_inplace_view(state2s[k], "state2", ("float32",)))
+            if s2v[k].numel != pv[k].numel:
+                raise ValueError(f"state2 must have the {pv[k].numel} elements of p, got {s2v[k].numel}")
         else:
             s2v.append(None)
         if optimizer_name == "ademamix" and tuple(s1v[k].shape) != (2, *pv[k].shape):
             raise ValueError(f"ademamix state1 must have shape {(2, *pv[k].shape)}, got {s1v[k].shape}")
         if optimizer_name != "ademamix" and s1v[k].numel != pv[k].numel:
             raise ValueError(f"state1 must have the {pv[k].numel} elements of p, got {s1v[k].numel}")
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, inputs=gv)  # updated in place: no aliasing
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
@@ -189,11 +237,14 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
                 optimizer_name, [ps[k] for k in idx], [gs[k] for k in idx], [state1s[k] for k in idx],
                 [state2s[k] for k in idx] if optimizer_name in _TWO_STATE else None,
                 [unorms[k] for k in idx] if unorms else None, [steps[k] for k in idx],
-                [_device_norm(ps[k]) for k in idx] if max_unorm > 0 else None, *args,
+                [_device_norm(ps[k]) if param_norms is None else _norm_slot(ps[k], param_norms[k]) for k in idx]
+                if max_unorm > 0 else None, *args,
                 gnorm_scale=_scalar(gnorm_scale, "gnorm_scale"), max_unorm=max_unorm,
                 skip_zeros=bool(skip_zeros))
         return
-    norms = [_param_norm(ps[k]) for k in range(count)] if max_unorm > 0 else None
+    norms = None
+    if max_unorm > 0:
+        norms = param_norms if param_norms is not None else [_param_norm(ps[k]) for k in range(count)]
     for idx in groups.values():
         sums = _C.cpu_optimizer_update_32bit(
             optimizer_name, [pv[k] for k in idx], [gv[k] for k in idx], [s1v[k] for k in idx],
@@ -225,10 +276,20 @@ def optimizer_update_32bit(optimizer_name, g, p, state1, beta1, eps, step, lr, s
     skip_zeros : bool
         Leave elements whose gradient is exactly 0 untouched.
     """
-    optimizer_update_32bit_multi(optimizer_name, [g], [p], [state1], beta1, eps, [step], lr,
-                                 state2s=[state2], beta2=beta2, beta3=beta3, alpha=alpha,
-                                 weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
-                                 max_unorm=max_unorm, skip_zeros=skip_zeros)
+    if not isinstance(p, torch.Tensor):       # NumPy / CuPy arrays: no torch op
+        optimizer_update_32bit_multi(optimizer_name, [g], [p], [state1], beta1, eps, [step], lr,
+                                     state2s=[state2], beta2=beta2, beta3=beta3, alpha=alpha,
+                                     weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
+                                     max_unorm=max_unorm, skip_zeros=skip_zeros)
+        return
+    _check_name(optimizer_name)
+    max_unorm = _scalar(max_unorm, "max_unorm")
+    param_norm = _param_norm(p) if max_unorm > 0 else 0.0
+    torch.ops.bnbcy.optimizer_update_32bit(
+        optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, _scalar(beta1, "beta1"),
+        _scalar(beta2, "beta2"), _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"),
+        _scalar(weight_decay, "weight_decay"), _steps([step], 1)[0], _scalar(lr, "lr"),
+        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state2s, beta1, beta2, beta3, alpha,
@@ -251,6 +312,7 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
     unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
     steps = _steps(steps, count)
     max_unorm = _scalar(max_unorm, "max_unorm")
+    _check_unorm_vecs(unorm_vecs, max_unorm)
     two = optimizer_name in _TWO_STATE
     pv, gv, groups = _group_by_dtype(ps, gs)
     if qmap1 is None:
@@ -298,6 +360,7 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
         else:
             s2v.append(None)
             a2v.append(None)
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, *a1v, *a2v, inputs=(*gv, q1v, q2v))  # updated in place
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
@@ -334,10 +397,19 @@ def optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, beta1,
     and ``qmap2`` the unsigned dynamic map (``qmap2``/``state2``/``absmax2`` None for 1-state
     optimizers). ``max_unorm``/``unorm_vec`` are a bnbcy extension (LAMB/LARS in 8-bit).
     """
-    optimizer_update_8bit_blockwise_multi(optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3,
-                                          alpha, eps, [step], lr, qmap1, qmap2, [absmax1], [absmax2],
-                                          weight_decay=weight_decay, gnorm_scale=gnorm_scale,
-                                          skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
+    if not isinstance(p, torch.Tensor) or max_unorm or unorm_vec is not None:
+        # NumPy / CuPy arrays, or the trust ratio (a bnbcy extension, not in bnb's op schema)
+        optimizer_update_8bit_blockwise_multi(optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3,
+                                              alpha, eps, [step], lr, qmap1, qmap2, [absmax1], [absmax2],
+                                              weight_decay=weight_decay, gnorm_scale=gnorm_scale,
+                                              skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
+        return
+    _check_name(optimizer_name)
+    torch.ops.bnbcy.optimizer_update_8bit_blockwise(
+        optimizer_name, g, p, state1, state2, _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
+        _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"), _steps([step], 1)[0],
+        _scalar(lr, "lr"), qmap1, qmap2, absmax1, absmax2, _scalar(weight_decay, "weight_decay"),
+        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def percentile_clipping(grad, gnorm_vec, step, percentile=5):
@@ -351,8 +423,8 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValueError(f"step must be an int, got {step!r}")
-    if not (0 <= percentile < 100):
-        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Integral) or not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be an int in [0, 100), got {percentile!r}")
     torch_in = isinstance(gnorm_vec, torch.Tensor)
     vec = gnorm_vec if torch_in else torch.from_numpy(gnorm_vec)
     if vec.dtype != torch.float32 or vec.numel() != 100:
@@ -373,5 +445,5 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     return current_gnorm, clip_value, gnorm_scale
 
 
-__all__ = ["optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
+__all__ = ["Hyper", "optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
            "optimizer_update_8bit_blockwise_multi", "percentile_clipping"]

@@ -18,7 +18,8 @@ their own call) with no host synchronisation per parameter.
 from __future__ import annotations
 
 import math
-import warnings
+import numbers
+import weakref
 from collections import abc as container_abcs
 from collections import defaultdict
 from copy import deepcopy
@@ -27,12 +28,14 @@ from typing import Optional
 
 import torch
 
+from . import paged
+
 __all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
 
 _BLOCKSIZE = 256                      # 8-bit blockwise state: one absmax per 256 elements
-_PAGED_MIN_NUMEL = 1e5                # bitsandbytes pages state1/state2 from this size on
 _GNORM_HISTORY = 100                  # percentile_clipping keeps the last 100 squared norms
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_STEP = 2**31 - 1                 # the kernels take the step (after += 1) as an int32
 
 # Per-parameter state keys that are never dtype-cast on load (bitsandbytes' set).
 _NON_CASTABLE = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
@@ -72,7 +75,7 @@ class GlobalOptimManager:
         self.index2config = {}
         self.optimizer = None
         self.uses_config_override = False
-        self.module_weight_config_triple = []
+        self._module_overrides = []       # (weakref to module, attribute, config)
 
     @classmethod
     def get_instance(cls):
@@ -143,7 +146,15 @@ class GlobalOptimManager:
         config : dict
             Overrides, e.g. ``{"optim_bits": 32}``.
         """
-        self.module_weight_config_triple.append((module, param_name, config))
+        self._module_overrides.append((weakref.ref(module), param_name, config))
+
+    @property
+    def module_weight_config_triple(self):
+        """The ``(module, param_name, config)`` overrides whose module is still alive (the manager
+        holds modules weakly: registering one does not keep it alive)."""
+        live = [(ref(), name, cfg) for ref, name, cfg in self._module_overrides]
+        self._module_overrides = [o for o, (m, _, _) in zip(self._module_overrides, live) if m is not None]
+        return [t for t in live if t[0] is not None]
 
 
 def _parse_betas(betas):
@@ -304,20 +315,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             Zeros of ``shape`` and ``dtype`` on ``p.device``.
         """
         shape = tuple(p.shape) if shape is None else tuple(shape)
-        if pageable and self.is_paged and (p.device.type == "cpu" or p.numel() >= _PAGED_MIN_NUMEL):
-            self._warn_unpaged(p)         # the managed-memory backing plugs in here
+        if pageable and self.is_paged and paged.pageable(p):
+            return paged.state_buffer(p, shape, dtype)     # managed memory on CUDA (optim/paged.py)
         return torch.zeros(shape, dtype=dtype, device=p.device)
-
-    def _warn_unpaged(self, p):
-        if getattr(self, "_cpu_paged_warned", False):
-            return
-        self._cpu_paged_warned = True
-        if p.device.type == "cpu":
-            msg = "Paged optimizers are not supported on CPU. Falling back to non-paged optimizer behavior."
-        else:
-            msg = ("bnbcy has no managed-memory (paged) state buffers yet; the paged optimizer keeps its "
-                   "state in ordinary device memory.")
-        warnings.warn(msg, stacklevel=4)
 
     def _qmap(self, name, device):
         """The shared ``dynamic``/``udynamic`` map on ``device`` (one tensor per device)."""
@@ -359,14 +359,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["gnorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(_GNORM_HISTORY,), pageable=False)
 
     def prefetch_state(self, p):
-        """Prefetch paged state of ``p`` to its device (no-op until paged buffers exist)."""
-        state = self.state[p]
-        for key in ("state1", "state2"):
-            t = state.get(key)
-            if t is not None and getattr(t, "is_paged", False):
-                prefetch = getattr(_F(), "prefetch_tensor", None)
-                if prefetch is not None:
-                    prefetch(t)
+        """Prefetch paged state of ``p`` to its device on the current stream (see optim/paged.py)."""
+        paged.prefetch_state(self, p)
 
     # ------------------------------------------------------------------ validation
     def _validate_config(self, config, p):
@@ -382,6 +376,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                              "bnbcy only implements block-wise 8-bit optimizer state (block_wise=True)")
         if not config["max_unorm"] >= 0.0:
             raise ValueError(f"Invalid max_unorm value: {config['max_unorm']}")
+        for key in ("t_alpha", "t_beta3"):
+            t = config.get(key)
+            if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1):
+                raise ValueError(f"{key} must be None or a positive int, got {t!r}")
 
     def _validate_param(self, p, device):
         g = p.grad
@@ -406,19 +404,61 @@ class Optimizer8bit(torch.optim.Optimizer):
         if p.device.type not in supported:
             raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
                                       f"tensors yet (supported: {', '.join(supported)})")
-        state = self.state.get(p)
-        if state:
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.device != p.device and not getattr(v, "is_paged", False):
-                    raise RuntimeError(f"optimizer state '{k}' is on {v.device} but its parameter on {p.device}")
-            if "state1" not in state or "step" not in state:
-                raise KeyError(f"optimizer state of a parameter lacks 'state1'/'step' (keys: {sorted(state)})")
+
+    def _expected_state(self, p, config, eight):
+        """``{key: (shape, dtype)}`` of the state tensors of ``p`` (what :meth:`init_state` makes)."""
+        lead = getattr(self, "_state1_lead", None)
+        shape = tuple(p.shape)
+        dtype = torch.uint8 if eight else torch.float32
+        out = {"state1": ((lead, *shape) if lead else shape, dtype)}
+        if self._n_states == 2:
+            out["state2"] = (shape, dtype)
+        if eight:
+            nblocks = (p.numel() + _BLOCKSIZE - 1) // _BLOCKSIZE
+            out["qmap1"] = ((256,), torch.float32)
+            out["absmax1"] = ((lead, nblocks) if lead else (nblocks,), torch.float32)
+            if self._n_states == 2:
+                out["qmap2"] = ((256,), torch.float32)
+                out["absmax2"] = ((nblocks,), torch.float32)
+        if config["max_unorm"] > 0.0 and not lead:
+            out["unorm_vec"] = ((1,), torch.float32)
+        if config["percentile_clipping"] < 100:
+            out["gnorm_vec"] = ((_GNORM_HISTORY,), torch.float32)
+        return out
+
+    def _validate_state(self, p, config):
+        """Check the existing state of ``p`` (e.g. from ``load_state_dict``) against what the step
+        reads and writes; returns its step count."""
+        state = self.state[p]
+        if "state1" not in state or "step" not in state:
+            raise KeyError(f"optimizer state of a parameter lacks 'state1'/'step' (keys: {sorted(state)})")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < _MAX_STEP:
+            raise ValueError(f"optimizer state 'step' must be an int in [0, {_MAX_STEP}), got {step!r}")
+        s1 = state["state1"]
+        if not isinstance(s1, torch.Tensor) or s1.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"optimizer state 'state1' must be a float32 or uint8 tensor, got "
+                             f"{getattr(s1, 'dtype', type(s1).__name__)}")
+        for key, (shape, dtype) in self._expected_state(p, config, s1.dtype == torch.uint8).items():
+            v = state.get(key)
+            if not isinstance(v, torch.Tensor):
+                raise KeyError(f"optimizer state '{key}' is missing (a {dtype} tensor of shape {shape} expected)")
+            if v.dtype != dtype or tuple(v.shape) != shape:
+                raise ValueError(f"optimizer state '{key}' must be {dtype} of shape {shape} for a parameter of "
+                                 f"shape {tuple(p.shape)}, got {v.dtype} of shape {tuple(v.shape)}")
+            if v.device != p.device and not getattr(v, "is_paged", False):
+                raise RuntimeError(f"optimizer state '{key}' is on {v.device} but its parameter on {p.device}")
+            if not v.is_contiguous():
+                raise ValueError(f"optimizer state '{key}' must be contiguous")
+        return int(step)
 
     def _plan(self):
-        """Validate everything this step will touch; return per-group lists of work.
+        """Validate everything this step will touch, for every group; return the work.
 
-        Nothing is allocated or modified here, so an exception leaves parameters and state as
-        they were.
+        Nothing is allocated or modified here, so an exception leaves parameters, state tensors,
+        step counters and the state dict as they were. Returns ``(gindex, group, items)`` per group
+        with ``items`` a list of ``(pindex, p, config, hyper)``; ``hyper`` is the parameter's
+        :class:`~bnbcy.functional.optim_update.Hyper` for its next step.
         """
         plan = []
         for gindex, group in enumerate(self.param_groups):
@@ -431,7 +471,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 device = p.device
                 config = self.get_config(gindex, pindex, group)
                 self._validate_config(config, p)
-                items.append((pindex, p, config))
+                step = self._validate_state(p, config) if self.state.get(p) else 0
+                items.append((pindex, p, config, self._hyper(config, step + 1)))
             if items:
                 plan.append((gindex, group, items))
         return plan
@@ -439,7 +480,12 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step.
+        """Perform a single optimization step, for every parameter or for none.
+
+        Every parameter group is validated first (parameters, gradients, existing state,
+        step counts, hyper-parameters and their schedules); only then are new states allocated,
+        step counters advanced and the kernels run (one multi-tensor call per group and state
+        kind). An invalid input raises before anything has changed.
 
         Parameters
         ----------
@@ -462,64 +508,77 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.initialized = True
 
         plan = self._plan()
+        created = []
+        try:
+            for gindex, group, items in plan:
+                for pindex, p, _, _ in items:
+                    if len(self.state[p]) == 0:
+                        created.append(p)
+                        self.init_state(group, p, gindex, pindex)
+        except BaseException:                    # e.g. out of memory: no new state stays behind
+            for p in created:
+                self.state.pop(p, None)
+            raise
         for gindex, group, items in plan:
-            for pindex, p, _ in items:
-                if len(self.state[p]) == 0:
-                    self.init_state(group, p, gindex, pindex)
-        for gindex, group, items in plan:
-            for _, p, _ in items:
+            for _, p, _, _ in items:
                 self.prefetch_state(p)
             self._update_group(group, items)
         return loss
 
     def _hyper(self, config, step):
-        """Per-step scalars of the kernel: (beta1, beta2, beta3, alpha)."""
+        """The :class:`~bnbcy.functional.optim_update.Hyper` record of one parameter at ``step``,
+        with the AdEMAMix schedules (§6.7) applied; raises ``ValueError`` for a schedule that
+        cannot be evaluated."""
         betas = config["betas"]
-        beta1 = betas[0]
-        beta2 = betas[1] if len(betas) > 1 else 0.0
-        beta3 = betas[2] if len(betas) >= 3 else 0.0
-        alpha = config.get("alpha", 0.0) or 0.0
+        beta1 = float(betas[0])
+        beta2 = float(betas[1]) if len(betas) > 1 else 0.0
+        beta3 = float(betas[2]) if len(betas) >= 3 else 0.0
+        alpha = float(config.get("alpha", 0.0) or 0.0)
         t_alpha, t_beta3 = config.get("t_alpha"), config.get("t_beta3")
         if self._n_states == 2 and (t_alpha or t_beta3):         # AdEMAMix schedules (§6.7)
             if t_alpha:
                 alpha = min(step * alpha / t_alpha, alpha)
             if t_beta3:
+                if not (0.0 < beta1 < 1.0 and 0.0 < beta3 < 1.0):
+                    raise ValueError(f"the t_beta3 schedule needs 0 < beta1 < 1 and 0 < beta3 < 1 "
+                                     f"(it interpolates their logarithms), got beta1={beta1}, beta3={beta3}")
                 ln1, ln3 = math.log(beta1), math.log(beta3)
                 s = step / t_beta3
-                beta3 = min(math.exp(ln1 * ln3 / ((1 - s) * ln3 + s * ln1)), beta3)
-        return beta1, beta2, beta3, alpha
+                den = (1 - s) * ln3 + s * ln1
+                beta3 = min(math.exp(ln1 * ln3 / den), beta3) if den != 0.0 else beta3
+        lr = config["lr"]
+        return _F().Hyper(lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
+                          eps=float(config["eps"]), weight_decay=float(config["weight_decay"]),
+                          max_unorm=float(config["max_unorm"]), skip_zeros=bool(config["skip_zeros"]))
 
     def _update_group(self, group, items):
         """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
 
-        A bucket is (state kind, per-step hyper-parameters); with no per-parameter overrides
-        that is one call per group and state kind. Steps travel as a list, so parameters whose
-        step counts differ share a call (except under the AdEMAMix schedules, whose alpha and
-        beta3 depend on the step). ``percentile_clipping < 100`` needs a per-tensor
-        ``gnorm_scale``, which the multi-tensor kernels take as one scalar: those parameters get
-        a call each.
+        A bucket is (state kind, hyper-parameter record); with no per-parameter overrides that is
+        one call per group and state kind. Steps travel as a list, so parameters whose step
+        counts differ share a call (except under the AdEMAMix schedules, whose alpha and beta3
+        depend on the step). ``percentile_clipping < 100`` needs a per-tensor ``gnorm_scale``,
+        which the multi-tensor kernels take as one scalar: those parameters get a call each.
+        Zero-size parameters only advance their step, as in torch.optim.
         """
         buckets = {}
-        for _, p, config in items:
+        for _, p, config, hyper in items:
+            state = self.state[p]
+            state["step"] += 1
+            if p.numel() == 0:
+                continue
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
             if not p.grad.is_contiguous():
                 p.grad = p.grad.contiguous()
-            state = self.state[p]
-            state["step"] += 1
-            step = state["step"]
-            beta1, beta2, beta3, alpha = self._hyper(config, step)
             eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
-            key = (eight, float(config["lr"]), beta1, beta2, beta3, alpha, config["eps"], config["weight_decay"],
-                   config["max_unorm"], bool(config["skip_zeros"]), pc,
-                   id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
+            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
             buckets.setdefault(key, []).append(p)
-        for key, ps in buckets.items():
-            self._launch(key, ps)
+        for (eight, hyper, pc, _, _), ps in buckets.items():
+            self._launch(eight, hyper, pc, ps)
 
-    def _launch(self, key, ps):
-        eight, lr, beta1, beta2, beta3, alpha, eps, wd, max_unorm, skip_zeros, pc = key[:11]
+    def _launch(self, eight, h, pc, ps):
         F = _F()
         st = [self.state[p] for p in ps]
         gs = [p.grad for p in ps]
@@ -528,20 +587,20 @@ class Optimizer8bit(torch.optim.Optimizer):
         gnorm_scale = 1.0
         if pc < 100:                                    # one parameter per bucket here
             gnorm_scale = F.percentile_clipping(gs[0], st[0]["gnorm_vec"], steps[0], pc)[2]
-        unorm = [s["unorm_vec"] for s in st] if max_unorm > 0.0 else None
+        unorm = [s.get("unorm_vec") for s in st] if h.max_unorm > 0.0 else None
         if not eight:
             F.optimizer_update_32bit_multi(
-                self.optimizer_name, gs, ps, [s["state1"] for s in st], beta1, eps, steps, lr,
-                state2s=[s["state2"] for s in st] if two else None, beta2=beta2, beta3=beta3, alpha=alpha,
-                weight_decay=wd, gnorm_scale=gnorm_scale, unorm_vecs=unorm, max_unorm=max_unorm,
-                skip_zeros=skip_zeros)
+                self.optimizer_name, gs, ps, [s["state1"] for s in st], h.beta1, h.eps, steps, h.lr,
+                state2s=[s["state2"] for s in st] if two else None, beta2=h.beta2, beta3=h.beta3, alpha=h.alpha,
+                weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=unorm, max_unorm=h.max_unorm,
+                skip_zeros=h.skip_zeros)
         else:
             F.optimizer_update_8bit_blockwise_multi(
                 self.optimizer_name, gs, ps, [s["state1"] for s in st], [s["state2"] for s in st] if two else None,
-                beta1, beta2, beta3, alpha, eps, steps, lr, st[0]["qmap1"], st[0]["qmap2"] if two else None,
+                h.beta1, h.beta2, h.beta3, h.alpha, h.eps, steps, h.lr, st[0]["qmap1"], st[0]["qmap2"] if two else None,
                 [s["absmax1"] for s in st], [s["absmax2"] for s in st] if two else None,
-                weight_decay=wd, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros, max_unorm=max_unorm,
-                unorm_vecs=unorm)
+                weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, skip_zeros=h.skip_zeros,
+                max_unorm=h.max_unorm, unorm_vecs=unorm)
 
     @torch.no_grad()
     def update_step(self, group, p, gindex, pindex):
@@ -549,9 +608,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         config = self.get_config(gindex, pindex, group)
         self._validate_param(p, None)
         self._validate_config(config, p)
+        step = self._validate_state(p, config) if self.state.get(p) else 0
+        hyper = self._hyper(config, step + 1)
         if len(self.state[p]) == 0:
             self.init_state(group, p, gindex, pindex)
-        self._update_group(group, [(pindex, p, config)])
+        self._update_group(group, [(pindex, p, config, hyper)])
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):

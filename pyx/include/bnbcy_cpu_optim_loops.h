@@ -1,0 +1,305 @@
+/* The loops of the CPU optimizer kernels, generic over the lane type (included after
+ * bnbcy_cpu_optim_lanes.h and bnbcy_cpu_optim_rules.h, once per lane width; no include guard):
+ * load a vector, apply the rule of bnbcy_cpu_optim_rules.h, store. Above the scalar width a
+ * vector with a lane the rule flags (skip_zeros, a non-finite gradient or result) is redone
+ * lane by lane by the scalar instantiation, and so are tails shorter than a vector: every
+ * width gives the scalar path's bits. Each loop is instantiated per optimizer (the `opt`
+ * argument is a constant at every call), so none carries a switch. */
+
+/* ---------------------------------------------------------------- 32-bit --- */
+
+/* Elements [i, i + L_W) of a 32-bit update. Above the scalar width: returns 0, writing
+ * nothing, when the vector needs the scalar path. */
+L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt32_vec)(
+    const L_FN(bnbcy_opt_lhp) *h, const bnbcy_opt_tensor *t, int64_t i, const int opt) {
+    const int dt = h->dt;
+    float *s1p = (float *)t->s1 + i;
+    const L_T gr = L_LOADT(t->g, dt, i);
+    L_T p = L_LOADT(t->p, dt, i), s1 = L_LOADF(s1p);
+    if (opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX) {
+        float *s2p = (float *)t->s2 + i, *s3p = (float *)t->s1 + t->n + i;
+        const L_T g = L_ROUND(L_MUL(h->gns, gr), dt);
+        L_T s2 = L_LOADF(s2p), s3;
+        int skip = 0;
+        if (opt == BNBCY_OPT_ADAM) {
+            skip = h->skip ? L_ZERO(g) : 0;
+            L_FN(bnbcy_rule_adam)(h, 0, g, &s1, &s2, &p);
+        } else {
+            s3 = L_LOADF(s3p);
+            L_FN(bnbcy_rule_ademamix)(h, 0, g, &s1, &s2, &s3, &p);
+        }
+        if (skip) return L_W == 1;
+        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        L_STOREF(s1p, s1);
+        L_STOREF(s2p, s2);
+        if (opt == BNBCY_OPT_ADEMAMIX) L_STOREF(s3p, s3);
+    } else {
+        L_T pd;
+        const int skip = L_FN(bnbcy_rule_1state)(h, 0, opt, gr, &s1, &p, &pd);
+        if (skip) return L_W == 1;
+        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        L_STOREF(s1p, s1);
+    }
+    L_STORET(t->p, dt, i, p);
+    return 1;
+}
+
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_chunk_k)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int opt) {
+    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    int64_t i = start;
+    for (; i + L_W <= start + len; i += L_W)
+        if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) bnbcy_opt32_chunk_scalar(a, t, i, L_W);
+    if (i < start + len) bnbcy_opt32_chunk_scalar(a, t, i, start + len - i);
+}
+
+L_ATTR static void L_FN(bnbcy_opt32_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
+                                           int64_t len) {
+    switch (a->opt) {
+    case BNBCY_OPT_ADAM: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADAM); break;
+    case BNBCY_OPT_ADEMAMIX: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADEMAMIX); break;
+    case BNBCY_OPT_MOMENTUM: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_MOMENTUM); break;
+    case BNBCY_OPT_RMSPROP: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_RMSPROP); break;
+    case BNBCY_OPT_ADAGRAD: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADAGRAD); break;
+    default: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_LION);
+    }
+}
+
+/* ----------------------------------------------------------------- 8-bit --- */
+
+/* Elements [i, i + L_W) of an 8-bit block: dequantize, apply the rule, store p and the new
+ * states (unquantized, into n1/n2/n3), fold them into the block's absmax M1/M2/M3. Returns 0,
+ * writing nothing, when the vector needs the scalar path (above the scalar width). */
+L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
+    const L_FN(bnbcy_opt_lhp) *h, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int i,
+    const L_T *am, float *n1, float *n2, float *n3, L_T *M, L_T *fin, const int opt) {
+    const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
+    const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
+    const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
+    L_T p = p0, s1 = L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
+    if (two) {
+        const L_T g = L_MUL(gr, h->gns);
+        s2 = L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
+        if (opt == BNBCY_OPT_ADAM) {
+            L_FN(bnbcy_rule_adam)(h, 1, g, &s1, &s2, &p);
+        } else {
+            s3 = L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
+            L_FN(bnbcy_rule_ademamix)(h, 1, g, &s1, &s2, &s3, &p);
+        }
+        if (L_W == 1 && L_BAD(gr)) { /* a non-finite gradient resets the states, keeps p */
+            s1 = s2 = s3 = L_SET1(0.0f);
+            p = p0;
+        }
+        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        L_STOREF(n2 + i, s2);
+        M[1] = L_MAXABS(M[1], s2);
+        fin[1] = L_ADD(fin[1], L_SUB(s2, s2));
+        if (opt == BNBCY_OPT_ADEMAMIX) {
+            L_STOREF(n3 + i, s3);
+            M[2] = L_MAXABS(M[2], s3);
+            fin[2] = L_ADD(fin[2], L_SUB(s3, s3));
+        }
+    } else {
+        const L_T d1 = s1;
+        L_T pd;
+        const int skip = L_FN(bnbcy_rule_1state)(h, 1, opt, gr, &s1, &p, &pd);
+        if (L_W > 1 && (skip | L_BAD(gr) | L_BAD(p))) return 0;
+        if (L_W == 1 && (skip & 1)) { /* zero gradient: the old p and (dequantized) state */
+            s1 = d1;
+            p = p0;
+        } else if (L_W == 1 && skip) { /* zero lion step: the decayed p, the new state */
+            p = pd;
+        }
+    }
+    L_STOREF(n1 + i, s1);
+    M[0] = L_MAXABS(M[0], s1);
+    fin[0] = L_ADD(fin[0], L_SUB(s1, s1)); /* stays 0 while every state is finite */
+    L_STORET(t->p, dt, start + i, p);
+    return 1;
+}
+
+/* Requantizes one block of new states with its absmax M: through the requantization table when
+ * it applies (a full block, 0 < M <= FLT_MAX: every state finite), else bnbcy_opt_requant. */
+L_ATTR static inline void L_FN(bnbcy_opt_requant)(const float *s, int64_t len, float M, const float *code,
+                                                  const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
+                                                  uint8_t *q) {
+    if (L_W > 1 && rq != NULL && len == BNBCY_OPT_BLOCK && M > 0.0f && M <= FLT_MAX) {
+        const L_T r = L_SET1(bnbcy_opt_recip(M));
+        for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_RQ(s + i, r, rq, q + i);
+        return;
+    }
+    bnbcy_opt_requant(s, len, M, code, t, sign_fix, q);
+}
+
+/* Blocks ahead of the one being updated that a SIMD block prefetches: the hardware prefetcher
+ * alone left the two-core step about 5% short of its compute time (AVX-512 measurements). */
+#define BNBCY_OPT_PREFETCH 4
+
+/* One 256-block [start, start+len) of an 8-bit update (above the scalar width len is 256). */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, int64_t start, int64_t len, const int opt) {
+    float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), n2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+    float n3[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX, ademamix = opt == BNBCY_OPT_ADEMAMIX;
+    const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
+    const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = two ? bnbcy_ftz(t->absmax2[b]) : 0.0f;
+    const float am3 = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
+    if (L_W > 1) {
+        h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1) ||
+                (opt == BNBCY_OPT_LION && bnbcy_opt_may_flush(am1, a->qmin1, a->b2));
+        h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
+        h.fz3 = bnbcy_opt_may_flush(am3, a->qmin1, a->b3);
+    }
+    const L_T am[3] = {L_SET1(am1), L_SET1(am2), L_SET1(am3)};
+    L_T M[3] = {L_SET1(-FLT_MAX), L_SET1(-FLT_MAX), L_SET1(-FLT_MAX)};
+    float Ms[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* lanes redone by the scalar path */
+    /* the requantization table holds finite states only (a NaN state never enters the absmax):
+     * it serves a block whose states are all finite and that the scalar path did not touch */
+    L_T fin[3] = {L_SET1(0.0f), L_SET1(0.0f), L_SET1(0.0f)};
+    float fins[3] = {0.0f, 0.0f, 0.0f};
+    int table_ok = 1;
+    if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
+        const int64_t ahead = start + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
+        const size_t isz = a->dtype == BNBCY_F32 ? 4 : 2;
+        for (size_t k = 0; k < BNBCY_OPT_BLOCK * isz; k += 64) {
+            L_PREFETCH((const char *)t->g + ahead * isz + k);
+            L_PREFETCH((const char *)t->p + ahead * isz + k);
+        }
+        for (int k = 0; k < BNBCY_OPT_BLOCK; k += 64) {
+            L_PREFETCH((const uint8_t *)t->s1 + ahead + k);
+            if (two) L_PREFETCH((const uint8_t *)t->s2 + ahead + k);
+            if (ademamix) L_PREFETCH((const uint8_t *)t->s1 + t->n + ahead + k);
+        }
+    }
+    for (int i = 0; i + L_W <= len; i += L_W) {
+        if (L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, fin, opt)) continue;
+        const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
+        const float ams[3] = {am1, am2, am3};
+        table_ok = 0;
+        for (int k = i; k < i + L_W; k++)
+            bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, fins, opt);
+    }
+    if (len < BNBCY_OPT_BLOCK) { /* padding lanes (scalar width only): code 128 / 0, g = 0, p = 0 */
+        const float d1 = bnbcy_ftz(a->qmap1[128] * am1);
+        float s1 = d1, s2 = two ? bnbcy_ftz(a->qmap2[0] * am2) : 0.0f, s3 = bnbcy_ftz(a->qmap1[128] * am3);
+        float p = 0.0f, pd;
+        const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
+        if (opt == BNBCY_OPT_ADAM) bnbcy_rule_adam_scalar(&hs, 1, 0.0f, &s1, &s2, &p);
+        else if (opt == BNBCY_OPT_ADEMAMIX) bnbcy_rule_ademamix_scalar(&hs, 1, 0.0f, &s1, &s2, &s3, &p);
+        else if (bnbcy_rule_1state_scalar(&hs, 1, opt, 0.0f, &s1, &p, &pd) & 1) s1 = d1;
+        Ms[0] = bnbcy_opt_absmax_acc(Ms[0], s1);
+        if (two) Ms[1] = bnbcy_opt_absmax_acc(Ms[1], s2);
+        if (ademamix) Ms[2] = bnbcy_opt_absmax_acc(Ms[2], s3);
+    }
+    const float m1 = fmaxf(Ms[0], L_HMAX(M[0]));
+    t->absmax1[b] = m1;
+    L_FN(bnbcy_opt_requant)(n1, len, m1, a->qmap1, a->t1, table_ok && !L_BAD(fin[0]) ? a->rq1 : NULL, 1,
+                            (uint8_t *)t->s1 + start);
+    if (two) {
+        const float m2 = fmaxf(Ms[1], L_HMAX(M[1]));
+        t->absmax2[b] = m2;
+        L_FN(bnbcy_opt_requant)(n2, len, m2, a->qmap2, a->t2, table_ok && !L_BAD(fin[1]) ? a->rq2 : NULL, 0,
+                                (uint8_t *)t->s2 + start);
+    }
+    if (ademamix) {
+        const float m3 = fmaxf(Ms[2], L_HMAX(M[2]));
+        t->absmax1[nblocks + b] = m3;
+        L_FN(bnbcy_opt_requant)(n3, len, m3, a->qmap1, a->t1, table_ok && !L_BAD(fin[2]) ? a->rq1 : NULL, 1,
+                                (uint8_t *)t->s1 + t->n + start);
+    }
+}
+
+L_ATTR static void L_FN(bnbcy_opt8_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
+                                          int64_t len) {
+    for (int64_t s = start; s < start + len; s += BNBCY_OPT_BLOCK) {
+        const int64_t l = start + len - s < BNBCY_OPT_BLOCK ? start + len - s : BNBCY_OPT_BLOCK;
+        const int64_t b = s / BNBCY_OPT_BLOCK;
+        if (L_W > 1 && l < BNBCY_OPT_BLOCK) {
+            bnbcy_opt8_chunk_scalar(a, t, s, l);
+            continue;
+        }
+        switch (a->opt) {
+        case BNBCY_OPT_ADAM: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADAM); break;
+        case BNBCY_OPT_ADEMAMIX: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADEMAMIX); break;
+        case BNBCY_OPT_MOMENTUM: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_MOMENTUM); break;
+        case BNBCY_OPT_RMSPROP: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_RMSPROP); break;
+        case BNBCY_OPT_ADAGRAD: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADAGRAD); break;
+        default: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_LION);
+        }
+    }
+}
+
+/* ------------------------------------------------------- trust ratio pass --- */
+
+/* Sum of u^2 over [start, start+len) (a chunk starts on a 256-block), in BNBCY_OPT_LANES double
+ * lanes, element i of the chunk in lane i mod 16, the lanes added in order at the end: every
+ * width gives the same sum. */
+L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_chunk_k)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int f8, const int opt) {
+    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    const int dt = a->dtype, two = opt == BNBCY_OPT_ADAM;
+    double acc[BNBCY_OPT_LANES] __attribute__((aligned(64))) = {0.0};
+    int64_t i = start;
+    for (; i + L_W <= start + len; i += L_W) {
+        const L_T gr = L_LOADT(t->g, dt, i);
+        L_T s1, s2 = L_SET1(0.0f);
+        if (f8) {
+            const int64_t b = i / BNBCY_OPT_BLOCK;
+            s1 = L_FTZ(L_DEQ((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(t->absmax1[b])));
+            if (two) s2 = L_FTZ(L_DEQ((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(t->absmax2[b])));
+        } else {
+            s1 = L_LOADF((const float *)t->s1 + i);
+            if (two) s2 = L_LOADF((const float *)t->s2 + i);
+        }
+        L_T u = L_FN(bnbcy_rule_unorm)(&h, f8, opt, gr, s1, s2);
+        if (f8 && two && L_BAD(gr)) {
+            if (L_W > 1) { /* lane by lane */
+                float uu[L_W];
+                L_STOREF(uu, u);
+                float grs[L_W];
+                L_STOREF(grs, gr);
+                for (int k = 0; k < L_W; k++) if (!isfinite(grs[k])) uu[k] = 0.0f;
+                u = L_LOADF(uu);
+            } else {
+                u = L_SET1(0.0f);
+            }
+        }
+        L_ACCU(acc + (i - start) % BNBCY_OPT_LANES, u);
+    }
+    if (i < start + len) { /* tail: the scalar lanes continue the same accumulators */
+        const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
+        for (; i < start + len; i++) {
+            const float gr = bnbcy_load_any(t->g, dt, i);
+            float s1, s2 = 0.0f;
+            if (f8) {
+                const int64_t b = i / BNBCY_OPT_BLOCK;
+                s1 = bnbcy_ftz(a->qmap1[((const uint8_t *)t->s1)[i]] * t->absmax1[b]);
+                if (two) s2 = bnbcy_ftz(a->qmap2[((const uint8_t *)t->s2)[i]] * t->absmax2[b]);
+            } else {
+                s1 = ((const float *)t->s1)[i];
+                if (two) s2 = ((const float *)t->s2)[i];
+            }
+            float u = bnbcy_rule_unorm_scalar(&hs, f8, opt, gr, s1, s2);
+            if (f8 && two && !isfinite(gr)) u = 0.0f;
+            acc[(i - start) % BNBCY_OPT_LANES] += (double)(u * u);
+        }
+    }
+    return bnbcy_opt_lanes_total(acc);
+}
+
+L_ATTR static double L_FN(bnbcy_opt_unorm_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
+                                                 int64_t len, int f8) {
+#define BNBCY_OPT_UNORM_CASE(OPT)                                                              \
+    case OPT:                                                                                   \
+        return f8 ? L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 1, OPT)                     \
+                  : L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 0, OPT);
+    switch (a->opt) {
+        BNBCY_OPT_UNORM_CASE(BNBCY_OPT_ADAM)
+        BNBCY_OPT_UNORM_CASE(BNBCY_OPT_MOMENTUM)
+        BNBCY_OPT_UNORM_CASE(BNBCY_OPT_RMSPROP)
+        BNBCY_OPT_UNORM_CASE(BNBCY_OPT_ADAGRAD)
+    default: return 0.0;
+    }
+#undef BNBCY_OPT_UNORM_CASE
+}

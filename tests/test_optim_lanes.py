@@ -1,0 +1,72 @@
+"""The SIMD widths of the CPU optimizer kernels against the scalar width, bit for bit, on the
+cases the lane loops hand to the scalar path (skip_zeros, NaN/inf gradients and parameters,
+vector tails, partial 8-bit blocks) for every optimizer, format and dtype. On a CPU without
+AVX2 both runs take the scalar path (and the test compares it with itself)."""
+import numpy as np
+import pytest
+import torch
+
+import bnbcy.functional as F
+from bnbcy.functional.maps import create_dynamic_map
+from bnbcy.optim import _table
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Q1, Q2 = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
+
+
+def _inputs(name, bits, dtype, n, rng):
+    k = _table.kernel(name)
+    p = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype)
+    g = torch.from_numpy((rng.standard_normal(n) * 0.1).astype(np.float32))
+    g[rng.random(n) < 0.1] = 0.0
+    g[7], g[300], g[n - 2] = float("nan"), float("inf"), -float("inf")
+    p[11] = float("nan")
+    g = g.to(dtype)
+    lead = (k.state1_lead,) if k.state1_lead else ()
+    nb = -(-n // 256)
+    if bits == 32:
+        s1 = torch.from_numpy(rng.random((*lead, n)).astype(np.float32) * 0.01)
+        s2 = torch.from_numpy(rng.random(n).astype(np.float32) * 1e-4) if k.states == 2 else None
+        return [p, g, s1, s2]
+    s1 = torch.from_numpy(rng.integers(0, 256, (*lead, n)).astype(np.uint8))
+    if name in ("rmsprop", "adagrad"):
+        s1 = torch.from_numpy(rng.integers(128, 256, n).astype(np.uint8))
+    a1 = torch.from_numpy(rng.random((*lead, nb)).astype(np.float32) * 0.1)
+    s2 = torch.from_numpy(rng.integers(1, 256, n).astype(np.uint8)) if k.states == 2 else None
+    a2 = torch.from_numpy(rng.random(nb).astype(np.float32) * 0.01) if k.states == 2 else None
+    return [p, g, s1, s2, a1, a2]
+
+
+def _step(name, bits, t, skip, wd, max_unorm):
+    p, g, s1, s2 = t[:4]
+    u = [torch.zeros(1)] if max_unorm else None
+    if bits == 32:
+        F.optimizer_update_32bit_multi(name, [g], [p], [s1], 0.9, 1e-8, 3, 1e-3, state2s=[s2], beta2=0.99,
+                                       beta3=0.999, alpha=2.0, weight_decay=wd, gnorm_scale=0.7,
+                                       unorm_vecs=u, max_unorm=max_unorm, skip_zeros=skip)
+    else:
+        two = _table.kernel(name).states == 2
+        F.optimizer_update_8bit_blockwise_multi(
+            name, [g], [p], [s1], [s2] if two else None, 0.9, 0.99, 0.999, 2.0, 1e-8, 3, 1e-3, Q1,
+            Q2 if two else None, [t[4]], [t[5]] if two else None, weight_decay=wd, gnorm_scale=0.7,
+            skip_zeros=skip, max_unorm=max_unorm, unorm_vecs=u)
+    return u
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", _table.OPTIMIZER_NAMES)
+def test_simd_width_equals_scalar(name, bits, monkeypatch):
+    rng = np.random.default_rng(5)
+    mu = 0.01 if _table.kernel(name).trust_ratio else 0.0
+    for dtype in DTYPES:
+        for n, skip, wd in ((256 * 5 + 77, True, 0.1), (1000, False, 0.0)):
+            base = _inputs(name, bits, dtype, n, rng)
+            res = []
+            for isa in ("", "scalar"):
+                monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+                t = [None if x is None else x.clone() for x in base]
+                u = _step(name, bits, t, skip, wd, mu)
+                res.append(t + (u or []))
+            for a, b in zip(*res):
+                if a is not None:
+                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, bits, dtype, n, skip)
