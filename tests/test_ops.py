@@ -87,6 +87,21 @@ def test_opcheck_gemm_4bit_nested_and_autograd(dtype):
     Wd = F.dequantize_4bit(q, st).to(dtype)
     torch.testing.assert_close(A.grad, torch.matmul(g, Wd))
     torch.testing.assert_close(bias.grad, g.reshape(-1, 16).sum(0))
+    # the backward's own op (bnbcy's; chunked over W's rows on the CPU)
+    _opcheck(torch.ops.bnbcy.gemm_4bit_grad_input.default, (g, q, [16, 96], st.state2.absmax, 64, "nf4"),
+             {k: kwargs[k] for k in ("absmax_8bit", "absmax_code", "absmax_offset")})
+
+
+def test_gemm_4bit_input_gradient_is_chunked_on_cpu(monkeypatch):
+    W = torch.randn(37, 80, generator=_g(19))
+    q, st = F.quantize_4bit(W, quant_type="fp4")
+    g = torch.randn(3, 37, generator=_g(20))
+    whole = torch.ops.bnbcy.gemm_4bit_grad_input(g, q, [37, 80], st.absmax, 64, "fp4")
+    monkeypatch.setattr(backends.cpu, "CHUNK_ELEMENTS", 5 * 80)   # 8 chunks, the last one short
+    chunked = torch.ops.bnbcy.gemm_4bit_grad_input(g, q, [37, 80], st.absmax, 64, "fp4")
+    ref = g.double() @ F.dequantize_4bit(q, st).double()
+    for y in (whole, chunked):
+        assert (y.double() - ref).abs().max() <= 1e-5 * (g.abs().double() @ W.abs().double()).max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,6 +153,24 @@ def test_add_namespace_answers_with_the_same_kernels():
         assert _schema("bnbcy_ns_test", base, overload or "default") == _schema("bnbcy", base, overload or "default")
 
 
+def test_add_namespace_bitsandbytes_in_a_fresh_process_and_clash_here():
+    import subprocess
+    import sys
+    code = ("import torch, bnbcy._ops as o; o.add_namespace('bitsandbytes'); "
+            "W, A = torch.randn(8, 64), torch.randn(2, 64); "
+            "q, a = torch.ops.bitsandbytes.quantize_4bit(W, 64, 'nf4', torch.uint8); "
+            "y = torch.ops.bitsandbytes.gemm_4bit(A, q, [8, 64], a, 64, 'nf4'); "
+            "assert torch.equal(y, torch.ops.bnbcy.gemm_4bit(A, q, [8, 64], a, 64, 'nf4')); "
+            "print(sorted(torch.ops.bitsandbytes.dequantize_4bit.overloads()), tuple(y.shape))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["['default',", "'out']", "(2,", "8)"]
+    # here the real bitsandbytes owns torch.ops.bitsandbytes: refused, nothing half-defined
+    with pytest.raises(RuntimeError, match="already defines"):
+        _ops.add_namespace("bitsandbytes")
+    _ops.add_namespace("bnbcy_ns_test")
+
+
 def test_one_dispatch_point_sends_cpu_arrays_to_cuda_launchers_when_emulating(monkeypatch):
     calls = []
     cpu_kernel = backends.cpu.quantize_blockwise
@@ -180,3 +213,12 @@ def test_numpy_arrays_take_the_same_path_and_checks():
         F.quantize_4bit(W.astype(np.float64))
     with pytest.raises(ValueError, match="A must have dtype"):
         F.quantize_4bit(torch.from_numpy(W).double())
+
+
+def test_meta_tensors_get_shapes_from_the_fake_kernels():
+    A = torch.empty(3, 64, device="meta")
+    q, absmax = torch.ops.bnbcy.quantize_4bit(torch.empty(8, 64, device="meta"), 64, "nf4", torch.uint8)
+    assert (q.shape, q.dtype, absmax.shape) == ((256, 1), torch.uint8, (8,))
+    assert torch.ops.bnbcy.gemm_4bit(A, q, [8, 64], absmax, 64, "nf4").shape == (3, 8)
+    CA, SCA, cols = torch.ops.bnbcy.int8_vectorwise_quant(A.half(), 0.0)
+    assert (CA.dtype, SCA.shape, cols) == (torch.int8, (3,), None)

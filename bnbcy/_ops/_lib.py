@@ -61,10 +61,27 @@ def op(name: str, schema: str, impl: Callable, fake: Callable | None = None,
     return getattr(torch.ops.bnbcy, base)
 
 
+def _taken(ns: str) -> list:
+    packet = getattr(torch.ops, ns)
+    return [rec.name for rec in _OPS.values() if hasattr(packet, rec.name.split(".")[0])]
+
+
 def add_namespace(ns: str) -> None:
-    """Define every bnbcy op under ``torch.ops.<ns>`` too, with the same kernels (idempotent)."""
+    """Define every bnbcy op under ``torch.ops.<ns>`` too, with the same kernels (idempotent).
+
+    Raises
+    ------
+    RuntimeError
+        When ``torch.ops.<ns>`` already holds one of the ops (e.g. the real bitsandbytes is
+        imported in this process); nothing is defined then.
+    """
     if ns in _LIBS:
         return
+    taken = _taken(ns)
+    if taken:
+        raise RuntimeError(f"cannot define bnbcy's ops under torch.ops.{ns}: it already defines "
+                           f"{', '.join(taken[:4])}{', ...' if len(taken) > 4 else ''} (another library "
+                           f"named {ns!r} is loaded in this process)")
     _LIBS[ns] = torch.library.Library(ns, "FRAGMENT")
     for rec in _OPS.values():
         _register(ns, rec)

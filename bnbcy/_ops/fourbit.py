@@ -100,17 +100,6 @@ def _gemm_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8b
     return A.new_empty((*A.shape[:-1], shapeB[0]))
 
 
-def dequantize_weight(B, shapeB, absmax, blocksize, quant_type, dtype, absmax_8bit=None, absmax_code=None,
-                      absmax_offset=None):
-    """The dense 4-bit weight ``[N, K]`` in ``dtype``, through the ops (traceable): the
-    double-quantized block maxima are expanded first."""
-    if absmax_8bit is not None:
-        absmax = torch.ops.bnbcy.dequantize_blockwise.default(absmax_8bit, absmax, absmax_code,
-                                                                _fb.NESTED_BLOCKSIZE, torch.float32)
-        absmax = absmax + absmax_offset
-    return torch.ops.bnbcy.dequantize_4bit.default(B, absmax, blocksize, quant_type, list(shapeB), dtype)
-
-
 def _gemm_setup(ctx, inputs, output):
     A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset = inputs
     ctx.save_for_backward(B, absmax, absmax_8bit, absmax_code, absmax_offset)
@@ -121,15 +110,29 @@ def _gemm_setup(ctx, inputs, output):
 
 def _gemm_backward(ctx, grad):
     B, absmax, absmax_8bit, absmax_code, absmax_offset = ctx.saved_tensors
-    need_A, need_bias = ctx.need_A, ctx.need_bias
     grad_A = grad_bias = None
-    if need_A:
-        W = dequantize_weight(B, ctx.shapeB, absmax, ctx.blocksize, ctx.quant_type, grad.dtype, absmax_8bit,
-                              absmax_code, absmax_offset)
-        grad_A = torch.matmul(grad, W)
-    if need_bias:
+    if ctx.need_A:
+        grad_A = torch.ops.bnbcy.gemm_4bit_grad_input.default(grad, B, ctx.shapeB, absmax, ctx.blocksize,
+                                                              ctx.quant_type, absmax_8bit, absmax_code,
+                                                              absmax_offset)
+    if ctx.need_bias:
         grad_bias = grad.reshape(-1, ctx.shapeB[0]).sum(0, dtype=ctx.bias_dtype)
     return grad_A, None, None, None, None, None, grad_bias, None, None, None
+
+
+def _grad_input_fake(grad, B, shapeB, absmax, blocksize, quant_type, absmax_8bit=None, absmax_code=None,
+                     absmax_offset=None):
+    _check_float(grad, "grad")
+    torch._check(grad.shape[-1] == shapeB[0], lambda: f"grad must have {shapeB[0]} values in its last dimension")
+    return grad.new_empty((*grad.shape[:-1], shapeB[1]))
+
+
+# bnbcy's own op (bitsandbytes has none): the input gradient of gemm_4bit, chunked on the CPU
+gemm_4bit_grad_input = op(
+    "gemm_4bit_grad_input",
+    "(Tensor grad, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+    "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor",
+    impl=_fb.gemm_4bit_grad_input, fake=_grad_input_fake)
 
 
 gemm_4bit = op(
@@ -138,4 +141,4 @@ gemm_4bit = op(
     "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor",
     impl=_fb.gemm_4bit, fake=_gemm_fake, autograd=(_gemm_backward, _gemm_setup))
 
-__all__ = ["dequantize_4bit", "dequantize_weight", "gemm_4bit", "gemv_4bit", "quantize_4bit"]
+__all__ = ["dequantize_4bit", "gemm_4bit", "gemm_4bit_grad_input", "gemv_4bit", "quantize_4bit"]

@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 
-from .._ops.fourbit import dequantize_weight
 from ..functional import fourbit_matmul as _mm
 from ..functional import int8 as _i8
 from ..functional.fourbit import dequantize_4bit, packed_bytes
@@ -44,10 +43,8 @@ class MatMul4Bit(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0, dtype=ctx.bias_dtype)
         if need_A:
-            absmax, blocksize, qt, absmax_8bit, absmax_code, offset = _mm.gemm_args(ctx.state)
-            W = dequantize_weight(B, list(ctx.state.shape), absmax, blocksize, qt, grad_output.dtype,
-                                  absmax_8bit, absmax_code, offset)
-            grad_A = torch.matmul(grad_output, W)
+            grad_A = torch.ops.bnbcy.gemm_4bit_grad_input.default(grad_output, B, list(ctx.state.shape),
+                                                                  *_mm.gemm_args(ctx.state))
         return grad_A, None, None, grad_bias, None
 
 

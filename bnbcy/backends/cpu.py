@@ -17,16 +17,13 @@ CHUNK_ELEMENTS = 1 << 23
 NESTED_IN_KERNEL = True
 
 
-def quantize_blockwise(a, code, q, absmax, blocksize):
-    _C.cpu_quantize_blockwise(a, code, q, absmax, blocksize)
-
-
-def dequantize_blockwise(q, code, absmax, out, blocksize):
-    _C.cpu_dequantize_blockwise(q, code, absmax, out, blocksize)
-
-
-def quantize_4bit(a, q, absmax, blocksize, quant_type):
-    _C.cpu_quantize_4bit(a, q, absmax, blocksize, quant_type)
+# the Cython kernels themselves where their arguments are the common ones
+quantize_blockwise = _C.cpu_quantize_blockwise
+dequantize_blockwise = _C.cpu_dequantize_blockwise
+quantize_4bit = _C.cpu_quantize_4bit
+int8_outlier_cols = _C.cpu_int8_outlier_cols
+int8_vectorwise_quant = _C.cpu_int8_vectorwise_quant
+int8_mm_dequant = _C.cpu_int8_mm_dequant
 
 
 def dequantize_4bit(q, scales, out, n, blocksize, quant_type):
@@ -61,16 +58,15 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
         out2[:, n0:n1] = linear_dense(A2, Wc, bias[n0:n1] if bias is not None else None)
 
 
-def int8_outlier_cols(a, flags, rows, cols, threshold):
-    _C.cpu_int8_outlier_cols(a, flags, rows, cols, threshold)
-
-
-def int8_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold):
-    _C.cpu_int8_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold)
-
-
-def int8_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols):
-    _C.cpu_int8_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols)
+def gemm_4bit_grad_input(g, q, scales, out, M, N, K, blocksize, quant_type):
+    """``out[M, K] = grad[M, N] @ W``, W dequantized a chunk of rows at a time."""
+    g2 = g.obj.reshape(M, N)
+    out[...] = 0
+    for n0, n1, Wc in weight_chunks(q, scales, N, K, blocksize, quant_type, g):
+        if isinstance(out, torch.Tensor):
+            out.addmm_(g2[:, n0:n1], Wc)
+        else:
+            out += g2[:, n0:n1] @ Wc
 
 
 def _as_torch(x):

@@ -75,6 +75,13 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
     out.reshape(M, N)[...] = linear_dense(a.obj.reshape(M, K), W, bias)
 
 
+def gemm_4bit_grad_input(g, q, scales, out, M, N, K, blocksize, quant_type):
+    """``out[M, K] = grad[M, N] @ W`` with the whole weight dequantized (as bitsandbytes)."""
+    W = _arrays.empty(g, (N, K), g.dtype)
+    _fourbit_cuda.launch_dequantize_4bit(q, scales, _arrays.input_view(W, "W"), N * K, blocksize, quant_type)
+    out[...] = g.obj.reshape(M, N) @ W
+
+
 def int8_outlier_cols(a, flags, rows, cols, threshold):
     _int32_sizes(cols=cols)
     _int8_cuda.launch_outlier_cols(a, flags, rows, cols, threshold)

@@ -201,34 +201,14 @@ def _nested_scales(like, nblocks, absmax, absmax_8bit, absmax_code, absmax_offse
 
 def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
               absmax_offset=None, out=None, code=None):
-    """``A @ W.T (+ bias)`` for the packed 4-bit weight ``W`` = ``B`` of shape ``shapeB = [N, K]``.
+    """``A @ W.T (+ bias)`` for the packed 4-bit weight ``B`` of shape ``shapeB = [N, K]``:
+    bitsandbytes' ``gemm_4bit`` op (arguments as its schema; ``A``, ``B``, ``bias``, ``out`` as in
+    :func:`bnbcy.functional.gemm_4bit`).
 
-    Parameters
-    ----------
-    A : array
-        ``(..., K)``, float32/float16/bfloat16.
-    B : array
-        The packed weight (any quant_storage view, transposed or not).
-    shapeB : sequence of int
-        ``[N, K]``.
-    absmax : array
-        float32 block maxima; with ``absmax_8bit``, the maxima of its 256-blocks.
-    blocksize : int
-    quant_type : {'nf4', 'fp4'} or None
-        None with ``code`` given (gemv_4bit).
-    bias : array, optional
-        ``[N]`` of A's dtype.
-    absmax_8bit, absmax_code, absmax_offset : array, optional
-        Double-quantized block maxima: uint8 codes, their float32[256] map and 0-d offset.
-    out : array, optional
-        ``(..., N)`` of A's dtype.
-    code : array, optional
-        The 16-value map (default: the quant type's table).
-
-    Returns
-    -------
-    array
-        ``(..., N)`` in A's dtype, framework and device.
+    ``absmax`` holds float32 block maxima, or with ``absmax_8bit`` (their uint8 codes) the maxima
+    of its 256-blocks, with ``absmax_code`` (float32[256]) and the 0-d ``absmax_offset``.
+    ``quant_type`` may be None when ``code`` (the 16-value map) is given (``gemv_4bit``).
+    Returns ``(..., N)`` in A's dtype, framework and device.
     """
     if len(_arrays.check_shape(shapeB, "shapeB (state.shape)")) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {tuple(shapeB)}")
@@ -271,6 +251,35 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     device_kernels(a).gemm_4bit(a, q, cv, scales, None if biasv is None else biasv.obj, biasv, out, outv,
                                 M, N, K, blocksize, quant_type)
     return out
+
+
+def gemm_4bit_grad_input(grad, B, shapeB, absmax, blocksize, quant_type, absmax_8bit=None, absmax_code=None,
+                         absmax_offset=None):
+    """``grad @ W`` (``(..., N)`` -> ``(..., K)``, grad's dtype): the input gradient of
+    :func:`gemm_4bit`, with the weight arguments of that op. On the CPU the weight is
+    dequantized a chunk of rows at a time, so the dense weight never exists whole."""
+    if len(shapeB) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {tuple(shapeB)}")
+    N, K = int(shapeB[0]), int(shapeB[1])
+    g = _arrays.input_view(grad, "grad", FLOAT_DTYPES, allow_empty=True)
+    if not g.shape or g.shape[-1] != N:
+        raise ValueError(f"grad must have {N} values in its last dimension, got shape {tuple(g.shape)}")
+    q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
+    _arrays.check_same_device(q, g, "B")
+    if q.numel < (N * K + 1) // 2:
+        raise ValueError(f"B holds {q.numel} bytes, too few for a [{N}, {K}] 4-bit weight")
+    blocksize = check_blocksize_4bit(blocksize)
+    check_quant_type(quant_type)
+    nblocks = -(-N * K // blocksize)
+    if absmax_8bit is None:
+        scales = _absmax_view(absmax, g, nblocks, "absmax (quant_state.absmax)")
+    else:
+        scales = _nested_scales(g, nblocks, absmax, absmax_8bit, absmax_code, absmax_offset)
+    M = g.numel // N
+    out = _arrays.empty(g, (M, K), g.dtype)
+    if M:
+        device_kernels(g).gemm_4bit_grad_input(g, q, scales, out, M, N, K, blocksize, quant_type)
+    return out.reshape(tuple(g.shape[:-1]) + (K,))
 
 
 def quant_type_of(quant_type, code_v):

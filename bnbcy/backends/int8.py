@@ -182,16 +182,8 @@ def int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None):
 
 
 def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
-    """LLM.int8() product of a 2-D torch ``A`` with the int8 weight ``CB``: the int8 product of the
-    regular columns plus a 16-bit product of the outlier columns.
-
-    Returns
-    -------
-    out : torch.Tensor
-        ``[M, N]`` in A's dtype.
-    subA : torch.Tensor
-        ``A[:, outlier_cols]`` (``[M, 0]`` without outliers).
-    """
+    """The op of :func:`bnbcy.functional.int8_mixed_scaled_mm` (torch arrays): ``(out, subA)``,
+    ``subA`` ``[M, 0]`` without outliers."""
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
     if outlier_cols is None or outlier_cols.numel() == 0:
         return out, A.new_empty((A.shape[0], 0))

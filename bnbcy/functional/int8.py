@@ -163,9 +163,11 @@ def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
     out : torch.Tensor
         ``[M, N]`` in A's dtype.
     subA : torch.Tensor or None
-        ``A[:, outlier_cols]`` (None without outliers).
+        ``A[:, outlier_cols]``; None without outliers (``[M, 0]`` under torch.compile).
     """
     out, subA = torch.ops.bnbcy.int8_mixed_scaled_mm.default(A, CA, CB, SCA, SCB, outlier_cols, bias)
+    if torch.compiler.is_compiling():
+        return out, subA   # [M, 0] without outliers: no branch on the data-dependent count
     if outlier_cols is None or outlier_cols.numel() == 0:
         return out, None
     return out, subA

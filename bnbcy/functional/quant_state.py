@@ -65,6 +65,8 @@ def check_offset(quant_state, name: str = "quant_state") -> float:
         if isinstance(offset, numbers.Real) and not isinstance(offset, bool):
             value = float(offset)
         elif hasattr(offset, "__dlpack__") and all(d == 1 for d in offset.shape):
+            if isinstance(offset, torch.Tensor) and torch.compiler.is_compiling():
+                return offset   # traced by torch.compile: the value is data, read it in eager only
             value = float(offset.item())
         else:
             raise ValueError

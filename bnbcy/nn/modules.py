@@ -1024,6 +1024,13 @@ class Linear8bitLt(nn.Linear):
         self._register_load_state_dict_pre_hook(maybe_rearrange_weight)
 
     # ------------------------------------------------------------------------ state
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; also sets ``state.is_training`` (read by ``bnbcy.matmul``) here
+        rather than in ``forward``, so a compiled forward writes no state."""
+        super().train(mode)
+        self.state.is_training = mode
+        return self
+
     def init_8bit_state(self):
         """Hand the weight's ``CB``/``SCB`` to ``self.state`` (bitsandbytes' first-forward step)."""
         self.state.CB = self.weight.CB
@@ -1065,7 +1072,10 @@ class Linear8bitLt(nn.Linear):
         if self.weight.device.type == "meta":
             raise RuntimeError(f"{type(self).__name__}: the weight is on the meta device; load a state_dict "
                                f"or materialize the module before calling it")
-        self.state.is_training = self.training
+        # state writes only when something changed: torch.compile then traces a forward without
+        # side effects (required inside activation checkpointing)
+        if self.state.is_training != self.training:
+            self.state.is_training = self.training
         if self.weight.CB is not None:
             self.init_8bit_state()
 
@@ -1076,8 +1086,8 @@ class Linear8bitLt(nn.Linear):
 
         out = _matmul(x, self.weight, bias=bias, state=self.state)
 
-        if not self.state.has_fp16_weights and self.state.CB is not None:
-            self.weight.data = self.state.CB
+        if not self.state.has_fp16_weights and self.state.CB is not None and self.weight.dtype != torch.int8:
+            self.weight.data = self.state.CB   # a float weight quantized by this first call
         return out
 
     # -------------------------------------------------------------------- state dict
