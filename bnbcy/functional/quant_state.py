@@ -55,8 +55,8 @@ check_blocksize = _arrays.check_blocksize
 
 
 def check_offset(quant_state, name: str = "quant_state") -> float:
-    """The nested state's offset as a float. TypeError when it is None (as bitsandbytes raises), ValueError
-    when it is not one finite number."""
+    """The nested state's offset as a float (a GPU or traced offset is returned as it is, unread).
+    TypeError when it is None (as bitsandbytes raises), ValueError when it is not one finite number."""
     offset = quant_state.offset
     if offset is None:
         raise TypeError(f"{name}.offset must be the 0-d float32 mean of a nested (double-quantized) state, "
@@ -65,8 +65,11 @@ def check_offset(quant_state, name: str = "quant_state") -> float:
         if isinstance(offset, numbers.Real) and not isinstance(offset, bool):
             value = float(offset)
         elif hasattr(offset, "__dlpack__") and all(d == 1 for d in offset.shape):
-            if isinstance(offset, torch.Tensor) and torch.compiler.is_compiling():
-                return offset   # traced by torch.compile: the value is data, read it in eager only
+            on_gpu = getattr(offset, "is_cuda", False) or _arrays._kind(offset) == "cupy"
+            if on_gpu or (isinstance(offset, torch.Tensor) and torch.compiler.is_compiling()):
+                # reading a device value syncs the stream on every call, and a traced one breaks the
+                # graph: there the shape is checked and the value stays data
+                return offset
             value = float(offset.item())
         else:
             raise ValueError
