@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_SRC = os.path.join(ROOT, "cuda_src")
@@ -29,8 +30,17 @@ DEFAULT_ARCHS = ["75", "80", "86", "89", "90"]
 NVCC_FLAGS = ["--use_fast_math", "-O3", "-std=c++17", "-lineinfo"]
 
 
+def _env_flag(name):
+    """A BNBCY_* switch parsed by bnbcy/_env.py (loaded by path: the package is not built yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bnbcy_env", os.path.join(ROOT, "bnbcy", "_env.py"))
+    mod = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(mod)
+    return mod.get(name)
+
+
 def find_nvcc():
-    if os.environ.get("BNBCY_NO_NVCC"):
+    if _env_flag("BNBCY_NO_NVCC"):
         return None
     for cand in (os.environ.get("NVCC"),
                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
@@ -97,6 +107,24 @@ class BuildExt(build_ext):
             json.dump(manifest, fh, indent=1)
 
 
+class BuildPy(build_py):
+    """build_py that also puts the stand-in's start-up hook at the top of the wheel.
+
+    ``bnbcy-standin.pth`` must land in site-packages itself (not in the package) for Python's
+    ``site`` to run it; it imports ``_bnbcy_standin`` only when ``BNBCY_AS_BITSANDBYTES`` is set.
+    """
+    PTH = "bnbcy-standin.pth"
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # setuptools' editable wheels carry only their own finder
+            self.copy_file(os.path.join(ROOT, self.PTH), os.path.join(self.build_lib, self.PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        extra = [] if self.editable_mode else [os.path.join(self.build_lib, self.PTH)]
+        return super().get_outputs(include_bytecode) + extra
+
+
 compile_args, link_args = openmp_flags()
 ext = Extension(
     "bnbcy._C",
@@ -116,5 +144,5 @@ except ImportError as exc:  # pragma: no cover - build requirement
 
 setup(
     ext_modules=cythonize([ext], compiler_directives={"language_level": "3"}, include_path=["pyx"]),
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

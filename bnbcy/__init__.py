@@ -1,8 +1,10 @@
 """bnbcy: bitsandbytes-compatible k-bit quantization for PyTorch, CuPy and NumPy.
 
-``import bnbcy as bnb`` works where code expects bitsandbytes' public API.
+``import bnbcy as bnb`` works where code expects bitsandbytes' public API; code and tools that
+import ``bitsandbytes`` by name get bnbcy through the opt-in stand-in (``BNBCY_AS_BITSANDBYTES=1``
+or :func:`install_as_bitsandbytes`, see ``docs/standin.md``).
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 try:
     from . import _C
@@ -11,9 +13,16 @@ except ImportError as exc:  # pragma: no cover - only in an unbuilt source check
                       "`pip install -e .` (needs a C compiler and Cython)") from exc
 
 from . import functional, kernels, nn
-from . import optim
+from . import optim, utils
 from .autograd._functions import MatMul4Bit, MatMul8bitLt, MatmulLtState, matmul, matmul_4bit
-from ._features import features
+from ._features import build_info
+from ._standin import install_as_bitsandbytes
+
+# What integrations (transformers, accelerate, diffusers) read from ``bitsandbytes``: the
+# "multi_backend" signal (CPU support) and the torch device types the ops run on.
+# The build report that ``features()`` used to be is :func:`build_info`.
+features = {"multi_backend"}
+supported_torch_devices = {"cpu", "cuda"}
 
 
 def empty_cpu_cache():
@@ -33,5 +42,6 @@ def cpu_cache_info() -> dict:
     return _C.pool_stats()
 
 
-__all__ = ["MatMul4Bit", "MatMul8bitLt", "MatmulLtState", "cpu_cache_info", "empty_cpu_cache", "functional",
-           "kernels", "features", "matmul", "matmul_4bit", "nn", "__version__"]
+__all__ = ["MatMul4Bit", "MatMul8bitLt", "MatmulLtState", "build_info", "cpu_cache_info", "empty_cpu_cache",
+           "features", "functional", "install_as_bitsandbytes", "kernels", "matmul", "matmul_4bit", "nn", "optim",
+           "supported_torch_devices", "utils", "__version__"]

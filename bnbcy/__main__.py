@@ -260,8 +260,10 @@ def main(argv=None):
     ap.add_argument("--optim-steps", type=int, default=200, help="optimizer demo: training steps")
     args = ap.parse_args(argv)
 
-    info = bnbcy.features()
+    info = bnbcy.build_info()
     _print_features(info)
+    from ._gpu_evidence import evidence, format_evidence   # how the GPU path was checked (its rule)
+    print("\n".join(format_evidence(evidence())))
     w = _weight(args.rows, args.cols)
     blocksizes = [int(b) for b in args.blocksizes.split(",")]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]

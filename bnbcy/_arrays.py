@@ -9,6 +9,7 @@ to the input's kind, and finds the stream to launch on.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -16,6 +17,14 @@ import torch
 from . import _C
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+# Size limits of the argument layer. The CPU kernels index with int64 and any blocksize up to
+# MAX_BLOCKSIZE (CUDA takes 64..4096); element counts stay below MAX_NUMEL so that every
+# offset, byte count and ``start + blocksize`` the kernels form fits int64.
+MAX_BLOCKSIZE = 2 ** 31 - 1
+MAX_NUMEL = 2 ** 62
+# CUDA kernels that take sizes as 32-bit ints (gemv/gemm dims, int8 GEMM dims, 4-bit block shift).
+INT32_MAX = 2 ** 31 - 1
 
 _TORCH_DTYPES = {
     "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
@@ -83,6 +92,97 @@ def _fmt_dtypes(dtypes) -> str:
     return dtypes[0] if len(dtypes) == 1 else ", ".join(dtypes[:-1]) + " or " + dtypes[-1]
 
 
+def num_blocks(n: int, blocksize: int) -> int:
+    """``ceil(n / blocksize)`` for a validated element count and blocksize.
+
+    Raises
+    ------
+    ValueError
+        ``blocksize`` is not in ``[1, MAX_BLOCKSIZE]`` or ``n`` not in ``[0, MAX_NUMEL]``.
+    """
+    if not 0 < blocksize <= MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be in [1, {MAX_BLOCKSIZE}], got {blocksize}")
+    if not 0 <= n <= MAX_NUMEL:
+        raise ValueError(f"element count must be in [0, {MAX_NUMEL}], got {n}")
+    return -(-n // blocksize)
+
+
+def check_float_dtype(dtype, name: str = "quant_state.dtype") -> str:
+    """Canonical name of a float32/float16/bfloat16 dtype (torch, NumPy or name); ValueError otherwise."""
+    try:
+        got = dtype_name(dtype) if dtype is not None and not isinstance(dtype, bool) else None
+    except (ValueError, TypeError):
+        got = None
+    if got not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(FLOAT_DTYPES)} (a torch or NumPy dtype), "
+                         f"got {dtype!r}")
+    return got
+
+
+def check_shape(shape, name: str = "quant_state.shape") -> tuple:
+    """``shape`` as a tuple of non-negative ints whose product fits the kernels; ValueError otherwise."""
+    ok = isinstance(shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if ok:
+        shape = tuple(int(d) for d in shape)
+        n = 1
+        for d in shape:
+            n *= d
+        ok = n <= MAX_NUMEL
+    if not ok:
+        raise ValueError(f"{name} must be a sequence of non-negative ints with at most {MAX_NUMEL} "
+                         f"elements in all, got {shape!r}")
+    return shape
+
+
+def check_index_range(value: int, name: str, limit: int = INT32_MAX):
+    """Raise ValueError unless ``0 <= value <= limit`` (a size a kernel takes as a narrower int)."""
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name} must be in [0, {limit}] for this kernel, got {value}")
+    return value
+
+
+def check_no_overlap(*outputs, inputs=()):
+    """Raise ValueError if an output view shares memory with another output or with an input.
+
+    Memory ranges are compared (``TensorView.span`` on the same device), so a slice, a reinterpreting
+    ``.view(dtype)`` or any other alias is caught whatever framework made it. Inputs may alias each
+    other (both are only read). ``None`` entries are skipped; views of empty arrays overlap nothing.
+    One sort and sweep: O(k log k) for k views (optimizer groups pass hundreds).
+    """
+    spans = sorted(((v.device_type, v.device_id) + v.span + (is_out, i), v)
+                   for is_out, group in ((True, outputs), (False, inputs))
+                   for i, v in enumerate(group) if v is not None and v.numel > 0)
+    dev = reach_any = reach_out = None  # the earlier view reaching furthest (any / outputs only)
+    for (dt, di, lo, hi, is_out, _), v in spans:
+        if dev != (dt, di):
+            dev, reach_any, reach_out = (dt, di), None, None
+        other = reach_any if is_out else reach_out
+        if other is not None and lo < other[0]:
+            a, b = (v, other[1]) if is_out else (other[1], v)
+            (a_lo, a_hi), (b_lo, b_hi) = a.span, b.span
+            raise ValueError(f"{a.name} must not share memory with {b.name}, got overlapping byte ranges "
+                             f"[{a_lo:#x}, {a_hi:#x}) and [{b_lo:#x}, {b_hi:#x})")
+        if reach_any is None or hi > reach_any[0]:
+            reach_any = (hi, v)
+        if is_out and (reach_out is None or hi > reach_out[0]):
+            reach_out = (hi, v)
+
+
+def check_not_lazy(x, name: str):
+    """Raise the view layer's ValueError for a torch ``out=`` with the negative/conjugate bit set, before
+    it reaches a ``torch.ops.bnbcy.*.out`` overload (torch's dispatcher fails on it unclearly)."""
+    if isinstance(x, torch.Tensor) and (x.is_neg() or x.is_conj()):
+        _C.view(x, name)
+
+
+def _resolved(x, kind):
+    """A torch tensor with its lazy negative/conjugate bit applied (DLPack exports drop the bit)."""
+    if kind == "torch" and (x.is_neg() or x.is_conj()):
+        return x.resolve_neg().resolve_conj()
+    return x
+
+
 def input_view(x, name: str, dtypes=None, *, allow_empty: bool = False, make_contiguous: bool = True):
     """Validated view of an input array.
 
@@ -97,7 +197,8 @@ def input_view(x, name: str, dtypes=None, *, allow_empty: bool = False, make_con
     allow_empty : bool
         Whether zero elements are acceptable.
     make_contiguous : bool
-        Copy a non-contiguous input (as bitsandbytes does) instead of rejecting it.
+        Copy a non-contiguous input (as bitsandbytes does) instead of rejecting it; also
+        copy a torch tensor with the negative/conjugate bit set (with False, both are refused).
 
     Returns
     -------
@@ -111,8 +212,8 @@ def input_view(x, name: str, dtypes=None, *, allow_empty: bool = False, make_con
         got = dtype_name(x.dtype)
         if got not in dtypes:
             raise ValueError(f"{name} must have dtype {_fmt_dtypes(dtypes)}, got {got}")
-    if make_contiguous:
-        x = contiguous(x)
+    if make_contiguous:  # a copy is allowed: also apply a lazy negation (in-place arguments are refused)
+        x = _resolved(contiguous(x), kind)
     v = _C.view(_plain(x, kind), name)
     if not v.contiguous:
         raise ValueError(f"{name} must be contiguous (C order), got strides {v.strides} for shape {v.shape}")
@@ -125,7 +226,9 @@ def output_view(x, name: str, like, dtype: str, numel: int, shape=None):
     """Validated view of a caller-provided output array (``out=``, ``absmax=``).
 
     It must be of ``like``'s framework and device, contiguous, writable, of
-    ``dtype`` and with ``numel`` elements (and ``shape`` when given).
+    ``dtype`` and with ``numel`` elements (and ``shape`` when given); a torch tensor
+    with the negative or conjugate bit set is refused (writes would land negated).
+    Overlap with the inputs is checked by the op (:func:`check_no_overlap`).
     """
     if not hasattr(x, "__dlpack__"):
         raise TypeError(f"{name} must be a {like.kind} array, got {type(x).__name__}")

@@ -1,10 +1,13 @@
-"""What this build of bnbcy has: CPU kernels, shipped CUDA binaries, CuPy, GPUs."""
+"""What this build of bnbcy has (CPU kernels, shipped CUDA binaries, CuPy, GPUs) and what the
+CPU offers."""
 from __future__ import annotations
+
+import functools
 
 from . import _C, kernels
 
 
-def features() -> dict:
+def build_info() -> dict:
     """Describe the build and the machine.
 
     Returns
@@ -38,3 +41,20 @@ def features() -> dict:
     except Exception as exc:  # no driver / no device: report, do not fail
         info["cuda_error"] = f"no usable CUDA device: {exc}"
     return info
+
+
+@functools.lru_cache(maxsize=None)
+def has_avx512bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 (``bitsandbytes.functional.has_avx512bf16``).
+
+    Read from the kernel's CPU flags (``avx512_bf16`` in ``/proc/cpuinfo``); False where they
+    cannot be read (other operating systems), as bitsandbytes answers when its probe is missing.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False

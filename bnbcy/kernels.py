@@ -17,22 +17,36 @@ The registry is public for notebook work::
     K.rebuild("blockwise8", options=("-std=c++17",))  # same source, other options
     K.restore("blockwise8")                # back to the shipped build
 
+Without a GPU, the same launches run in bnbcy's SIMT emulator (``docs/emulator.md``):
+``with K.emulate():`` (or ``BNBCY_EMULATE_CUDA=1``) sends ops on CPU arrays (torch and
+NumPy) through the CUDA launchers, argument packing and ``_C.cuda_launch`` to the
+shipped (or rebuilt) kernels compiled as host C++.
+
 Environment
 -----------
 BNBCY_FORCE_NVRTC=1   ignore shipped fatbins (compile every module with NVRTC).
 BNBCY_CUDA_SYNC=1     synchronise after every launch and report kernel errors
                       at the launch that caused them (tests set this).
+BNBCY_EMULATE_CUDA=1  ops on CPU arrays run the CUDA kernels in the SIMT emulator.
+BNBCY_EMULATOR_ARCH   __CUDA_ARCH__ the emulated kernels see (default 800; 750 for the
+                      pre-Ampere paths).
+BNBCY_EMULATOR_LATE_CP_ASYNC=1  cp.async copies land only when a wait requires them.
+BNBCY_EMULATOR_SANITIZE=1       emulated kernels built with AddressSanitizer + UBSan (the
+                      process must preload libasan; see docs/emulator.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import itertools
 import json
 import os
 import threading
 
 from . import _C
-from . import _arrays
+from . import _arrays, _env
 
 PACKAGE_CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda")
 REPO_CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
@@ -96,8 +110,11 @@ class KernelRegistry:
         self._overrides = {}   # module -> (source, options)
         self._loaded = {}      # (module, device) -> (cupy.RawModule, origin)
         self._functions = {}   # (symbol, device) -> CUfunction handle
+        self._emulated = {}    # (module, arch, sanitize) -> emulator Library (current source)
+        self._emulated_all = []  # every emulator Library loaded (launch counts of rebuilt ones too)
+        self._checked = set()  # (library key, symbol) whose signature matched its spec
         self._lock = threading.RLock()
-        self.sync = bool(os.environ.get("BNBCY_CUDA_SYNC"))
+        self.sync = _env.get("BNBCY_CUDA_SYNC")
 
     # ----------------------------------------------------------------- specs
     def register(self, spec: KernelSpec) -> KernelSpec:
@@ -138,8 +155,12 @@ class KernelRegistry:
         return self.shipped_source(module)
 
     def status(self):
-        """How each loaded (module, device) was built: 'fatbin', 'nvrtc' or 'rebuilt'."""
-        return {f"{m}@cuda:{d}": origin for (m, d), (_, origin) in self._loaded.items()}
+        """How each loaded (module, device) was built: 'fatbin', 'nvrtc' or 'rebuilt'; emulated
+        builds as ``module@emulator``: 'emulated' or 'emulated-rebuilt'."""
+        out = {f"{m}@cuda:{d}": origin for (m, d), (_, origin) in self._loaded.items()}
+        for (m, _arch, _san) in self._emulated:
+            out[f"{m}@emulator"] = "emulated-rebuilt" if m in self._overrides else "emulated"
+        return out
 
     # ----------------------------------------------------------- (re)building
     def rebuild(self, name: str, source: str | None = None, options=None, device: int | None = None):
@@ -159,11 +180,18 @@ class KernelRegistry:
             NVRTC options; default :data:`DEFAULT_NVRTC_OPTIONS`. The directory of
             the shipped sources is always on the include path.
         """
-        import cupy
-
         module = self._module_of(name)
         src = self.source(module) if source is None else source
         opts = tuple(DEFAULT_NVRTC_OPTIONS if options is None else options)
+        if emulating():
+            with self._lock:
+                lib = self._build_emulated(module, src, opts)  # raises on compile errors
+                self._drop(module)
+                self._overrides[module] = (src, opts)
+                self._emulated[(module,) + _emulator_config()] = lib
+            return
+        import cupy
+
         dev = cupy.cuda.runtime.getDevice() if device is None else device
         with self._lock:
             mod = self._compile(src, opts, dev)  # raises on compile errors; nothing replaced
@@ -182,6 +210,8 @@ class KernelRegistry:
     def _drop(self, module):
         for key in [k for k in self._loaded if k[0] == module]:
             del self._loaded[key]
+        for key in [k for k in self._emulated if k[0] == module]:
+            del self._emulated[key]
         symbols = {s for spec in self._specs.values() if spec.module == module for s in spec.symbols()}
         for key in [k for k in self._functions if k[0] in symbols]:
             del self._functions[key]
@@ -189,9 +219,57 @@ class KernelRegistry:
     def _compile(self, source, options, device):
         import cupy
         with cupy.cuda.Device(device):
-            mod = cupy.RawModule(code=source, options=tuple(options) + (f"-I{self.cuda_dir}",))
+            mod = cupy.RawModule(code=source, options=nvrtc_options(options, self.cuda_dir))
             mod.compile()
         return mod
+
+    # -------------------------------------------------------------- emulation
+    def _build_emulated(self, module, source, options):
+        from . import _emulator
+        arch, sanitize = _emulator_config()
+        lib = _emulator.build(module, source, self.cuda_dir, arch=arch, ftz=_fast_math(options),
+                              sanitize=sanitize)
+        self._emulated_all.append(lib)
+        return lib
+
+    def _emulated_library(self, module):
+        key = (module,) + _emulator_config()
+        lib = self._emulated.get(key)
+        if lib is None:
+            with self._lock:
+                lib = self._emulated.get(key)
+                if lib is None:
+                    src, opts = self._overrides.get(module, (None, DEFAULT_NVRTC_OPTIONS))
+                    src = self.shipped_source(module) if src is None else src
+                    lib = self._emulated[key] = self._build_emulated(module, src, opts)
+        return lib
+
+    def emulated_launches(self):
+        """Emulated launches so far per kernel symbol (all builds, rebuilt ones included)."""
+        counts = {}
+        for lib in self._emulated_all:
+            for sym, n in lib.launches().items():
+                counts[sym] = counts.get(sym, 0) + n
+        return counts
+
+    def coverage(self):
+        """Every registered kernel with its number of emulated launches (0 if never launched)."""
+        counts = self.emulated_launches()
+        return {k["symbol"]: counts.get(k["symbol"], 0) for k in self.list_kernels()}
+
+    def _launch_emulated(self, spec, symbol, grid, block, args, shared_mem):
+        lib = self._emulated_library(spec.module)
+        fn = lib.handle(symbol)
+        if (lib.key, symbol) not in self._checked:
+            kinds = lib.kinds(symbol)
+            if kinds != spec.signature:
+                raise TypeError(f"kernel {symbol}: registry signature {spec.signature!r} does not match the "
+                                f"kernel's parameter types {kinds!r} (p pointer, q int64, i int32, u uint32, "
+                                f"f float32, d float64)")
+            self._checked.add((lib.key, symbol))
+        lib.configure(late_cp_async=_late_cp_async())
+        _C.cuda_launch(fn, tuple(grid), tuple(block), shared_mem, 0, _C.EMULATED_DEVICE, spec.signature,
+                       tuple(args), False)
 
     def _fatbin_fits(self, device) -> bool:
         import cupy
@@ -216,7 +294,7 @@ class KernelRegistry:
             else:
                 entry = None
                 fatbin = self.manifest.get("modules", {}).get(module)
-                if fatbin and not os.environ.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
+                if fatbin and not _env.get("BNBCY_FORCE_NVRTC") and self._fatbin_fits(device):
                     try:
                         with cupy.cuda.Device(device):
                             mod = cupy.RawModule(path=os.path.join(self.cuda_dir, fatbin))
@@ -258,6 +336,12 @@ class KernelRegistry:
             The array whose device and framework stream the launch uses.
         """
         symbol = spec.symbol.format(**variant)
+        if not like.is_cuda:
+            if not emulating():
+                raise ValueError(f"kernel {symbol} needs CUDA arrays, got {like.kind} arrays on the CPU "
+                                 "(bnbcy.kernels.emulate() runs it in the SIMT emulator)")
+            self._launch_emulated(spec, symbol, grid, block, args, shared_mem)
+            return
         fn = self.function(symbol, spec.module, like.device_id)
         stream = _arrays.current_stream(like)
         _C.cuda_launch(fn, tuple(grid), tuple(block), shared_mem, stream, like.device_id,
@@ -276,7 +360,87 @@ restore = registry.restore
 status = registry.status
 
 
+emulated_launches = registry.emulated_launches
+coverage = registry.coverage
+
+
+def nvrtc_options(options, cuda_dir):
+    """NVRTC options of a build: ``options``, the include path and a hash of the headers there.
+
+    CuPy caches NVRTC builds by source text and options; the headers a module includes are not
+    part of that key, so their hash is passed as a define: a changed header is a new build.
+    """
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(cuda_dir, "*.cuh"))):
+        with open(path, "rb") as fh:
+            h.update(os.path.basename(path).encode() + b"\0" + fh.read() + b"\0")
+    return tuple(options) + (f"-I{cuda_dir}", f"-DBNBCY_HEADERS_SHA256={h.hexdigest()[:32]}")
+
+
+# ----------------------------------------------------------------------------- emulation
+_emulate_stack = []  # (enabled, late_cp_async) of the enclosing emulate() blocks, innermost last
+_emulate_lock = threading.Lock()
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip() not in ("", "0")
+
+
 def emulating() -> bool:
     """Whether ops on CPU arrays are sent through the CUDA launch path to the SIMT emulator
-    (``BNBCY_EMULATE_CUDA=1`` or :func:`emulate`). The one CPU/CUDA dispatch consults this."""
-    return False
+    (the innermost :func:`emulate` block, else ``BNBCY_EMULATE_CUDA=1``). The one CPU/CUDA
+    dispatch consults this."""
+    if _emulate_stack:
+        return _emulate_stack[-1][0]
+    return _env_flag("BNBCY_EMULATE_CUDA")
+
+
+def use_cuda_kernels(view) -> bool:
+    """Whether an op on ``view`` launches the CUDA kernels (a CUDA array, or emulation)."""
+    return view.is_cuda or emulating()
+
+
+def _late_cp_async():
+    for enabled, late in reversed(_emulate_stack):
+        if late is not None:
+            return late
+    return _env_flag("BNBCY_EMULATOR_LATE_CP_ASYNC")
+
+
+def _emulator_config():
+    arch = int(os.environ.get("BNBCY_EMULATOR_ARCH", "800") or 800)
+    if arch not in (750, 800, 860, 890, 900):
+        raise ValueError(f"BNBCY_EMULATOR_ARCH must be one of 750, 800, 860, 890, 900, got {arch}")
+    return arch, _env_flag("BNBCY_EMULATOR_SANITIZE")
+
+
+def _fast_math(options):
+    opts = set(options)
+    return "--use_fast_math" in opts or "-use_fast_math" in opts or "--ftz=true" in opts or "-ftz=true" in opts
+
+
+@contextlib.contextmanager
+def emulate(enabled=True, late_cp_async=None):
+    """Run CUDA kernels on CPU arrays in the SIMT emulator inside the ``with`` block.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False``: CPU arrays use the CPU kernels inside the block (even under
+        ``BNBCY_EMULATE_CUDA=1``), e.g. to compute a reference.
+    late_cp_async : bool, optional
+        ``cp.async`` copies land only when a ``cp.async.wait_group`` requires them (a missing
+        or too weak wait then reads stale shared memory); default ``BNBCY_EMULATOR_LATE_CP_ASYNC``.
+
+    Notes
+    -----
+    Emulated is not run on a GPU: see ``docs/emulator.md`` for what the emulator guarantees.
+    Blocks nest; the innermost decides. The setting is process-wide, not per thread.
+    """
+    with _emulate_lock:
+        _emulate_stack.append((bool(enabled), late_cp_async))
+    try:
+        yield
+    finally:
+        with _emulate_lock:
+            _emulate_stack.pop()

@@ -25,8 +25,9 @@ __device__ __forceinline__ u8 q8_search(const float *__restrict__ code, float x)
     }
     if (hi_i == 255) hi = code[255];
     if (lo_i == 0) lo = code[0];
-    if (x > v) return (u8)(x > (hi + v) * 0.5f ? hi_i : p);
-    return (u8)(x < (lo + v) * 0.5f ? lo_i : p);
+    // midpoints pinned (add.rn.ftz, mul.rn.ftz) like every rounding of the contract
+    if (x > v) return (u8)(x > mul_ftz(add_ftz(hi, v), 0.5f) ? hi_i : p);
+    return (u8)(x < mul_ftz(add_ftz(lo, v), 0.5f) ? lo_i : p);
 }
 
 template <class Tr, int BS>

@@ -13,6 +13,9 @@ typedef unsigned long long u64;
 
 #define BNBCY_FLT_MAX 3.402823466e+38f
 
+// Every helper written in inline PTX sits between `#ifndef BNBCY_EMULATOR` and `#endif`:
+// bnbcy's SIMT emulator (bnbcy/_emulator/cuda_emu.h) defines the same functions for the host.
+#ifndef BNBCY_EMULATOR
 __device__ __forceinline__ float rcp_approx(float x) {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -39,6 +42,87 @@ __device__ __forceinline__ float max_ftz(float a, float b) {
     return r;
 }
 
+// cvt.f32.f16 / cvt.rn.f16.f32 / cvt.rn.bf16.f32
+__device__ __forceinline__ float cvt_f32_f16(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 cvt_rn_f16_f32(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ u16 cvt_rn_bf16_f32(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
+
+// a / b and __fdividef(a, b) of bitsandbytes' --use_fast_math build: div.approx.ftz.f32, pinned.
+__device__ __forceinline__ float div_approx(float a, float b) {
+    float r;
+    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// fmaf / __fmaf_rn of the --use_fast_math build (one rounding, ftz), pinned.
+__device__ __forceinline__ float fma_ftz(float a, float b, float c) {
+    float r;
+    asm("fma.rn.ftz.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
+
+// __float2int_rn of the --use_fast_math build: cvt.rni.ftz.s32.f32 (ties to even, saturating,
+// NaN -> 0), pinned.
+__device__ __forceinline__ int f2i_rni(float x) {
+    int r;
+    asm("cvt.rni.ftz.s32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// ---- fast-math helpers of the optimizer kernels (NUMERICS.md §0), pinned -------------------
+// sqrtf of the --use_fast_math build: sqrt.approx.ftz.f32.
+__device__ __forceinline__ float sqrt_approx(float x) {
+    float r;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float lg2_approx(float x) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float add_ftz(float a, float b) {
+    float r;
+    asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float sub_ftz(float a, float b) {
+    float r;
+    asm("sub.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// x == 0.0f compared with ftz (a denormal compares equal to zero), as the --use_fast_math build.
+__device__ __forceinline__ bool is_zero_ftz(float x) {
+    u32 r;
+    asm("set.eq.ftz.u32.f32 %0, %1, 0f00000000;" : "=r"(r) : "f"(x));
+    return r != 0u;
+}
+#endif  // BNBCY_EMULATOR
+
 // Element types: storage type plus exact conversions to and from float32
 // (round-to-nearest-even on the way back).
 struct f32_t {
@@ -49,16 +133,8 @@ struct f32_t {
 
 struct f16_t {
     typedef u16 storage;
-    static __device__ __forceinline__ float to_float(u16 h) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
-    }
-    static __device__ __forceinline__ u16 from_float(float f) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        return h;
-    }
+    static __device__ __forceinline__ float to_float(u16 h) { return cvt_f32_f16(h); }
+    static __device__ __forceinline__ u16 from_float(float f) { return cvt_rn_f16_f32(f); }
 };
 
 struct bf16_t {
@@ -66,9 +142,7 @@ struct bf16_t {
     static __device__ __forceinline__ float to_float(u16 h) { return __uint_as_float((u32)h << 16); }
     static __device__ __forceinline__ u16 from_float(float f) {
 #if __CUDA_ARCH__ >= 800
-        u16 h;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        return h;
+        return cvt_rn_bf16_f32(f);
 #else
         u32 u = __float_as_uint(f);
         if (f != f) return (u16)0x7FFF;  // the canonical NaN cvt.rn.bf16.f32 writes
@@ -161,73 +235,12 @@ __device__ __forceinline__ float block_absmax8(const float (&x)[8], float *s_war
     return m;
 }
 
-// a / b and __fdividef(a, b) of bitsandbytes' --use_fast_math build: div.approx.ftz.f32, pinned.
-__device__ __forceinline__ float div_approx(float a, float b) {
-    float r;
-    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
-// fmaf / __fmaf_rn of the --use_fast_math build (one rounding, ftz), pinned.
-__device__ __forceinline__ float fma_ftz(float a, float b, float c) {
-    float r;
-    asm("fma.rn.ftz.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-    return r;
-}
-
-// __float2int_rn of the --use_fast_math build: cvt.rni.ftz.s32.f32 (ties to even, saturating,
-// NaN -> 0), pinned.
-__device__ __forceinline__ int f2i_rni(float x) {
-    int r;
-    asm("cvt.rni.ftz.s32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
 // |x| by clearing the sign bit: exact, no flush of denormals (torch's abs()).
 __device__ __forceinline__ float abs_exact(float x) {
     return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
 }
 
-// ---- fast-math helpers of the optimizer kernels (NUMERICS.md §0), pinned -------------------
-// sqrtf of the --use_fast_math build: sqrt.approx.ftz.f32.
-__device__ __forceinline__ float sqrt_approx(float x) {
-    float r;
-    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ float ex2_approx(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ float lg2_approx(float x) {
-    float r;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-
 // powf(b, (float)e) / __powf of the --use_fast_math build: ex2~(lg2~(b) * e).
 __device__ __forceinline__ float pow_approx(float b, float e) {
     return ex2_approx(mul_ftz(lg2_approx(b), e));
-}
-
-__device__ __forceinline__ float add_ftz(float a, float b) {
-    float r;
-    asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
-__device__ __forceinline__ float sub_ftz(float a, float b) {
-    float r;
-    asm("sub.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-
-// x == 0.0f compared with ftz (a denormal compares equal to zero), as the --use_fast_math build.
-__device__ __forceinline__ bool is_zero_ftz(float x) {
-    u32 r;
-    asm("set.eq.ftz.u32.f32 %0, %1, 0f00000000;" : "=r"(r) : "f"(x));
-    return r != 0u;
 }

@@ -51,13 +51,14 @@ __device__ __forceinline__ bool bnbcy_aligned4(const void *p) {
     return (reinterpret_cast<u64>(p) & 3u) == 0;
 }
 
-// NF4 code = #{k : x > t_k} over the 15 thresholds t_k = fl32(fl32(nf4[k] + nf4[k+1]) * 0.5),
-// as a 4-level binary search (equivalent for strictly increasing thresholds; NaN -> 0).
+// NF4 code = #{k : x > t_k} over the 15 thresholds t_k of bitsandbytes' CUDA tree as nvcc compiles
+// its decimal literals (NUMERICS.md §3.2; k = 0, 8, 12, 14 are one ulp off the float64-rounded
+// midpoints), as a 4-level binary search (equivalent for strictly increasing thresholds; NaN -> 0).
 __device__ __forceinline__ u32 nf4_code(float x) {
-    const float t0 = -0x1.b239bp-1f, t1 = -0x1.38a4ep-1f, t2 = -0x1.d709p-2f, t3 = -0x1.5bd4ecp-2f;
+    const float t0 = -0x1.b239b2p-1f, t1 = -0x1.38a4ep-1f, t2 = -0x1.d709p-2f, t3 = -0x1.5bd4ecp-2f;
     const float t4 = -0x1.e079d8p-3f, t5 = -0x1.1a7178p-3f, t6 = -0x1.74f0e2p-5f, t7 = 0x1.45f5fep-5f;
-    const float t8 = 0x1.ec90c4p-4f, t9 = 0x1.a0cfcp-3f, t10 = 0x1.2b05a8p-2f, t11 = 0x1.8ea7f2p-2f;
-    const float t12 = 0x1.00da08p-1f, t13 = 0x1.491b5ep-1f, t14 = 0x1.b913b4p-1f;
+    const float t8 = 0x1.ec90c6p-4f, t9 = 0x1.a0cfcp-3f, t10 = 0x1.2b05a8p-2f, t11 = 0x1.8ea7f2p-2f;
+    const float t12 = 0x1.00da06p-1f, t13 = 0x1.491b5ep-1f, t14 = 0x1.b913b2p-1f;
     const bool b3 = x > t7;
     const bool b2 = x > (b3 ? t11 : t3);
     const bool b1 = x > (b3 ? (b2 ? t13 : t9) : (b2 ? t5 : t1));

@@ -18,7 +18,8 @@
 //       blockDim = 256. cols <= BNBCY_I8_WARP_ROW_MAX_COLS: one warp per row, 8 rows per block,
 //       grid = ceil(rows / 8); otherwise one block per row, grid = rows.
 //   bnbcy_int8_mm_dequant_{f16,bf16,f32}(A, row_stats, col_stats, bias, out, rows, cols)
-//       out = T(fma.rn.ftz(fl32(fl32(float(A) * row[r]) * col[c]), 0x38820610, bias[c] or 0))
+//       out = T(fma.rn.ftz(fl32(fl32(float(A) * row[r]) * col[c]), 0x38820610, bias[c] or 0)); bias is
+//       float32 whatever T (the launcher widens an fp16/bf16 bias, exactly)
 //       (bnb's kdequant_mm_int32_fp16). blockDim = 256, 8 outputs per thread,
 //       grid = ceil(rows * cols / 2048).
 //   bnbcy_int8_gemm_mma(A, B, C, M, N, K)     C[M, N] = A[M, K] @ B[N, K]^T, int32, exact.
@@ -185,7 +186,7 @@ __device__ __forceinline__ float dequant_one(int a, float rs, float cs, float b)
 template <class Tr>
 __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const float *__restrict__ row_stats,
                                                 const float *__restrict__ col_stats,
-                                                const typename Tr::storage *__restrict__ bias,
+                                                const float *__restrict__ bias,
                                                 typename Tr::storage *__restrict__ out, long long rows, int cols) {
     typedef typename Tr::storage S;
     const long long n = rows * cols;
@@ -205,10 +206,7 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
         load8(col_stats + c, cs);
         float b[8];
         if (bias != nullptr) {
-            S braw[8];
-            load8(bias + c, braw);
-#pragma unroll
-            for (int e = 0; e < 8; e++) b[e] = Tr::to_float(braw[e]);
+            load8(bias + c, b);
         } else {
 #pragma unroll
             for (int e = 0; e < 8; e++) b[e] = 0.0f;
@@ -224,7 +222,7 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
             if (i < n) {
                 const long long r = i / cols;
                 const int c = (int)(i - r * cols);
-                const float b = bias != nullptr ? Tr::to_float(bias[c]) : 0.0f;
+                const float b = bias != nullptr ? bias[c] : 0.0f;
                 out[i] = Tr::from_float(dequant_one<Tr>(A[i], row_stats[r], col_stats[c], b));
             }
         }
@@ -232,11 +230,14 @@ __device__ __forceinline__ void int8_mm_dequant(const int *__restrict__ A, const
 }
 
 // ------------------------------------------------------------------------------- GEMM helpers
+// Inline-PTX helpers are guarded: bnbcy's SIMT emulator (bnbcy/_emulator/cuda_emu.h) defines them.
+#ifndef BNBCY_EMULATOR
 __device__ __forceinline__ int dp4a_s32(u32 a, u32 b, int c) {
     int d;
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
+#endif
 
 __device__ __forceinline__ bool aligned4(const void *p) {
     return (reinterpret_cast<u64>(p) & 3u) == 0;
@@ -335,6 +336,7 @@ __device__ __forceinline__ void gemm_dp4a_tile(const s8 *__restrict__ A, const s
 
 #if __CUDA_ARCH__ >= 800
 // ------------------------------------------------------------------ tensor-core (sm_80+) pieces
+#ifndef BNBCY_EMULATOR
 __device__ __forceinline__ u32 smem_u32(const void *p) {
     u32 r;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -367,6 +369,7 @@ __device__ __forceinline__ void mma_s8_16832(int (&d)[4], const u32 (&a)[4], con
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // BNBCY_EMULATOR
 
 #define BNBCY_MMA_BM 128
 #define BNBCY_MMA_BN 128
@@ -519,7 +522,7 @@ __device__ __forceinline__ void gemm_mma_sm80(const s8 *__restrict__ A, const s8
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(BNBCY_I8_THREADS) bnbcy_int8_mm_dequant_##SUF(                \
         const int *__restrict__ A, const float *__restrict__ row_stats, const float *__restrict__ col_stats,    \
-        const TR::storage *__restrict__ bias, TR::storage *__restrict__ out, long long rows, int cols) {        \
+        const float *__restrict__ bias, TR::storage *__restrict__ out, long long rows, int cols) {              \
         int8_mm_dequant<TR>(A, row_stats, col_stats, bias, out, rows, cols);                                    \
     }
 

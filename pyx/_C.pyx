@@ -11,6 +11,7 @@ cdef extern from "bnbcy_omp.h" nogil:
 include "tensor_view.pxi"
 include "cpu_blockwise.pxi"
 include "cpu_fourbit.pxi"
+include "cpu_fourbit_exec.pxi"
 include "cpu_int8.pxi"
 include "cpu_optim.pxi"
 include "cpu_pool.pxi"

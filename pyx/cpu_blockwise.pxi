@@ -46,6 +46,7 @@ cdef object _q8_table(TensorView code):
 def cpu_isa():
     """Instruction set the CPU kernels use now: 'avx512', 'avx2' or 'scalar'
     (the best the CPU has, lowered by ``BNBCY_CPU_ISA``)."""
+    _sync_isa()
     return ("scalar", "avx2", "avx512")[bnbcy_cpu_isa()]
 
 
@@ -87,7 +88,7 @@ def cpu_quantize_blockwise(TensorView A, TensorView code, TensorView q, TensorVi
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     cdef int64_t n = A.numel
-    cdef int64_t nblocks = (n + blocksize - 1) // blocksize
+    cdef int64_t nblocks = n // blocksize + (n % blocksize != 0)  # cannot overflow
     _require(A, "A", None, -1)
     _require(code, "code", "float32", 256)
     _require(q, "out", "uint8", n)
@@ -114,7 +115,7 @@ def cpu_dequantize_blockwise(TensorView q, TensorView code, TensorView absmax, T
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     cdef int64_t n = q.numel
-    cdef int64_t nblocks = (n + blocksize - 1) // blocksize
+    cdef int64_t nblocks = n // blocksize + (n % blocksize != 0)  # cannot overflow
     _require(q, "A", "uint8", -1)
     _require(code, "code", "float32", 256)
     _require(absmax, "absmax", "float32", -1)

@@ -7,7 +7,6 @@
 # 512; 0 turns the pool off) and the next output of its size class reuses the mapped pages, as
 # torch's CUDA caching allocator does for device memory. empty_cpu_cache() unmaps what is cached.
 
-import os
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
 
 cdef extern from "bnbcy_cpu_pool.h" nogil:
@@ -20,14 +19,9 @@ cdef char *_POOL_FORMAT = "B"
 
 
 cdef size_t _pool_limit_from_env() except? 0:
-    raw = os.environ.get("BNBCY_CPU_POOL_MB", "512")
-    try:
-        mb = int(raw)
-    except ValueError:
-        raise ValueError(f"BNBCY_CPU_POOL_MB must be a whole number of megabytes, got {raw!r}") from None
-    if mb < 0:
-        raise ValueError(f"BNBCY_CPU_POOL_MB must be >= 0, got {mb}")
-    return <size_t>mb << 20
+    # bnbcy._env parses BNBCY_CPU_POOL_MB (whole megabytes, bounded so the byte count fits size_t)
+    from bnbcy import _env
+    return <size_t>_env.cpu_pool_bytes()
 
 
 # size class (bytes) -> list of (aligned pointer, base, mapped length) as ints

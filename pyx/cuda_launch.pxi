@@ -18,16 +18,21 @@ ctypedef int (*cuLaunchKernel_t)(void *f, unsigned int gx, unsigned int gy, unsi
                                  unsigned int shmem, void *stream, void **params,
                                  void **extra) noexcept nogil
 ctypedef int (*cuGetErrorString_t)(int error, const char **pstr) noexcept nogil
-ctypedef int (*cuCtxGetDevice_t)(int *device) noexcept nogil
+ctypedef int (*cuCtxGetCurrent_t)(void **pctx) noexcept nogil
 ctypedef int (*cuDevicePrimaryCtxRetain_t)(void **pctx, int dev) noexcept nogil
 ctypedef int (*cuCtxPushCurrent_t)(void *ctx) noexcept nogil
 ctypedef int (*cuCtxPopCurrent_t)(void **pctx) noexcept nogil
 ctypedef int (*cuStreamSynchronize_t)(void *stream) noexcept nogil
+# An emulated kernel's handle points at its entry in the emulator library, whose first member is
+# this launch function (bnbcy/_emulator/kernel_table.h).
+ctypedef int (*emu_launch_t)(const void *entry, const unsigned int *grid, const unsigned int *block,
+                             unsigned int shmem, void **params, int nparams, char *err, int errlen,
+                             int flags) noexcept nogil
 
 cdef void *_libcuda = NULL
 cdef cuLaunchKernel_t _cuLaunchKernel = NULL
 cdef cuGetErrorString_t _cuGetErrorString = NULL
-cdef cuCtxGetDevice_t _cuCtxGetDevice = NULL
+cdef cuCtxGetCurrent_t _cuCtxGetCurrent = NULL
 cdef cuDevicePrimaryCtxRetain_t _cuDevicePrimaryCtxRetain = NULL
 cdef cuCtxPushCurrent_t _cuCtxPushCurrent = NULL
 cdef cuCtxPopCurrent_t _cuCtxPopCurrent = NULL
@@ -42,6 +47,13 @@ class CudaLaunchError(RuntimeError):
     """A CUDA driver call made by bnbcy failed."""
 
 
+class EmulatedKernelError(CudaLaunchError):
+    """An emulated kernel broke a CUDA rule (partial barrier or shuffle, bad launch, ...)."""
+
+# device argument of cuda_launch for kernels of bnbcy's SIMT emulator
+EMULATED_DEVICE = -1
+
+
 cdef void *_sym(const char *name) except NULL:
     cdef void *p = dlsym(_libcuda, name)
     if p == NULL:
@@ -50,7 +62,7 @@ cdef void *_sym(const char *name) except NULL:
 
 
 cdef int _load_driver() except -1:
-    global _libcuda, _cuLaunchKernel, _cuGetErrorString, _cuCtxGetDevice
+    global _libcuda, _cuLaunchKernel, _cuGetErrorString, _cuCtxGetCurrent
     global _cuDevicePrimaryCtxRetain, _cuCtxPushCurrent, _cuCtxPopCurrent, _cuStreamSynchronize
     if _libcuda != NULL:
         return 0
@@ -62,7 +74,7 @@ cdef int _load_driver() except -1:
     _libcuda = h
     _cuLaunchKernel = <cuLaunchKernel_t>_sym(b"cuLaunchKernel")
     _cuGetErrorString = <cuGetErrorString_t>_sym(b"cuGetErrorString")
-    _cuCtxGetDevice = <cuCtxGetDevice_t>_sym(b"cuCtxGetDevice")
+    _cuCtxGetCurrent = <cuCtxGetCurrent_t>_sym(b"cuCtxGetCurrent")
     _cuDevicePrimaryCtxRetain = <cuDevicePrimaryCtxRetain_t>_sym(b"cuDevicePrimaryCtxRetain")
     _cuCtxPushCurrent = <cuCtxPushCurrent_t>_sym(b"cuCtxPushCurrent_v2")
     _cuCtxPopCurrent = <cuCtxPopCurrent_t>_sym(b"cuCtxPopCurrent_v2")
@@ -107,7 +119,8 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
     stream : int
         ``CUstream`` handle (0 = legacy default stream).
     device : int
-        Device ordinal the function and arguments live on.
+        Device ordinal the function and arguments live on; ``EMULATED_DEVICE`` (-1): ``function``
+        is a kernel of bnbcy's SIMT emulator and the arguments are host memory.
     signature : str
         One character per kernel parameter: ``p`` pointer (a TensorView, an int
         address or None), ``q`` int64, ``i`` int32, ``u`` uint32, ``f`` float32,
@@ -160,10 +173,13 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
             raise ValueError(f"unknown kernel parameter type {c!r} in signature {signature!r}")
         params[k] = &slots[k]
 
+    if device == EMULATED_DEVICE:
+        _emulated_launch(function, g, b, shared_mem, params, nargs, grid, block)
+        return
     _load_driver()
     cdef void *ctx = _primary_context(device)
     cdef void *popped = NULL
-    cdef int current = -1
+    cdef void *current = NULL
     cdef int rc
     cdef int rc_sync = 0
     cdef bint pushed = False
@@ -172,7 +188,7 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
     with nogil:
         # Kernels live in the device's primary context (the one torch and CuPy
         # use); make it current only when the calling thread is elsewhere.
-        if _cuCtxGetDevice(&current) != 0 or current != device:
+        if _needs_push(_cuCtxGetCurrent(&current), current, ctx):
             rc = _cuCtxPushCurrent(ctx)
             pushed = rc == 0
         else:
@@ -186,6 +202,31 @@ def cuda_launch(uintptr_t function, tuple grid, tuple block, unsigned int shared
             _cuCtxPopCurrent(&popped)
     _check(rc, f"launch of a kernel on cuda:{device} with grid {grid} and block {block}")
     _check(rc_sync, f"kernel execution on cuda:{device} (grid {grid}, block {block})")
+
+
+cdef inline bint _needs_push(int rc, void *current, void *primary) noexcept nogil:
+    # Only the retained primary context itself will do: another context current on the same
+    # device (cuCtxCreate, a library's own) has neither the loaded modules nor the memory.
+    return rc != 0 or current == NULL or current != primary
+
+
+def _context_needs_push(int rc, uintptr_t current, uintptr_t primary):
+    """Whether a launch pushes the primary context, given cuCtxGetCurrent's result (tests)."""
+    return _needs_push(rc, <void *>current, <void *>primary)
+
+
+cdef int _emulated_launch(uintptr_t function, unsigned int *g, unsigned int *b, unsigned int shared_mem,
+                          void **params, int nargs, tuple grid, tuple block) except -1:
+    cdef char err[2048]
+    cdef emu_launch_t launch = (<emu_launch_t *>function)[0]
+    cdef const void *entry = <const void *>function
+    cdef int rc
+    err[0] = 0
+    with nogil:
+        rc = launch(entry, g, b, shared_mem, params, nargs, err, 2048, 0)
+    if rc != 0:
+        raise EmulatedKernelError(f"emulated kernel (grid {grid}, block {block}): {err.decode(errors='replace')}")
+    return 0
 
 
 cdef void *_primary_context(int device) except NULL:

@@ -7,6 +7,11 @@
 
 from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport getenv
+from libc.string cimport strcmp
+
+cdef extern from "bnbcy_cpu_simd.h":
+    int bnbcy_isa_request
 
 cdef extern from "bnbcy_dlpack.h":
     ctypedef struct BnbcyDLDevice:
@@ -93,6 +98,10 @@ cdef class TensorView:
     contiguous, readonly : bool
     ptr : int
         Address of the first element (byte offset applied).
+    name : str
+        The argument name the view was made for (error messages).
+    span : (int, int)
+        Byte addresses ``[lo, hi)`` of the memory the elements occupy (``lo == hi`` when empty).
     """
 
     cdef readonly object obj
@@ -106,12 +115,19 @@ cdef class TensorView:
     cdef readonly int device_id
     cdef readonly bint contiguous
     cdef readonly bint readonly
+    cdef readonly str name
     cdef void *data
+    cdef int64_t _lo, _hi  # element offsets of the lowest and one past the highest element
     cdef object _capsule
 
     @property
     def ptr(self):
         return <uintptr_t>self.data
+
+    @property
+    def span(self):
+        cdef uintptr_t base = <uintptr_t>self.data
+        return (base + self._lo * self.itemsize, base + self._hi * self.itemsize)
 
     @property
     def is_cuda(self):
@@ -174,8 +190,14 @@ cpdef TensorView view(object obj, str name):
     if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
         raise TypeError(f"{name} must be a torch.Tensor, cupy.ndarray or numpy.ndarray, "
                         f"got {type(obj).__module__}.{type(obj).__qualname__}")
+    _sync_isa()
     cdef TensorView v = TensorView.__new__(TensorView)
     cdef str kind = _kind_of(obj)
+    if kind == "torch" and (obj.is_neg() or obj.is_conj()):
+        # torch's DLPack export drops the negative bit: the view would read -x
+        raise ValueError(f"{name} is a {'negative' if obj.is_neg() else 'conjugate'} view (a lazily negated "
+                         f"tensor); pass {name}.resolve_neg().resolve_conj(), got is_neg={obj.is_neg()}, "
+                         f"is_conj={obj.is_conj()}")
     try:
         if kind == "torch":
             cap = _export_torch(obj)
@@ -207,6 +229,7 @@ cpdef TensorView view(object obj, str name):
                          f"(DLPack device type {t.device.device_type}); expected CPU or CUDA")
 
     v.obj = obj
+    v.name = name
     v._capsule = cap
     v.kind = kind
     v.dtype = _DTYPE_NAMES[key]
@@ -225,6 +248,11 @@ cpdef TensorView view(object obj, str name):
         numel *= t.shape[i]
     v.shape = tuple(shape)
     v.numel = numel
+    if t.data == NULL and numel > 0:
+        # tensor subclasses without storage (DTensor, wrapper subclasses) export no memory
+        raise ValueError(f"{name} exports no memory (NULL data pointer with {numel} elements), e.g. a DTensor "
+                         f"or another tensor subclass without storage; pass a plain tensor (DTensor: "
+                         f"x.to_local() or x.full_tensor()), got {type(obj).__qualname__}")
     cdef int64_t expected = 1
     cdef bint contiguous = True
     if t.strides == NULL:
@@ -240,7 +268,40 @@ cpdef TensorView view(object obj, str name):
                 break
             expected *= t.shape[i]
     v.contiguous = contiguous or numel == 0
+    cdef int64_t lo = 0, hi = 1, step
+    if numel == 0:
+        hi = 0
+    else:
+        for i in range(t.ndim):
+            step = (t.shape[i] - 1) * v.strides[i]
+            if step < 0:
+                lo += step
+            else:
+                hi += step
+    v._lo, v._hi = lo, hi
     return v
+
+
+cdef object _env_module = None
+cdef bint _isa_synced = False
+cdef bytes _isa_raw = None  # the BNBCY_CPU_ISA string bnbcy_isa_request was parsed from
+
+
+cdef int _sync_isa() except -1:
+    """Hand the C kernels BNBCY_CPU_ISA as bnbcy._env parses it, again whenever the variable changes
+    (every kernel argument comes through view(), so a changed value is seen by the next call)."""
+    global _env_module, _isa_synced, _isa_raw, bnbcy_isa_request
+    cdef const char *raw = getenv("BNBCY_CPU_ISA")
+    if _isa_synced and ((raw == NULL and _isa_raw is None)
+                        or (raw != NULL and _isa_raw is not None and strcmp(raw, _isa_raw) == 0)):
+        return 0
+    if _env_module is None:
+        from bnbcy import _env
+        _env_module = _env
+    bnbcy_isa_request = _env_module.cpu_isa_request()
+    _isa_raw = None if raw == NULL else <bytes>raw
+    _isa_synced = True
+    return 0
 
 
 cdef list _row_major_strides(tuple shape):

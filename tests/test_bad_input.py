@@ -371,3 +371,307 @@ def test_cuda_code_map_on_cpu_is_converted():
     assert q.is_cuda and qs.absmax.is_cuda
     y = F.dequantize_blockwise(q, absmax=qs.absmax, code=F.create_dynamic_map(), blocksize=64)
     assert y.is_cuda
+
+
+# ==================================================================================================
+# Issue 14: each finding of the hostile-input review, with the arguments checked unchanged after the
+# rejected call (bytes compared). The crash-prone ones (a NULL data pointer) run in a subprocess in
+# tests/test_fuzz_crash.py.
+# ==================================================================================================
+from fuzz_support import assert_unchanged, snapshot  # noqa: E402
+
+
+def _rejects(exc, name, call, args, *extras):
+    """``call()`` raises ``exc`` naming ``name`` (and saying what it got) and leaves ``args`` unchanged."""
+    before = snapshot(args)
+    with raises(exc, name, *extras):
+        call()
+    assert_unchanged(before, args)
+
+
+@pytest.mark.parametrize("bs", [2 ** 63 - 4000, 2 ** 63 - 1, 2 ** 31, 2 ** 64 + 64])
+def test_finding_huge_blocksize_quantize(bs):
+    x = _x(5000)
+    out = _poisoned_torch((5000,), torch.uint8)
+    _rejects(ValueError, "blocksize", lambda: F.quantize_blockwise(x, out=out, blocksize=bs), [x, out],
+             str(2 ** 31 - 1))
+
+
+def test_finding_huge_blocksize_in_state_dequantize():
+    q, qs = F.quantize_blockwise(_x(5000), blocksize=64)
+    qs.blocksize = 2 ** 63 - 4000
+    out = _poisoned_torch((5000,), torch.float32)
+    _rejects(ValueError, "blocksize", lambda: F.dequantize_blockwise(q, qs, out=out), [q, qs, out])
+    assert _all_poison(out)
+
+
+def test_finding_largest_blocksize_is_one_block():
+    x = _x(5000)
+    q, qs = F.quantize_blockwise(x, blocksize=2 ** 31 - 1)
+    q_ref, absmax_ref = R.quantize_ref(x.numpy(), 5000)
+    np.testing.assert_array_equal(q.numpy(), q_ref)
+    np.testing.assert_array_equal(qs.absmax.numpy(), absmax_ref)
+
+
+def _neg(t):
+    """A lazily negated view holding -t (the public route: ``complex.conj().imag``)."""
+    v = torch._neg_view(-t)
+    assert v.is_neg()
+    return v
+
+
+def test_finding_negative_view_input_is_resolved():
+    x = _x(1000)
+    xn = _neg(x)
+    q, qs = F.quantize_blockwise(xn, blocksize=64)
+    q_ref, qs_ref = F.quantize_blockwise(x.clone(), blocksize=64)
+    assert torch.equal(q, q_ref) and torch.equal(qs.absmax, qs_ref.absmax)
+    p, ps = F.quantize_4bit(xn, quant_type="nf4")
+    p_ref, ps_ref = F.quantize_4bit(x.clone(), quant_type="nf4")
+    assert torch.equal(p, p_ref) and torch.equal(ps.absmax, ps_ref.absmax)
+    # the public route of the report: the imaginary part of a conjugated complex tensor
+    c = torch.complex(torch.zeros(1000), x).conj().imag
+    assert c.is_neg()
+    q2, _ = F.quantize_blockwise(c, blocksize=64)
+    assert torch.equal(q2, F.quantize_blockwise(-x, blocksize=64)[0])
+
+
+def test_finding_negative_view_out_is_refused():
+    x = _x(1000)
+    out = _neg(torch.zeros(1000, dtype=torch.uint8))
+    _rejects(ValueError, "out", lambda: F.quantize_blockwise(x, out=out, blocksize=64), [x, out], "negative")
+    absmax = _neg(torch.zeros(R.nblocks(1000, 64)))
+    _rejects(ValueError, "absmax", lambda: F.quantize_blockwise(x, absmax=absmax, blocksize=64), [x, absmax])
+    q, qs = F.quantize_blockwise(x, blocksize=64)
+    dout = _neg(torch.zeros(1000))
+    _rejects(ValueError, "out", lambda: F.dequantize_blockwise(q, qs, out=dout), [q, qs, dout])
+    p, ps = F.quantize_4bit(x, quant_type="fp4")
+    _rejects(ValueError, "out", lambda: F.dequantize_4bit(p, ps, out=dout), [p, ps, dout])
+    pout = _neg(torch.zeros(500, 1, dtype=torch.uint8))
+    _rejects(ValueError, "out", lambda: F.quantize_4bit(x, out=pout), [x, pout])
+
+
+def test_finding_quantize_out_overlapping_A():
+    n = 1000
+    x = _x(n)
+    _rejects(ValueError, "out", lambda: F.quantize_blockwise(x, out=x.view(torch.uint8)[:n], blocksize=64), [x],
+             "share memory")
+    xn = x.numpy()
+    _rejects(ValueError, "out", lambda: F.quantize_blockwise(xn, out=xn.view(np.uint8)[:n], blocksize=64), [xn])
+
+
+def test_finding_absmax_overlapping_out():
+    n = 1024
+    x = _x(n)
+    buf = _poisoned_torch((n + 64,), torch.uint8)
+    out, absmax = buf[:n], buf[n - 32:n + 32].view(torch.float32)  # absmax starts inside out
+    _rejects(ValueError, "out", lambda: F.quantize_blockwise(x, out=out, absmax=absmax, blocksize=64), [x, buf],
+             "absmax")
+    assert _all_poison(buf)
+    _rejects(ValueError, "out", lambda: F.quantize_4bit(x, out=buf[:512].reshape(512, 1),
+                                                        absmax=buf[512 - 32:512 + 32].view(torch.float32)),
+             [x, buf])
+    assert _all_poison(buf)
+
+
+def test_finding_dequantize_out_holding_A():
+    n = 1024
+    q, qs = F.quantize_blockwise(_x(n), blocksize=64)
+    buf = torch.empty(n, dtype=torch.float32)
+    qa = buf.view(torch.uint8)[:n]
+    qa.copy_(q)
+    _rejects(ValueError, "out", lambda: F.dequantize_blockwise(qa, qs, out=buf), [buf, qs], "A")
+    # out holding absmax's bytes
+    big = torch.empty(n + 64, dtype=torch.float32)
+    am = big[n:n + qs.absmax.numel()]
+    am.copy_(qs.absmax)
+    st = F.QuantState(absmax=am, code=qs.code, blocksize=64, dtype=torch.float32)
+    _rejects(ValueError, "out", lambda: F.dequantize_blockwise(q, st, out=big[8:8 + n]), [q, big], "absmax")
+
+
+def test_finding_dequantize_4bit_out_holding_A():
+    w = _x(4096).reshape(64, 64)
+    p, ps = F.quantize_4bit(w, quant_type="nf4")
+    buf = torch.empty(64, 64, dtype=torch.float32)
+    pa = buf.view(torch.uint8).reshape(-1)[:p.numel()].reshape(p.shape)
+    pa.copy_(p)
+    _rejects(ValueError, "out", lambda: F.dequantize_4bit(pa, ps, out=buf), [buf, ps], "A")
+
+
+@pytest.mark.parametrize("nested_op", ["4bit", "4bit_gemv", "blockwise"])
+def test_finding_nested_state_offset_none(nested_op):
+    w = _x(4096).reshape(64, 64)
+    if nested_op == "blockwise":
+        q, qs = F.quantize_blockwise(w, blocksize=64, nested=True)
+        qs.offset = None
+        _rejects(TypeError, "quant_state.offset", lambda: F.dequantize_blockwise(q, qs), [q, qs])
+        return
+    p, ps = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    ps.offset = None
+    if nested_op == "4bit":
+        _rejects(TypeError, "quant_state.offset", lambda: F.dequantize_4bit(p, ps), [p, ps])
+    else:
+        a = _x(64).reshape(1, 64)
+        _rejects(TypeError, "state.offset", lambda: F.gemv_4bit(a, p.t(), state=ps), [a, p, ps])
+
+
+def _packed_state(nested=True, quant_type="nf4"):
+    _, ps = F.quantize_4bit(_x(4096).reshape(64, 64), quant_type=quant_type, compress_statistics=nested)
+    return ps.as_dict(packed=True)
+
+
+def _with_blob(d, edit):
+    key = next(k for k in d if "quant_state." in k)
+    blob = F.unpack_tensor_to_dict(d[key])
+    d = dict(d)
+    d[key] = F.pack_dict_to_tensor(edit(blob)) if callable(edit) else edit
+    return d
+
+
+def _set(k, v):
+    def edit(b):
+        b = dict(b)
+        b[k] = v
+        return b
+    return edit
+
+
+def _drop(k):
+    def edit(b):
+        b = dict(b)
+        b.pop(k)
+        return b
+    return edit
+
+
+@pytest.mark.parametrize("case,field", [
+    ("dtype_unknown", "dtype"), ("dtype_int", "dtype"), ("dtype_int8_name", "dtype"),
+    ("blob_list", "JSON object"), ("blob_not_json", "JSON"), ("blob_not_utf8", "UTF-8"),
+    ("missing_nested_offset", "nested_offset"), ("nested_offset_str", "nested_offset"),
+    ("blocksize_neg", "blocksize"), ("blocksize_huge", "blocksize"), ("blocksize_float", "blocksize"),
+    ("shape_neg", "shape"), ("shape_str", "shape"), ("quant_type_bad", "quant_state"),
+    ("absmax_short", "absmax"), ("absmax_dtype", "absmax"), ("quant_map_short", "quant_map"),
+    ("nested_absmax_short", "nested_absmax"), ("nested_dtype_int", "nested_dtype"), ("extra_key", "only"),
+    ("missing_absmax", "absmax"),
+])
+def test_finding_from_dict_corrupted(case, field):
+    d = _packed_state()
+    d = {
+        "dtype_unknown": lambda: _with_blob(d, _set("dtype", "float128x")),
+        "dtype_int": lambda: _with_blob(d, _set("dtype", 5)),
+        "dtype_int8_name": lambda: _with_blob(d, _set("dtype", "int8")),
+        "blob_list": lambda: _with_blob(d, F.pack_dict_to_tensor([1, 2])),
+        "blob_not_json": lambda: _with_blob(d, torch.tensor(list(b"{nope"), dtype=torch.uint8)),
+        "blob_not_utf8": lambda: _with_blob(d, torch.tensor([0xff, 0xfe], dtype=torch.uint8)),
+        "missing_nested_offset": lambda: _with_blob(d, _drop("nested_offset")),
+        "nested_offset_str": lambda: _with_blob(d, _set("nested_offset", "0.1")),
+        "blocksize_neg": lambda: _with_blob(d, _set("blocksize", -64)),
+        "blocksize_huge": lambda: _with_blob(d, _set("blocksize", 2 ** 63 - 4000)),
+        "blocksize_float": lambda: _with_blob(d, _set("blocksize", 64.0)),
+        "shape_neg": lambda: _with_blob(d, _set("shape", [-64, 64])),
+        "shape_str": lambda: _with_blob(d, _set("shape", "64x64")),
+        "quant_type_bad": lambda: {k.replace("nf4", "xx4") if k.startswith("quant_state") else k: v
+                                   for k, v in d.items()},
+        "absmax_short": lambda: {**d, "absmax": d["absmax"][:-1]},
+        "absmax_dtype": lambda: {**d, "absmax": d["absmax"].float()},
+        "quant_map_short": lambda: {**d, "quant_map": d["quant_map"][:8]},
+        "nested_absmax_short": lambda: {**d, "nested_absmax": d["nested_absmax"][:0]},
+        "nested_dtype_int": lambda: _with_blob(d, _set("nested_dtype", 3)),
+        "extra_key": lambda: _with_blob(d, _set("evil", 1)),
+        "missing_absmax": lambda: {k: v for k, v in d.items() if k != "absmax"},
+    }[case]()
+    before = snapshot(d)
+    with pytest.raises(ValueError, match=field) as info:
+        F.QuantState.from_dict(d, device="cpu")
+    assert "got" in str(info.value) or "missing" in str(info.value) or "Detected" in str(info.value), info.value
+    assert_unchanged(before, d)
+
+
+def test_finding_from_dict_not_a_mapping():
+    with raises(TypeError, "qs_dict"):
+        F.QuantState.from_dict([("absmax", torch.ones(2))], device="cpu")
+
+
+def test_finding_from_dict_valid_roundtrip_both_kinds():
+    for nested in (False, True):
+        _, ps = F.quantize_4bit(_x(4096).reshape(64, 64), quant_type="fp4", compress_statistics=nested)
+        assert F.QuantState.from_dict(ps.as_dict(packed=True), device="cpu") == ps
+        assert F.QuantState.from_dict(ps.as_dict(), device="cpu") == ps
+
+
+def test_finding_linear4bit_load_state_dict_bad_dtype_is_collected():
+    import bnbcy
+    src = bnbcy.nn.Linear4bit(64, 64, bias=False, quant_type="nf4").to("cpu")
+    sd = _with_blob(src.state_dict(), _set("dtype", "float128x"))
+    dst = bnbcy.nn.Linear4bit(64, 64, bias=False, quant_type="nf4").to("cpu")
+    before = snapshot(dst)
+    with pytest.raises(RuntimeError, match="dtype"):  # torch's error collection, not a raw AttributeError
+        dst.load_state_dict(sd)
+    assert_unchanged(before, dst)
+
+
+def test_finding_state_dtype_none_message():
+    p, ps = F.quantize_4bit(_x(4096).reshape(64, 64), quant_type="nf4")
+    ps.dtype = None
+    _rejects(ValueError, "quant_state.dtype", lambda: F.dequantize_4bit(p, ps), [p, ps], "None")
+    q, qs = F.quantize_blockwise(_x(), blocksize=64)
+    qs.dtype = None
+    _rejects(ValueError, "quant_state.dtype", lambda: F.dequantize_blockwise(q, qs), [q, qs], "None")
+
+
+@pytest.mark.parametrize("shape", [(-64, 64), (64, "64"), (64.0, 64)], ids=repr)
+def test_finding_state_negative_shape_message(shape):
+    p, ps = F.quantize_4bit(_x(4096).reshape(64, 64), quant_type="nf4")
+    ps.shape = shape
+    _rejects(ValueError, "quant_state.shape", lambda: F.dequantize_4bit(p, ps), [p, ps])
+    a = _x(64).reshape(1, 64)
+    _rejects(ValueError, "state.shape", lambda: F.gemv_4bit(a, p.t(), state=ps), [a, p, ps])
+
+
+@pytest.mark.parametrize("pct", [5.5, -1, 100, True, "5"], ids=repr)
+def test_finding_percentile_clipping_bad_percentile(pct):
+    g, vec = _x(100), torch.zeros(100)
+    _rejects(ValueError, "percentile", lambda: F.percentile_clipping(g, vec, 2, percentile=pct), [g, vec])
+
+
+def test_finding_short_state2_names_the_argument():
+    p, g, s1, s2 = _x(100), _x(100), torch.zeros(100), torch.zeros(50)
+    _rejects(ValueError, "state2", lambda: F.optimizer_update_32bit("adam", g, p, s1, 0.9, 1e-8, 1, 1e-3,
+                                                                     state2=s2, beta2=0.999), [p, g, s1, s2], "100")
+    with pytest.raises(ValueError) as info:
+        F.optimizer_update_32bit("adam", g, p, s1, 0.9, 1e-8, 1, 1e-3, state2=s2, beta2=0.999)
+    assert "state2[0]" not in str(info.value)
+
+
+def test_finding_int8_vectorwise_quant_dtypes_as_documented():
+    """docs/int8.md: float16/bfloat16/float32 accepted, float64 refused with ValueError."""
+    import pathlib
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "int8.md").read_text()
+    assert "any float dtype" not in doc
+    A = _x(64).reshape(4, 16)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        F.int8_vectorwise_quant(A.to(dt))
+    _rejects(ValueError, "A", lambda: F.int8_vectorwise_quant(A.double()), [A], "float64")
+
+
+def test_finding_gemv_4bit_truncated_inputs_raise():
+    """Kept from before (bitsandbytes aborts here): truncated absmax or packed weight raise ValueError."""
+    w = _x(4096).reshape(64, 64)
+    p, ps = F.quantize_4bit(w, quant_type="nf4")
+    a = _x(64).reshape(1, 64)
+    short = F.QuantState(absmax=ps.absmax[:-1].clone(), shape=ps.shape, code=ps.code, blocksize=ps.blocksize,
+                         quant_type="nf4", dtype=ps.dtype)
+    _rejects(ValueError, "absmax", lambda: F.gemv_4bit(a, p.t(), state=short), [a, p, short])
+    _rejects(ValueError, "B", lambda: F.gemv_4bit(a, p[:-1].t(), state=ps), [a, p, ps])
+
+
+def test_cuda_int32_size_limits_checked_before_launch():
+    """Sizes the CUDA kernels take as 32-bit ints are checked before a launch (runs without a GPU: the
+    check comes first)."""
+    from bnbcy.backends import cuda as C
+    with raises(ValueError, "N", str(2 ** 31 - 1)):
+        C.int8_linear_matmul(None, None, None, None, 1, 2 ** 31, 8)
+    with raises(ValueError, "K"):
+        C.gemm_4bit(None, None, None, None, None, None, None, None, 1, 64, 2 ** 32, 64, "nf4")
+    with raises(ValueError, "cols"):
+        C.int8_mm_dequant(None, None, None, None, None, 1, 2 ** 31)

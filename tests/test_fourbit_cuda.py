@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from cuda_env import DEVICE, EMULATED, pick, sync  # noqa: F401
 
 from bnbcy import _C
 from bnbcy.functional import _fourbit_cuda as FC
@@ -76,7 +77,7 @@ def _special_input(n, blocksize, dtype, seed):
         x[s] = x[s].abs() * -1.0  # all negative (FP4 sign bit)
     if n >= 3:
         x[-2] = -0.0
-    return x.to(DTYPES[dtype]).cuda()
+    return x.to(DTYPES[dtype]).to(DEVICE)
 
 
 def _lengths(blocksize):
@@ -92,7 +93,7 @@ def _ours_quantize(x, blocksize, qt):
     qbuf = torch.full((nbytes + GUARD,), 0xAB, dtype=torch.uint8, device=x.device)
     abuf = torch.full((nblocks + GUARD,), float("nan"), dtype=torch.float32, device=x.device)
     FC.launch_quantize_4bit(_v(x, "A"), _v(qbuf[:nbytes], "q"), _v(abuf[:nblocks], "absmax"), blocksize, qt)
-    torch.cuda.synchronize()
+    sync()
     assert torch.all(qbuf[nbytes:] == 0xAB), "quantize wrote past the packed output"
     assert torch.all(torch.isnan(abuf[nblocks:])), "quantize wrote past absmax"
     return qbuf[:nbytes], abuf[:nblocks]
@@ -106,7 +107,7 @@ def test_quantize_dequantize_bit_identical_to_bnb(bnbF, qt, dtype, blocksize):
         x = _special_input(n, blocksize, dtype, seed=zlib.crc32(repr((qt, dtype, blocksize, n)).encode()))
         q, absmax = _ours_quantize(x, blocksize, qt)
         bq, bstate = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=qt)
-        torch.cuda.synchronize()
+        sync()
         assert torch.equal(q.cpu(), bq.reshape(-1).view(torch.uint8).cpu()), f"codes differ (n={n})"
         _assert_same_floats(absmax, bstate.absmax, f"absmax (n={n})")
 
@@ -115,7 +116,7 @@ def test_quantize_dequantize_bit_identical_to_bnb(bnbF, qt, dtype, blocksize):
         FC.launch_dequantize_4bit(_v(bq.reshape(-1).view(torch.uint8), "q"), _v(bstate.absmax, "absmax"),
                                   _v(out[:n], "out"), n, blocksize, qt)
         ref = bnbF.dequantize_4bit(bq, bstate)
-        torch.cuda.synchronize()
+        sync()
         assert torch.all(torch.isnan(out[n:].float())), "dequantize wrote past n"
         _assert_same_floats(out[:n], ref.reshape(-1), f"dequantize (n={n})")
 
@@ -133,11 +134,11 @@ def test_quantize_fp4_nf4_edge_values(bnbF, qt, dtype):
     base = torch.tensor(pivots + nf4, dtype=torch.float32)
     vals = torch.cat([base, torch.nextafter(base, torch.tensor(2.0)), torch.nextafter(base, torch.tensor(-2.0)),
                       -base, torch.tensor([1.0, -1.0, 0.0, -0.0])])
-    x = vals.to(DTYPES[dtype]).cuda()
+    x = vals.to(DTYPES[dtype]).to(DEVICE)
     for blocksize in (32, 64, 128):
         q, absmax = _ours_quantize(x, blocksize, qt)
         bq, bstate = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=qt)
-        torch.cuda.synchronize()
+        sync()
         assert torch.equal(q.cpu(), bq.reshape(-1).view(torch.uint8).cpu())
         _assert_same_floats(absmax, bstate.absmax, "absmax")
 
@@ -154,7 +155,7 @@ def test_unaligned_pointers_take_the_scalar_paths(qt, dtype):
     qbuf = torch.full(((n + 1) // 2 + 1,), 0xAB, dtype=torch.uint8, device=x.device)
     ab2 = torch.empty_like(absmax)
     FC.launch_quantize_4bit(_v(xbuf[1:], "A"), _v(qbuf[1:], "q"), _v(ab2, "absmax"), blocksize, qt)
-    torch.cuda.synchronize()
+    sync()
     assert torch.equal(qbuf[1:], q) and qbuf[0].item() == 0xAB
     _assert_same_floats(ab2, absmax, "absmax")
     # dequantize from a misaligned q into a misaligned out equals the aligned launch
@@ -162,7 +163,7 @@ def test_unaligned_pointers_take_the_scalar_paths(qt, dtype):
     FC.launch_dequantize_4bit(_v(q, "q"), _v(absmax, "absmax"), _v(out, "out"), n, blocksize, qt)
     obuf = torch.empty(n + 1, dtype=x.dtype, device=x.device)
     FC.launch_dequantize_4bit(_v(qbuf[1:], "q"), _v(absmax, "absmax"), _v(obuf[1:], "out"), n, blocksize, qt)
-    torch.cuda.synchronize()
+    sync()
     _assert_same_floats(obuf[1:], out, "misaligned dequantize")
 
 
@@ -177,11 +178,11 @@ def test_dequantize_follows_the_formula(qt, dtype):
     # y = T(fl32(lut[c] * absmax)), FP4 code 8 -> -0.0; checked without bitsandbytes
     blocksize, n = 32, 32 * 40 + 3
     g = torch.Generator().manual_seed(3)
-    q = torch.randint(0, 256, ((n + 1) // 2,), generator=g, dtype=torch.uint8).cuda()
-    absmax = (torch.rand(-(-n // blocksize), generator=g) * 4).cuda()
-    out = torch.empty(n, dtype=DTYPES[dtype], device="cuda")
+    q = torch.randint(0, 256, ((n + 1) // 2,), generator=g, dtype=torch.uint8).to(DEVICE)
+    absmax = (torch.rand(-(-n // blocksize), generator=g) * 4).to(DEVICE)
+    out = torch.empty(n, dtype=DTYPES[dtype], device=DEVICE)
     FC.launch_dequantize_4bit(_v(q, "q"), _v(absmax, "absmax"), _v(out, "out"), n, blocksize, qt)
-    torch.cuda.synchronize()
+    sync()
     lut = _code_map(qt).cpu()
     codes = _unpack_codes(q.cpu(), n)
     ref = (lut[codes] * absmax.cpu()[torch.arange(n) // blocksize]).to(DTYPES[dtype])
@@ -193,7 +194,7 @@ def test_dequantize_follows_the_formula(qt, dtype):
 # --------------------------------------------------------------------------------------------------
 def _quantized_weight(N, K, blocksize, qt, seed):
     g = torch.Generator().manual_seed(seed)
-    W = (torch.randn(N, K, generator=g) * 0.5).cuda()
+    W = (torch.randn(N, K, generator=g) * 0.5).to(DEVICE)
     q, absmax = _ours_quantize(W.reshape(-1), blocksize, qt)
     return q, absmax
 
@@ -210,12 +211,12 @@ def _from_bits(bits):
 def _code_map(kind, seed=0):
     """The 16-value map: NF4, FP4 as bnb's CUDA dequantizer computes it (code 8 = -0.0), or custom."""
     if kind == "nf4":
-        return _from_bits(NF4_HEX).cuda()
+        return _from_bits(NF4_HEX).to(DEVICE)
     if kind == "fp4":
         mag = _from_bits(FP4_MAG_HEX)
-        return torch.cat([mag, mag * -1.0]).cuda()
+        return torch.cat([mag, mag * -1.0]).to(DEVICE)
     g = torch.Generator().manual_seed(seed)  # an arbitrary (unsorted) custom map
-    return (torch.rand(16, generator=g) * 2 - 1).cuda()
+    return (torch.rand(16, generator=g) * 2 - 1).to(DEVICE)
 
 
 def _reference(A, q, absmax, code, bias, N, K, blocksize):
@@ -239,7 +240,8 @@ def _assert_matmul_close(out, ref, absref, dtype, K, what):
                                  f"max err {float(err.max()):.3e}, tol at worst {float(tol[bad].min()):.3e}")
 
 
-GEMV_SHAPES = [(1, 32), (7, 64), (33, 96), (100, 4128), (257, 320), (1024, 4096)]
+GEMV_SHAPES = pick([(1, 32), (7, 64), (33, 96), (100, 4128), (257, 320), (1024, 4096)],
+                   [(1, 32), (7, 64), (33, 96), (20, 4128), (257, 320)])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -251,12 +253,12 @@ def test_gemv_matches_float64_reference(dtype, qt, blocksize, with_bias):
         q, absmax = _quantized_weight(N, K, blocksize, "fp4" if qt == "fp4" else "nf4", seed=N * 7 + K)
         code = _code_map(qt, seed=N)
         g = torch.Generator().manual_seed(K)
-        A = torch.randn(K, generator=g).to(DTYPES[dtype]).cuda()
-        bias = torch.randn(N, generator=g).to(DTYPES[dtype]).cuda() if with_bias else None
-        out = torch.full((N + GUARD,), float("nan"), dtype=DTYPES[dtype], device="cuda")
+        A = torch.randn(K, generator=g).to(DTYPES[dtype]).to(DEVICE)
+        bias = torch.randn(N, generator=g).to(DTYPES[dtype]).to(DEVICE) if with_bias else None
+        out = torch.full((N + GUARD,), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
         FC.launch_gemv_4bit(_v(A, "A"), _v(q, "B"), _v(absmax, "absmax"), _v(code, "code"),
                             None if bias is None else _v(bias, "bias"), _v(out[:N], "out"), N, K, blocksize)
-        torch.cuda.synchronize()
+        sync()
         assert torch.all(torch.isnan(out[N:].float())), "gemv wrote past N"
         ref, absref = _reference(A, q, absmax, code, bias, N, K, blocksize)
         _assert_matmul_close(out[:N], ref, absref, dtype, K, f"gemv N={N} K={K}")
@@ -267,18 +269,19 @@ def test_gemv_matches_float64_reference(dtype, qt, blocksize, with_bias):
 @pytest.mark.parametrize("qt", ["nf4", "custom"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemm_small_matches_float64_reference(dtype, M, qt, with_bias):
-    for (N, K), blocksize in [((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((250, 2080), 4096),
-                              ((1024, 4096), 64)]:
+    for (N, K), blocksize in pick([((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((250, 2080), 4096),
+                                   ((1024, 4096), 64)],
+                                  [((1, 32), 32), ((33, 96), 64), ((100, 1056), 128), ((40, 4096), 4096)]):
         q, absmax = _quantized_weight(N, K, blocksize, "nf4", seed=N + K)
         code = _code_map(qt, seed=K)
         g = torch.Generator().manual_seed(M * 1000 + N)
-        A = torch.randn(M, K, generator=g).to(DTYPES[dtype]).cuda()
-        bias = torch.randn(N, generator=g).to(DTYPES[dtype]).cuda() if with_bias else None
-        out = torch.full((M * N + GUARD,), float("nan"), dtype=DTYPES[dtype], device="cuda")
+        A = torch.randn(M, K, generator=g).to(DTYPES[dtype]).to(DEVICE)
+        bias = torch.randn(N, generator=g).to(DTYPES[dtype]).to(DEVICE) if with_bias else None
+        out = torch.full((M * N + GUARD,), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
         FC.launch_gemm_4bit_small(_v(A, "A"), _v(q, "B"), _v(absmax, "absmax"), _v(code, "code"),
                                   None if bias is None else _v(bias, "bias"), _v(out[:M * N], "out"),
                                   M, N, K, blocksize)
-        torch.cuda.synchronize()
+        sync()
         assert torch.all(torch.isnan(out[M * N:].float())), "gemm wrote past M*N"
         ref, absref = _reference(A, q, absmax, code, bias, N, K, blocksize)
         _assert_matmul_close(out[:M * N].reshape(M, N), ref, absref, dtype, K, f"gemm M={M} N={N} K={K}")
@@ -290,29 +293,29 @@ def test_matmul_unaligned_pointers(dtype):
     q, absmax = _quantized_weight(N, K, blocksize, "nf4", seed=11)
     code = _code_map("nf4")
     g = torch.Generator().manual_seed(5)
-    A = torch.randn(M, K, generator=g).to(DTYPES[dtype]).cuda()
-    abuf = torch.empty(M * K + 1, dtype=A.dtype, device="cuda")
+    A = torch.randn(M, K, generator=g).to(DTYPES[dtype]).to(DEVICE)
+    abuf = torch.empty(M * K + 1, dtype=A.dtype, device=DEVICE)
     abuf[1:] = A.reshape(-1)
-    qbuf = torch.empty(q.numel() + 1, dtype=torch.uint8, device="cuda")
+    qbuf = torch.empty(q.numel() + 1, dtype=torch.uint8, device=DEVICE)
     qbuf[1:] = q
     ref, absref = _reference(A, q, absmax, code, None, N, K, blocksize)
-    out = torch.empty(M * N, dtype=A.dtype, device="cuda")
+    out = torch.empty(M * N, dtype=A.dtype, device=DEVICE)
     FC.launch_gemm_4bit_small(_v(abuf[1:], "A"), _v(qbuf[1:], "B"), _v(absmax, "absmax"), _v(code, "code"),
                               None, _v(out, "out"), M, N, K, blocksize)
-    gv = torch.empty(N, dtype=A.dtype, device="cuda")
+    gv = torch.empty(N, dtype=A.dtype, device=DEVICE)
     FC.launch_gemv_4bit(_v(abuf[1:K + 1], "A"), _v(qbuf[1:], "B"), _v(absmax, "absmax"), _v(code, "code"),
                         None, _v(gv, "out"), N, K, blocksize)
-    torch.cuda.synchronize()
+    sync()
     _assert_matmul_close(out.reshape(M, N), ref, absref, dtype, K, "gemm unaligned")
     _assert_matmul_close(gv.reshape(1, N), ref[:1], absref[:1], dtype, K, "gemv unaligned")
 
 
 def test_gemm_small_rejects_more_than_16_rows():
     assert FC.SMALL_GEMM_MAX_ROWS == 16
-    A = torch.zeros(17, 32, device="cuda")
-    q = torch.zeros(16 * 17, dtype=torch.uint8, device="cuda")
-    absmax = torch.ones(17, device="cuda")
-    out = torch.empty(17, 17, device="cuda")
+    A = torch.zeros(17, 32, device=DEVICE)
+    q = torch.zeros(16 * 17, dtype=torch.uint8, device=DEVICE)
+    absmax = torch.ones(17, device=DEVICE)
+    out = torch.empty(17, 17, device=DEVICE)
     with pytest.raises(ValueError):
         FC.launch_gemm_4bit_small(_v(A), _v(q), _v(absmax), _v(_code_map("nf4")), None, _v(out),
                                   17, 17, 32, 32)
@@ -327,23 +330,34 @@ def test_gemm_small_rejects_more_than_16_rows():
 def test_matmul_on_bnb_weights(bnbF, dtype, qt, blocksize):
     N, K = 512, 1024
     g = torch.Generator().manual_seed(21)
-    W = torch.randn(N, K, generator=g).to(DTYPES[dtype]).cuda()
+    W = torch.randn(N, K, generator=g).to(DTYPES[dtype]).to(DEVICE)
     bq, st = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type=qt)
     q = bq.reshape(-1).view(torch.uint8)
     code = st.code.float().contiguous()
-    A = torch.randn(4, K, generator=g).to(DTYPES[dtype]).cuda()
+    A = torch.randn(4, K, generator=g).to(DTYPES[dtype]).to(DEVICE)
     ref, absref = _reference(A, q, st.absmax, code, None, N, K, blocksize)
 
-    gv = torch.empty(N, dtype=A.dtype, device="cuda")
+    gv = torch.empty(N, dtype=A.dtype, device=DEVICE)
     FC.launch_gemv_4bit(_v(A[0]), _v(q), _v(st.absmax), _v(code), None, _v(gv), N, K, blocksize)
-    out = torch.empty(4, N, dtype=A.dtype, device="cuda")
+    out = torch.empty(4, N, dtype=A.dtype, device=DEVICE)
     FC.launch_gemm_4bit_small(_v(A), _v(q), _v(st.absmax), _v(code), None, _v(out), 4, N, K, blocksize)
-    torch.cuda.synchronize()
+    sync()
     _assert_matmul_close(gv.reshape(1, N), ref[:1], absref[:1], dtype, K, "gemv on bnb weights")
     _assert_matmul_close(out, ref, absref, dtype, K, "gemm on bnb weights")
 
     # bnb's own gemv (products rounded in T for fp16/bf16): relative L2 agreement only
     bout = bnbF.gemv_4bit(A[:1].reshape(1, 1, K), bq, state=st).reshape(-1)
-    torch.cuda.synchronize()
+    sync()
     rel = float((bout.double() - gv.double()).norm() / ref[0].norm())
     assert rel < 8 * EPS[dtype] + 1e-5, f"ours vs bnb gemv_4bit: relative L2 difference {rel:.3e}"
+
+
+def test_nf4_thresholds_cuda():
+    """Every NF4 threshold (bnb's CUDA literals as nvcc compiles them), its neighbours and values
+    between get the codes of the rule checked on the CPU by tests/test_nf4_thresholds.py."""
+    from test_nf4_thresholds import blocks_of, check_nf4_codes, codes, threshold_probe_values
+    x = threshold_probe_values()
+    a, idx = blocks_of(x)
+    q, absmax = _ours_quantize(torch.from_numpy(a).to(DEVICE), 64, "nf4")
+    assert torch.all(absmax == 1.0)
+    check_nf4_codes(codes(q.cpu().numpy(), a.size), x, idx)

@@ -17,6 +17,7 @@ comparisons skip when the bitsandbytes CUDA library cannot be loaded.
 
 import pytest
 import torch
+from cuda_env import DEVICE, EMULATED, pick, sync  # noqa: F401
 
 from bnbcy import _C
 from bnbcy.functional import _int8_cuda as I8
@@ -73,7 +74,7 @@ def _special_fp16(rows, cols, seed):
         x[4, ::2] = -7.0
     if rows > 5 and cols > 2:
         x[5, 1] = float("inf")
-    return x.to(torch.float16).cuda()
+    return x.to(torch.float16).to(DEVICE)
 
 
 def _ours_vectorwise_quant(A, threshold):
@@ -88,7 +89,7 @@ def _ours_vectorwise_quant(A, threshold):
     sbuf = torch.full((rows + GUARD,), float("nan"), dtype=torch.float32, device=A.device)
     fv = _v(flags[:cols], "flags") if (flags is not None and rows > 1) else None
     I8.launch_vectorwise_quant(av, _v(cbuf[:n], "CA"), _v(sbuf[:rows], "row_stats"), fv, rows, cols, threshold)
-    torch.cuda.synchronize()
+    sync()
     assert torch.all(cbuf[n:] == 0x5A), "vectorwise_quant wrote past CA"
     assert torch.all(torch.isnan(sbuf[rows:])), "vectorwise_quant wrote past row_stats"
     outlier_cols = None
@@ -110,7 +111,7 @@ def test_vectorwise_quant_bit_identical_to_bnb(bnbF, shape, threshold):
     A = _special_fp16(rows, cols, seed=rows * 100003 + cols)
     CA, stats, cols_out = _ours_vectorwise_quant(A, threshold)
     bCA, bstats, bcols = bnbF.int8_vectorwise_quant(A, threshold=threshold)
-    torch.cuda.synchronize()
+    sync()
     bad = (CA != bCA).nonzero()
     assert bad.numel() == 0, f"codes differ at {bad[:5].tolist()}: {CA[tuple(bad[:5].T)].tolist()} vs " \
                              f"{bCA[tuple(bad[:5].T)].tolist()}"
@@ -143,7 +144,7 @@ def test_vectorwise_quant_unaligned_input(bnbF, offset):
 def test_vectorwise_quant_other_dtypes(dtype):
     """bf16/fp32 (bnb's CUDA op takes fp16 only): codes within one step of round(a * 127 / max)."""
     g = torch.Generator().manual_seed(7)
-    A = (torch.randn(37, 1500, generator=g) * 3).to(dtype).cuda()
+    A = (torch.randn(37, 1500, generator=g) * 3).to(dtype).to(DEVICE)
     CA, stats, cols_out = _ours_vectorwise_quant(A, 6.0)
     Af = A.float()
     t = torch.tensor(6.0, dtype=dtype).float().item()
@@ -171,7 +172,7 @@ def _dequant_inputs(rows, cols, seed):
     row = (torch.rand(rows, generator=g) * 8 + 0.01).to(torch.float16).float()
     col = (torch.rand(cols, generator=g) * 8 + 0.01).to(torch.float16).float()
     bias = (torch.randn(cols, generator=g) * 4).to(torch.float16)
-    return A.cuda(), row.cuda(), col.cuda(), bias.cuda()
+    return A.to(DEVICE), row.to(DEVICE), col.to(DEVICE), bias.to(DEVICE)
 
 
 def _ours_dequant(A, row, col, bias, dtype):
@@ -180,7 +181,7 @@ def _ours_dequant(A, row, col, bias, dtype):
     obuf = torch.full((n + GUARD,), float("nan"), dtype=dtype, device=A.device)
     I8.launch_mm_dequant(_v(A, "A"), _v(row, "row_stats"), _v(col, "col_stats"),
                          None if bias is None else _v(bias, "bias"), _v(obuf[:n], "out"), rows, cols)
-    torch.cuda.synchronize()
+    sync()
     assert torch.all(torch.isnan(obuf[n:].float())), "mm_dequant wrote past out"
     return obuf[:n].view(rows, cols)
 
@@ -204,7 +205,7 @@ def test_mm_dequant_bit_identical_to_bnb(bnbF, shape, with_bias):
     bias = bias if with_bias else None
     out = _ours_dequant(A, row, col, bias, torch.float16)
     ref = bnbF.int8_mm_dequant(A, row, col, bias=bias)
-    torch.cuda.synchronize()
+    sync()
     _assert_same_floats(out, ref.view(out.shape), "mm_dequant fp16")
 
 
@@ -220,9 +221,25 @@ def test_mm_dequant_matches_emulation(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_mm_dequant_bias_of_another_dtype(out_dtype, bias_dtype):
+    """The bias is read in its own dtype (it was read as the output dtype: an fp32 bias with fp16
+    output gave garbage, an fp16 bias with fp32 output read past the buffer)."""
+    from bnbcy import functional as F
+    for shape in ((3, 7), (17, 64), (2, 8)):  # scalar and 16-byte paths
+        A, row, col, bias = _dequant_inputs(*shape, seed=shape[0] * 3 + shape[1])
+        b = bias.to(bias_dtype)
+        out = F.int8_mm_dequant(A, row, col, bias=b, dtype=out_dtype)
+        sync()
+        _assert_same_floats(out, _emulated_dequant(A, row, col, b, out_dtype).to(out.device),
+                            f"bias {bias_dtype} out {out_dtype} {shape}")
+
+
+@cuda
 def test_mm_dequant_unaligned_scalar_path(bnbF):
     A, row, col, bias = _dequant_inputs(9, 64, seed=3)
-    buf = torch.empty(A.numel() + 1, dtype=torch.int32, device="cuda")
+    buf = torch.empty(A.numel() + 1, dtype=torch.int32, device=DEVICE)
     Au = buf[1:].view(A.shape)
     Au.copy_(A)
     out = _ours_dequant(Au, row, col, bias, torch.float16)
@@ -235,6 +252,7 @@ def test_mm_dequant_unaligned_scalar_path(bnbF):
 GEMM_SHAPES = [(1, 1, 1), (1, 1, 3), (3, 5, 7), (1, 17, 33), (17, 33, 127), (33, 17, 129), (127, 129, 64),
                (128, 128, 64), (129, 127, 65), (64, 64, 16), (3, 200, 1023), (1, 4096, 4096), (200, 300, 1024),
                (257, 4099, 4093), (130, 258, 4100), (1000, 1000, 4097), (4096, 4096, 4096)]
+GEMM_SHAPES = pick(GEMM_SHAPES, [s for s in GEMM_SHAPES if s[0] * s[1] * s[2] <= 2**23])
 POISON = -123456789
 
 
@@ -248,9 +266,9 @@ def _gemm_ref(A, B):
 
 
 def _ours_gemm(A, B, kernel, M, N, K):
-    cbuf = torch.full((M * N + GUARD,), POISON, dtype=torch.int32, device="cuda")
+    cbuf = torch.full((M * N + GUARD,), POISON, dtype=torch.int32, device=DEVICE)
     I8.launch_int8_gemm(_v(A, "A"), _v(B, "B"), _v(cbuf[: M * N], "C"), M, N, K, kernel=kernel)
-    torch.cuda.synchronize()
+    sync()
     assert torch.all(cbuf[M * N:] == POISON), "gemm wrote past C"
     return cbuf[: M * N].view(M, N)
 
@@ -265,7 +283,7 @@ def _rand_i8(shape, g):
 def test_int8_gemm_exact(kernel, shape):
     M, N, K = shape
     g = torch.Generator().manual_seed(M * 31 + N * 7 + K)
-    A, B = _rand_i8((M, K), g).cuda(), _rand_i8((N, K), g).cuda()
+    A, B = _rand_i8((M, K), g).to(DEVICE), _rand_i8((N, K), g).to(DEVICE)
     if M * N * K > 1:  # extremes: -128 * -128 everywhere in the first row / column
         A[0] = -128
         B[0] = -128
@@ -284,8 +302,8 @@ def test_int8_gemm_exact(kernel, shape):
 @cuda
 @pytest.mark.parametrize("kernel", I8.GEMM_KERNELS)
 def test_int8_gemm_k_zero_writes_zeros(kernel):
-    A = torch.empty(5, 0, dtype=torch.int8, device="cuda")
-    B = torch.empty(7, 0, dtype=torch.int8, device="cuda")
+    A = torch.empty(5, 0, dtype=torch.int8, device=DEVICE)
+    B = torch.empty(7, 0, dtype=torch.int8, device=DEVICE)
     C = _ours_gemm(A, B, kernel, 5, 7, 0)
     assert torch.all(C == 0)
 
@@ -297,12 +315,12 @@ def test_int8_gemm_unaligned_operands(kernel, offset):
     """Operands and output off their 16-byte alignment (no cp.async / vector stores)."""
     M, N, K = 70, 90, 256
     g = torch.Generator().manual_seed(offset)
-    abuf, bbuf = _rand_i8((M * K + offset,), g).cuda(), _rand_i8((N * K + offset,), g).cuda()
+    abuf, bbuf = _rand_i8((M * K + offset,), g).to(DEVICE), _rand_i8((N * K + offset,), g).to(DEVICE)
     A, B = abuf[offset:].view(M, K), bbuf[offset:].view(N, K)
-    cbuf = torch.full((M * N + 1 + GUARD,), POISON, dtype=torch.int32, device="cuda")
+    cbuf = torch.full((M * N + 1 + GUARD,), POISON, dtype=torch.int32, device=DEVICE)
     C = cbuf[1: 1 + M * N]
     I8.launch_int8_gemm(_v(A, "A"), _v(B, "B"), _v(C, "C"), M, N, K, kernel=kernel)
-    torch.cuda.synchronize()
+    sync()
     assert cbuf[0].item() == POISON and torch.all(cbuf[1 + M * N:] == POISON)
     assert torch.equal(C.view(M, N).cpu(), _gemm_ref(A, B))
 
@@ -312,7 +330,7 @@ def test_int8_gemm_kernels_agree_random_shapes():
     g = torch.Generator().manual_seed(1234)
     for _ in range(20):
         M, N, K = (int(v) for v in torch.randint(1, 300, (3,), generator=g))
-        A, B = _rand_i8((M, K), g).cuda(), _rand_i8((N, K), g).cuda()
+        A, B = _rand_i8((M, K), g).to(DEVICE), _rand_i8((N, K), g).to(DEVICE)
         ref = _gemm_ref(A, B)
         for kernel in I8.GEMM_KERNELS:
             assert torch.equal(_ours_gemm(A, B, kernel, M, N, K).cpu(), ref), (kernel, M, N, K)
@@ -328,8 +346,20 @@ def test_launch_int8_gemm_rejects_bad_arguments():
         I8.launch_int8_gemm(None, None, None, -1, 1, 1)
     with pytest.raises(ValueError, match="K"):
         I8.launch_int8_gemm(None, None, None, 1, 1, 2**31)
-    with pytest.raises(ValueError, match="row tiles"):
-        I8.launch_int8_gemm(None, None, None, 128 * 65536, 1, 1)
+
+
+@cuda
+@pytest.mark.parametrize("kernel", I8.GEMM_KERNELS)
+def test_int8_gemm_splits_tall_products(monkeypatch, kernel):
+    """M above gridDim.y (65535) row tiles is launched in row slabs instead of raising (the limit
+    is lowered here so that the slabs are small)."""
+    monkeypatch.setattr(I8, "_MAX_GRID_Y", 2)
+    bm = I8._GEMM_TILES[kernel][0]
+    M, N, K = 5 * bm + 3, 9, 40
+    g = torch.Generator().manual_seed(4)
+    A, B = _rand_i8((M, K), g).to(DEVICE), _rand_i8((N, K), g).to(DEVICE)
+    C = _ours_gemm(A, B, kernel, M, N, K)
+    assert torch.equal(C.cpu(), _gemm_ref(A, B))
 
 
 def test_launch_vectorwise_quant_rejects_negative_threshold():

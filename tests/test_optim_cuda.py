@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from cuda_env import DEVICE, EMULATED, pick, sync  # noqa: E402,F401
 
 from bnbcy import _C  # noqa: E402
 from bnbcy.functional import _optim_cuda as OC  # noqa: E402
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.cuda
 
 NAMES = ["adam", "momentum", "rmsprop", "adagrad", "lion", "ademamix"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SIZES = [1, 255, 257, 4097, 2**20]
+SIZES = pick([1, 255, 257, 4097, 2**20], [1, 255, 257, 4097, 70001])
 GUARD = 300  # poisoned elements after every array: the kernels must not touch them
 # name -> (beta1, beta2, beta3, alpha, eps, weight_decay, lr)
 HP = {
@@ -69,23 +70,23 @@ class _Case:
             g[::3] = 0
         if nonfinite and n > 4:
             g[1], g[3] = float("nan"), float("inf")
-        self.p, self.g = p.cuda(), g.cuda()
+        self.p, self.g = p.to(DEVICE), g.to(DEVICE)
         mul = 2 if name == "ademamix" else 1
         positive = name in ("rmsprop", "adagrad")
         if bits == 32:
             s1 = torch.randn(mul * n, generator=gen) * 0.05
-            self.s1 = (s1.abs() if positive else s1).reshape((mul, n) if mul == 2 else (n,)).cuda()
-            self.s2 = (torch.rand(n, generator=gen) * 1e-3).cuda() if name in OC.TWO_STATE else None
+            self.s1 = (s1.abs() if positive else s1).reshape((mul, n) if mul == 2 else (n,)).to(DEVICE)
+            self.s2 = (torch.rand(n, generator=gen) * 1e-3).to(DEVICE) if name in OC.TWO_STATE else None
             self.a1 = self.a2 = None
         else:
             nb = -(-n // 256)
             self.s1 = torch.randint(0, 256, (mul * n,), generator=gen, dtype=torch.uint8).reshape(
-                (mul, n) if mul == 2 else (n,)).cuda()
+                (mul, n) if mul == 2 else (n,)).to(DEVICE)
             self.a1 = (torch.rand(mul * nb, generator=gen) * 0.1 + 0.01).reshape(
-                (mul, nb) if mul == 2 else (nb,)).cuda()
+                (mul, nb) if mul == 2 else (nb,)).to(DEVICE)
             if name in OC.TWO_STATE:
-                self.s2 = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).cuda()
-                self.a2 = (torch.rand(nb, generator=gen) * 1e-3 + 1e-4).cuda()
+                self.s2 = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).to(DEVICE)
+                self.a2 = (torch.rand(nb, generator=gen) * 1e-3 + 1e-4).to(DEVICE)
             else:
                 self.s2 = self.a2 = None
 
@@ -125,7 +126,7 @@ def _run_bnb(bnbF, case, c, step, skip_zeros=False, gnorm_scale=1.0):
                                              step, lr, q1, q2 if case.s2 is not None else None, v["a1"],
                                              v["a2"], weight_decay=wd, gnorm_scale=gnorm_scale,
                                              skip_zeros=skip_zeros)
-    torch.cuda.synchronize()
+    sync()
 
 
 def _run_ours(name, bits, clones, steps, skip_zeros=False, gnorm_scale=1.0, **kw):
@@ -144,7 +145,7 @@ def _run_ours(name, bits, clones, steps, skip_zeros=False, gnorm_scale=1.0, **kw
         OC.launch_update_8bit_blockwise(kw.get("alias", name), col["p"], col["g"], col["s1"],
                                         col["s2"] if two else None, q1, q2, col["a1"],
                                         col["a2"] if two else None, **common)
-    torch.cuda.synchronize()
+    sync()
 
 
 _QMAPS = {}
@@ -152,8 +153,8 @@ _QMAPS = {}
 
 def _qmaps():
     if not _QMAPS:
-        _QMAPS["q"] = (torch.as_tensor(np.asarray(create_dynamic_map(signed=True)), dtype=torch.float32).cuda(),
-                       torch.as_tensor(np.asarray(create_dynamic_map(signed=False)), dtype=torch.float32).cuda())
+        _QMAPS["q"] = (torch.as_tensor(np.asarray(create_dynamic_map(signed=True)), dtype=torch.float32).to(DEVICE),
+                       torch.as_tensor(np.asarray(create_dynamic_map(signed=False)), dtype=torch.float32).to(DEVICE))
     return _QMAPS["q"]
 
 
@@ -209,8 +210,8 @@ def test_skip_zeros_matches_bnb(bnbF, name, bits):
         live = case.g != 0
         # blocks without skipped elements are fully defined in bnb
         nb = -(-n // 256)
-        full = torch.ones(nb, dtype=torch.bool, device="cuda")
-        pad = torch.ones(nb * 256, dtype=torch.bool, device="cuda")  # padding lanes are skipped too
+        full = torch.ones(nb, dtype=torch.bool, device=DEVICE)
+        pad = torch.ones(nb * 256, dtype=torch.bool, device=DEVICE)  # padding lanes are skipped too
         pad[:n] = ~live
         full &= ~pad.view(nb, 256).any(1)
         if full.any():
@@ -246,7 +247,7 @@ def test_max_unorm(bnbF, name, alias, bits):
     runs = []
     for _ in range(2):
         c = case.clone()
-        unorm = torch.zeros(1, device="cuda")
+        unorm = torch.zeros(1, device=DEVICE)
         pn = torch.norm(c["p"][0].float()).reshape(1)
         _run_ours(name, bits, [c], 3, alias=alias, max_unorm=max_unorm, unorms=[unorm], param_norms=[pn])
         runs.append((c, unorm))
@@ -254,12 +255,12 @@ def test_max_unorm(bnbF, name, alias, bits):
     _assert_same(runs[0][1], runs[1][1], "unorm determinism")
     if bits == 32:
         ref = case.clone()
-        unorm = torch.zeros(1, device="cuda")
+        unorm = torch.zeros(1, device=DEVICE)
         b1, b2, b3, alpha, eps, wd, lr = HP[name]
         v = _views(ref)
         bnbF.optimizer_update_32bit(alias, v["g"], v["p"], v["s1"], b1, eps, 3, lr, state2=v["s2"], beta2=b2,
                                     weight_decay=wd, unorm_vec=unorm, max_unorm=max_unorm)
-        torch.cuda.synchronize()
+        sync()
         torch.testing.assert_close(runs[0][1], unorm, rtol=1e-4, atol=0)
         torch.testing.assert_close(runs[0][0]["p"][0], v["p"], rtol=1e-5, atol=1e-7)
 

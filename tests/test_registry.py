@@ -36,8 +36,8 @@ def test_manifest_matches_build():
         assert "--use_fast_math" in m["flags"]
 
 
-def test_features_reports_cpu():
-    info = bnbcy.features()
+def test_build_info_reports_cpu():
+    info = bnbcy.build_info()
     assert info["cpu_threads"] >= 1
     assert "blockwise8" in info["cuda_modules"]
 

@@ -20,8 +20,8 @@ def as_blocksize(blocksize) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     blocksize = int(blocksize)
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if not 0 < blocksize <= _arrays.MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize}")
     return blocksize
 
 
@@ -84,13 +84,14 @@ def quantize_blockwise(A, code=None, blocksize=4096, out=None, absmax=None):
     a = _arrays.input_view(A, "A", FLOAT_DTYPES)
     blocksize = check_blocksize(blocksize, a)
     codev = code_view(code, a)
-    nblocks = -(-a.numel // blocksize)
+    nblocks = _arrays.num_blocks(a.numel, blocksize)
     if out is None:
         out = _arrays.empty(a, a.shape, "uint8")
     qv = _arrays.output_view(out, "out", a, "uint8", a.numel, a.shape)
     if absmax is None:
         absmax = _arrays.empty(a, (nblocks,), "float32")
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
+    _arrays.check_no_overlap(qv, amv, inputs=(a, codev))
     device_kernels(a).quantize_blockwise(a, codev, qv, amv, blocksize)
     return out, absmax
 
@@ -99,10 +100,8 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None):
     """``code[A] * absmax[block]`` in ``dtype`` (float32, float16 or bfloat16), A's shape."""
     q = _arrays.input_view(A, "A", ("uint8",))
     blocksize = check_blocksize(blocksize, q)
-    out_dtype = _arrays.dtype_name(dtype)
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype (quant_state.dtype) must be float32, float16 or bfloat16, got {out_dtype}")
-    nblocks = -(-q.numel // blocksize)
+    out_dtype = _arrays.check_float_dtype(dtype, "dtype (quant_state.dtype)")
+    nblocks = _arrays.num_blocks(q.numel, blocksize)
     if absmax is None:
         raise ValueError("absmax is required (float32 block maxima)")
     amv = _arrays.input_view(absmax, "absmax", ("float32",))
@@ -114,5 +113,6 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None):
     if out is None:
         out = _arrays.empty(q, q.shape, out_dtype)
     outv = _arrays.output_view(out, "out", q, out_dtype, q.numel, q.shape)
+    _arrays.check_no_overlap(outv, inputs=(q, amv, codev))
     device_kernels(q).dequantize_blockwise(q, codev, amv, outv, blocksize)
     return out

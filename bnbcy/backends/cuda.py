@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .. import _arrays, kernels
+from .. import _arrays, _env, kernels
 from ..functional import _fourbit_cuda, _int8_cuda
 from ._dense import linear_dense
 
@@ -28,6 +28,12 @@ _QUANTIZE = kernels.register(kernels.KernelSpec(
 _DEQUANTIZE = kernels.register(kernels.KernelSpec(
     "dequantize_blockwise", "blockwise8", "bnbcy_dequantize_blockwise_{dtype}", "ppppqi",
     (("dtype", tuple(_SUFFIX.values())),)))
+
+
+def _int32_sizes(**sizes):
+    """Sizes the CUDA kernels take as 32-bit ints must fit (ValueError naming the size otherwise)."""
+    for name, value in sizes.items():
+        _arrays.check_index_range(value, name)
 
 
 def quantize_blockwise(a, code, q, absmax, blocksize):
@@ -56,6 +62,7 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
     """gemv kernel for one row, the fused small-batch kernel for 2-16 rows (both need
     ``K % 32 == 0``), else the dequantized weight and the framework's dense matmul."""
     if K % 32 == 0 and M <= FUSED_MAX_ROWS:
+        _int32_sizes(N=N, K=K)  # the fused kernels take them as int
         if M == 1:
             _fourbit_cuda.launch_gemv_4bit(a, q, scales, code, biasv, outv, N, K, blocksize)
         else:
@@ -69,14 +76,17 @@ def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, qu
 
 
 def int8_outlier_cols(a, flags, rows, cols, threshold):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_outlier_cols(a, flags, rows, cols, threshold)
 
 
 def int8_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_vectorwise_quant(a, ca, row_stats, col_flags, rows, cols, threshold)
 
 
 def int8_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols):
+    _int32_sizes(cols=cols)
     _int8_cuda.launch_mm_dequant(a, row_stats, col_stats, bias, out, rows, cols)
 
 
@@ -127,7 +137,7 @@ def gemm_route(a, M, N, K):
     capability (``int8_gemm_routes.json``) decide, and cuBLAS without measurements.
     ``BNBCY_INT8_GEMM=raw|cublas`` forces a route where it applies.
     """
-    force = os.environ.get("BNBCY_INT8_GEMM", "")
+    force = _env.get("BNBCY_INT8_GEMM")
     cublas_ok = a.kind == "torch" and a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0
     major, minor = _capability(a)
     raw = "mma" if major >= 8 else "dp4a"
@@ -140,6 +150,7 @@ def gemm_route(a, M, N, K):
 
 
 def int8_linear_matmul(a, b, out, outv, M, N, K):
+    _int32_sizes(M=M, N=N, K=K)
     route = gemm_route(a, M, N, K)
     if route == "cublas":
         torch._int_mm(a.obj.reshape(M, K), b.obj.t(), out=out.reshape(M, N))

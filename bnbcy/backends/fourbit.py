@@ -65,13 +65,14 @@ def check_quant_type(quant_type):
     return quant_type
 
 
-def check_blocksize_4bit(blocksize):
-    """Validate a 4-bit blocksize (the same set on every device); default 64."""
-    if blocksize is None:
+def check_blocksize_4bit(blocksize, name="blocksize"):
+    """Validate a 4-bit blocksize (the same set on every device). None means 64 for an argument;
+    for a state's field (``name`` other than 'blocksize') it is an error."""
+    if blocksize is None and name == "blocksize":
         return 64
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
             or int(blocksize) not in BLOCKSIZES_4BIT:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT} for 4-bit quantization, got {blocksize!r}")
+        raise ValueError(f"{name} must be one of {BLOCKSIZES_4BIT} for 4-bit quantization, got {blocksize!r}")
     return int(blocksize)
 
 
@@ -128,7 +129,7 @@ def quantize_4bit(A, blocksize=64, quant_type="fp4", quant_storage=torch.uint8, 
         raise ValueError(f"{n} elements pack into {nbytes} bytes, not a multiple of the {itemsize}-byte "
                          f"quant_storage {storage}; use quant_storage=uint8 or an element count divisible "
                          f"by {2 * itemsize}")
-    nblocks = -(-n // blocksize)
+    nblocks = _arrays.num_blocks(n, blocksize)
     if out is None:
         q = _arrays.empty(a, (nbytes,), "uint8")
         out = _storage_view(q, storage, nbytes)
@@ -139,6 +140,7 @@ def quantize_4bit(A, blocksize=64, quant_type="fp4", quant_storage=torch.uint8, 
     if absmax is None:
         absmax = _arrays.empty(a, (nblocks,), "float32")
     amv = _arrays.output_view(absmax, "absmax", a, "float32", nblocks)
+    _arrays.check_no_overlap(qv, amv, inputs=(a,))
     device_kernels(a).quantize_4bit(a, qv, amv, blocksize, quant_type)
     return out, absmax
 
@@ -155,18 +157,18 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype, out=None):
     """``table[code] * absmax[block]`` in ``dtype``, of ``shape``."""
     check_quant_type(quant_type)
     q = _arrays.input_view(packed_bytes(A), "A", ("uint8",))
-    blocksize = check_blocksize_4bit(blocksize)
-    shape = tuple(int(s) for s in shape)
+    blocksize = check_blocksize_4bit(blocksize, "blocksize (quant_state.blocksize)")
+    shape = _arrays.check_shape(shape, "shape (quant_state.shape)")
     n = math.prod(shape)
     if q.numel * 2 < n:
-        raise ValueError(f"A holds {q.numel} bytes, too few for {n} 4-bit values of shape {shape}")
-    dtype = _arrays.dtype_name(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype (quant_state.dtype) must be float32, float16 or bfloat16, got {dtype}")
-    scales = _absmax_view(absmax, q, -(-n // blocksize), "absmax (quant_state.absmax)")
+        raise ValueError(f"A holds too few bytes for {n} 4-bit values of shape {shape}: expected at least "
+                         f"{(n + 1) // 2}, got {q.numel}")
+    dtype = _arrays.check_float_dtype(dtype, "dtype (quant_state.dtype)")
+    scales = _absmax_view(absmax, q, _arrays.num_blocks(n, blocksize), "absmax (quant_state.absmax)")
     if out is None:
         out = _arrays.empty(q, shape, dtype)
     outv = _arrays.output_view(out, "out", q, dtype, n, shape)
+    _arrays.check_no_overlap(outv, inputs=(q, scales))
     device_kernels(q).dequantize_4bit(q, scales, outv, n, blocksize, quant_type)
     return out
 
@@ -180,7 +182,9 @@ def _nested_scales(like, nblocks, absmax, absmax_8bit, absmax_code, absmax_offse
     if qabs.numel < nblocks:
         raise ValueError(f"{name} must have at least {nblocks} values, got {qabs.numel}")
     if absmax_code is None or absmax_offset is None:
-        raise ValueError("absmax_code and absmax_offset are required with absmax_8bit")
+        raise TypeError(f"absmax_code and absmax_offset (quant_state.state2.code, quant_state.offset) are "
+                        f"required with absmax_8bit, got {type(absmax_code).__name__} and "
+                        f"{type(absmax_offset).__name__}")
     code2 = code_view(absmax_code, like)
     absmax2 = _absmax_view(absmax, like, -(-nblocks // NESTED_BLOCKSIZE), "absmax (quant_state.state2.absmax)")
     if getattr(absmax_offset, "shape", ()) not in ((), (1,)):
@@ -226,7 +230,7 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     array
         ``(..., N)`` in A's dtype, framework and device.
     """
-    if len(shapeB) != 2:
+    if len(_arrays.check_shape(shapeB, "shapeB (state.shape)")) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {tuple(shapeB)}")
     N, K = int(shapeB[0]), int(shapeB[1])
     a = _arrays.input_view(A, "A", FLOAT_DTYPES, allow_empty=True)
@@ -236,8 +240,9 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     q = _arrays.input_view(packed_bytes(B, "B"), "B", ("uint8",))
     _arrays.check_same_device(q, a, "B")
     if q.numel < (N * K + 1) // 2:
-        raise ValueError(f"B holds {q.numel} bytes, too few for a [{N}, {K}] 4-bit weight")
-    blocksize = check_blocksize_4bit(blocksize)
+        raise ValueError(f"B holds too few bytes for a [{N}, {K}] 4-bit weight: expected at least "
+                         f"{(N * K + 1) // 2}, got {q.numel}")
+    blocksize = check_blocksize_4bit(blocksize, "blocksize (state.blocksize)")
     if code is None:
         code = type_code(check_quant_type(quant_type), a)
     cv = _arrays.input_view(_arrays.to_like(code, a), "code", ("float32",))
@@ -251,7 +256,7 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
         _arrays.check_same_device(biasv, a, "bias")
         if biasv.numel != N:
             raise ValueError(f"bias must have {N} values, got shape {tuple(biasv.shape)}")
-    nblocks = -(-N * K // blocksize)
+    nblocks = _arrays.num_blocks(N * K, blocksize)
     if absmax_8bit is None:
         scales = _absmax_view(absmax, a, nblocks, "absmax (quant_state.absmax)")
     else:
@@ -259,6 +264,8 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     if out is None:
         out = _arrays.empty(a, out_shape, a.dtype)
     outv = _arrays.output_view(out, "out", a, a.dtype, M * N, out_shape)
+    scale_views = scales[:3] if isinstance(scales, tuple) else (scales,)  # nested: (qabs, code2, absmax2, ...)
+    _arrays.check_no_overlap(outv, inputs=(a, q, cv, biasv, *scale_views))
     if M == 0:
         return out
     device_kernels(a).gemm_4bit(a, q, cv, scales, None if biasv is None else biasv.obj, biasv, out, outv,

@@ -105,6 +105,7 @@ def int8_linear_matmul(A, B, out=None):
     if out is None:
         out = _arrays.empty(a, out_shape, "int32")
     ov = _arrays.output_view(out, "out", a, "int32", M * N, out_shape)
+    _arrays.check_no_overlap(ov, inputs=(a, b))
     if M == 0 or N == 0:
         return out
     device_kernels(a).int8_linear_matmul(a, b, out, ov, M, N, K)
@@ -139,6 +140,7 @@ def int8_mm_dequant(A, row_stats, col_stats, dtype=None, bias=None, out=None):
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out must be float16, bfloat16 or float32, got {out_dtype}")
     ov = _arrays.output_view(out, "out", a, out_dtype, rows * cols, tuple(a.shape))
+    _arrays.check_no_overlap(ov, inputs=(a, rs, cs, bv))
     device_kernels(a).int8_mm_dequant(a, rs, cs, bv, ov, rows, cols)
     return out
 

@@ -22,6 +22,8 @@ _GEMV_THREADS = 128        # BNBCY_GEMV_THREADS
 _GEMV_ROWS = 8             # BNBCY_GEMV_ROWS: rows of W per block
 # mt -> (rows of W per lane RL, warps per block) of BNBCY_GEMM4_SMALL(..., MT, RL, WARPS)
 _GEMM_GEOMETRY = {4: (4, 8), 8: (4, 8), 16: (2, 4)}
+# the small-M GEMM's int k-offsets run up to K + one K-tile (32 * 4 * WARPS weights at most)
+_MAX_K = 2**31 - 32 * 4 * max(w for _, w in _GEMM_GEOMETRY.values())
 
 _QUANTIZE = kernels.register(kernels.KernelSpec(
     "quantize_4bit", "fourbit", "bnbcy_quantize_4bit_{qt}_{dtype}_{blocksize}", "pppq",
@@ -108,8 +110,8 @@ def launch_dequantize_4bit(q, absmax, out, n, blocksize, quant_type):
 def _check_matmul(N, K, blocksize):
     if K % 32 != 0:
         raise ValueError(f"the fused 4-bit kernels need K % 32 == 0, got K={K}")
-    if N >= 2**31 or K >= 2**31:
-        raise ValueError(f"N and K must be below 2**31, got N={N}, K={K}")
+    if N >= 2**31 or K > _MAX_K:
+        raise ValueError(f"N must be below 2**31 and K at most {_MAX_K}, got N={N}, K={K}")
     return _log2(blocksize)
 
 

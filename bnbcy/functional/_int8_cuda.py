@@ -8,7 +8,7 @@ module registers the kernel specs and needs neither CuPy nor a GPU.
 """
 from __future__ import annotations
 
-from .. import kernels
+from .. import _C, _arrays, kernels
 
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 GEMM_KERNELS = ("mma", "dp4a")
@@ -132,7 +132,8 @@ def launch_mm_dequant(A, row_stats, col_stats, bias, out, rows, cols):
     col_stats : TensorView
         float32 ``[cols]``.
     bias : TensorView or None
-        ``[cols]`` of out's dtype.
+        ``[cols]`` float32/float16/bfloat16 (any, independent of ``out``; the kernel reads float32, so
+        a 16-bit bias is widened first, exactly).
     out : TensorView
         ``[rows, cols]`` float32/float16/bfloat16.
     rows, cols : int
@@ -143,8 +144,16 @@ def launch_mm_dequant(A, row_stats, col_stats, bias, out, rows, cols):
     grid = _cdiv(rows * cols, _THREADS * _DEQUANT_ITEMS)
     if grid > _INT32_MAX:
         raise ValueError(f"too many elements for one launch: {rows * cols}")
-    kernels.registry.launch(_MM_DEQUANT, {"dtype": _dtype_suffix(out, "out")}, (grid,), (_THREADS,),
+    suffix = _dtype_suffix(out, "out")
+    keep = None
+    if bias is not None:
+        _dtype_suffix(bias, "bias")
+        if bias.dtype != "float32":
+            keep = _arrays.to_like(bias.obj, A, "float32")  # alive until the launch is queued
+            bias = _C.view(keep, "bias")
+    kernels.registry.launch(_MM_DEQUANT, {"dtype": suffix}, (grid,), (_THREADS,),
                             (A, row_stats, col_stats, bias, out, rows, cols), A)
+    del keep
 
 
 def launch_int8_gemm(A, B, C, M, N, K, kernel="mma"):
@@ -168,6 +177,10 @@ def launch_int8_gemm(A, B, C, M, N, K, kernel="mma"):
     ------
     ValueError
         Unknown kernel, negative or too large sizes.
+
+    Notes
+    -----
+    M above 65535 row tiles (the grid's y limit) is launched as several row slabs.
     """
     if kernel not in _GEMM_TILES:
         raise ValueError(f"kernel must be one of {GEMM_KERNELS}, got {kernel!r}")
@@ -178,7 +191,10 @@ def launch_int8_gemm(A, B, C, M, N, K, kernel="mma"):
     if M == 0 or N == 0:
         return
     bm, bn, threads = _GEMM_TILES[kernel]
-    grid = (_cdiv(N, bn), _cdiv(M, bm))
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"M = {M} needs more than {_MAX_GRID_Y} row tiles of {bm}")
-    kernels.registry.launch(_GEMM, {"kernel": kernel}, grid, (threads,), (A, B, C, M, N, K), A)
+    # gridDim.y is at most 65535 row tiles: taller products are launched in row slabs
+    slab = _MAX_GRID_Y * bm
+    for m0 in range(0, M, slab):
+        rows = min(slab, M - m0)
+        a, c = (A, C) if m0 == 0 else (A.ptr + m0 * K, C.ptr + 4 * m0 * N)
+        kernels.registry.launch(_GEMM, {"kernel": kernel}, (_cdiv(N, bn), _cdiv(rows, bm)), (threads,),
+                                (a, B, c, rows, N, K), A)

@@ -99,7 +99,7 @@ def _like_view(params):
     if x is None or not hasattr(x, "__dlpack__"):
         raise TypeError(f"params[0] must be a torch.Tensor or cupy.ndarray, got {type(x).__name__}")
     v = _C.view(_arrays._plain(x, _C.kind_of(x)), "params[0]")
-    if not v.is_cuda:
+    if not kernels.use_cuda_kernels(v):
         raise ValueError(f"the optimizer kernels need CUDA arrays, got params[0] on {v.device}")
     if v.dtype not in _SUFFIX:
         raise ValueError(f"params must be float32, float16 or bfloat16, got {v.dtype}")
@@ -191,6 +191,8 @@ class _Group:
     def upload(self, table):
         """The table on the parameters' device, copied on their framework's current stream."""
         obj = self.like.obj
+        if not self.like.is_cuda:  # the SIMT emulator (bnbcy.kernels.emulate) reads host memory
+            return table, _C.view(table, "table")
         if self.like.kind == "torch":
             import torch
             host = stage_table(table, lambda t: t.pin_memory(), torch.cuda.is_current_stream_capturing())

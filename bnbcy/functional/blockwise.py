@@ -10,7 +10,7 @@ import torch
 from .. import _C, _arrays
 from ..backends import blockwise as _bw
 from ..backends.blockwise import check_blocksize, code_view  # noqa: F401  (public helpers)
-from .quant_state import QuantState
+from .quant_state import QuantState, check_quant_state
 
 FLOAT_DTYPES = _bw.FLOAT_DTYPES
 CUDA_BLOCKSIZES = _bw.BLOCKWISE_BLOCKSIZES
@@ -136,6 +136,7 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         dtype = torch.float32 if isinstance(A, torch.Tensor) else np.float32
     else:
+        check_quant_state(quant_state)
         absmax, code, blocksize, dtype = (quant_state.absmax, quant_state.code, quant_state.blocksize,
                                           quant_state.dtype)
         if quant_state.nested:
@@ -146,6 +147,7 @@ def dequantize_blockwise(A, quant_state=None, absmax=None, code=None, out=None, 
         code = _torch_code(code, A)
         if out is None:
             return torch.ops.bnbcy.dequantize_blockwise.default(A, absmax, code, blocksize, dtype)
+        _arrays.check_not_lazy(out, "out")
         torch.ops.bnbcy.dequantize_blockwise.out(A, absmax, code, blocksize, dtype, out)
         return out
     return _bw.dequantize_blockwise(A, absmax, code, blocksize, dtype, out=out)

@@ -13,7 +13,7 @@ from ..backends import fourbit as _fb
 from ..backends.fourbit import (BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, QUANT_TYPES, STORAGE_DTYPES,  # noqa: F401
                                 check_blocksize_4bit, packed_bytes, storage_name)
 from .blockwise import dequantize_blockwise, quantize_blockwise
-from .quant_state import QuantState
+from .quant_state import QuantState, check_quant_state
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 
@@ -153,10 +153,9 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
         quant_state = QuantState(absmax=absmax, shape=tuple(out.shape), dtype=out.dtype,
                                  blocksize=check_blocksize_4bit(blocksize), quant_type=quant_type)
-    if quant_state.shape is None:
-        raise ValueError("quant_state.shape is required to dequantize 4-bit codes")
+    check_quant_state(quant_state, four_bit=True)
     _fb.check_quant_type(quant_state.quant_type)
-    blocksize = check_blocksize_4bit(quant_state.blocksize)
+    blocksize = check_blocksize_4bit(quant_state.blocksize, "quant_state.blocksize")
     absmax = state_absmax(quant_state)
     shape, dtype = list(quant_state.shape), quant_state.dtype
     if isinstance(A, torch.Tensor) and isinstance(absmax, torch.Tensor) and isinstance(dtype, torch.dtype) \
@@ -164,6 +163,7 @@ def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, 
         if out is None:
             out = torch.ops.bnbcy.dequantize_4bit.default(A, absmax, blocksize, quant_state.quant_type, shape, dtype)
         else:
+            _arrays.check_not_lazy(out, "out")
             torch.ops.bnbcy.dequantize_4bit.out(A, absmax, blocksize, quant_state.quant_type, shape, dtype, out)
     else:
         out = _fb.dequantize_4bit(A, absmax, blocksize, quant_state.quant_type, shape, dtype, out=out)

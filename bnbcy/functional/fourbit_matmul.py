@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from .. import _arrays
 from ..backends import fourbit as _fb
 from .fourbit import state_absmax
-from .quant_state import QuantState
+from .quant_state import check_quant_state
 
 
 def _state_nk(state):
     if state is None:
         raise ValueError("state cannot be None: the 4-bit matmul needs the QuantState from quantize_4bit()")
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    if state.shape is None or len(state.shape) != 2:
+    check_quant_state(state, "state", four_bit=True)
+    if len(state.shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [out_features, in_features], got shape {state.shape}")
     return int(state.shape[0]), int(state.shape[1])
 
@@ -70,7 +70,7 @@ def gemm_4bit(A, B, state, bias=None, out=None):
     """
     N, K = _state_nk(state)
     absmax, blocksize, qt, absmax_8bit, absmax_code, offset = gemm_args(state)
-    blocksize = _fb.check_blocksize_4bit(blocksize)
+    blocksize = _fb.check_blocksize_4bit(blocksize, "state.blocksize")
     if out is None and isinstance(A, torch.Tensor) and _all_torch(B, bias, absmax, absmax_8bit, absmax_code, offset):
         return torch.ops.bnbcy.gemm_4bit.default(A, B, [N, K], absmax, blocksize, qt, bias, absmax_8bit,
                                                  absmax_code, offset)
@@ -93,10 +93,11 @@ def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None
         raise ValueError("state cannot be None. gemv_4bit() requires the state from quantize_4bit()")
     N, K = _state_nk(state)
     absmax = state_absmax(state)
-    blocksize = _fb.check_blocksize_4bit(state.blocksize)
+    blocksize = _fb.check_blocksize_4bit(state.blocksize, "state.blocksize")
     if isinstance(A, torch.Tensor) and _all_torch(B, absmax, state.code, out):
         if out is None:
             return torch.ops.bnbcy.gemv_4bit.default(A, B, [N, K], absmax, state.code, blocksize)
+        _arrays.check_not_lazy(out, "out")
         torch.ops.bnbcy.gemv_4bit.out(A, B, [N, K], absmax, state.code, blocksize, out)
         return out
     return _fb.gemv_4bit(A, B, (N, K), absmax, state.code, blocksize, out=out)

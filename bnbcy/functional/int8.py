@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _arrays
 from ..backends import int8 as _i8
 from ..backends.cuda import measured_routes as _measured_routes, route_from_table  # noqa: F401
 from ..backends.int8 import INV127, check_threshold  # noqa: F401
@@ -81,6 +82,7 @@ def int8_linear_matmul(A, B, out=None, dtype=torch.int32):
     if isinstance(A, torch.Tensor) and _torch(B, out):
         if out is None:
             return torch.ops.bnbcy.int8_linear_matmul.default(A, B)
+        _arrays.check_not_lazy(out, "out")
         torch.ops.bnbcy.int8_linear_matmul.out(A, B, out)
         return out
     return _i8.int8_linear_matmul(A, B, out=out)

@@ -225,12 +225,15 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
             if state2s[k] is None:
                 raise ValueError(f"{optimizer_name} needs state2")
             s2v.append(_inplace_view(state2s[k], "state2", ("float32",)))
+            if s2v[k].numel != pv[k].numel:
+                raise ValueError(f"state2 must have the {pv[k].numel} elements of p, got {s2v[k].numel}")
         else:
             s2v.append(None)
         if optimizer_name == "ademamix" and tuple(s1v[k].shape) != (2, *pv[k].shape):
             raise ValueError(f"ademamix state1 must have shape {(2, *pv[k].shape)}, got {s1v[k].shape}")
         if optimizer_name != "ademamix" and s1v[k].numel != pv[k].numel:
             raise ValueError(f"state1 must have the {pv[k].numel} elements of p, got {s1v[k].numel}")
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, inputs=gv)  # updated in place: no aliasing
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
@@ -354,6 +357,7 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
         else:
             s2v.append(None)
             a2v.append(None)
+    _arrays.check_no_overlap(*pv, *s1v, *s2v, *a1v, *a2v, inputs=(*gv, q1v, q2v))  # updated in place
     args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
             _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
             _scalar(lr, "lr"))
@@ -416,8 +420,8 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     """
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValueError(f"step must be an int, got {step!r}")
-    if not (0 <= percentile < 100):
-        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Integral) or not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be an int in [0, 100), got {percentile!r}")
     torch_in = isinstance(gnorm_vec, torch.Tensor)
     vec = gnorm_vec if torch_in else torch.from_numpy(gnorm_vec)
     if vec.dtype != torch.float32 or vec.numel() != 100:

@@ -3,6 +3,8 @@ field names, legacy indexing and (packed) state_dict format (NUMERICS.md §3.5).
 from __future__ import annotations
 
 import json
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -16,9 +18,112 @@ def pack_dict_to_tensor(d: dict) -> torch.Tensor:
 
 
 def unpack_tensor_to_dict(t) -> dict:
-    """Inverse of :func:`pack_dict_to_tensor`."""
-    data = bytes(_to_numpy(t).astype(np.uint8).tobytes())
-    return json.loads(data.decode("utf-8"))
+    """Inverse of :func:`pack_dict_to_tensor`.
+
+    Raises
+    ------
+    ValueError
+        ``t`` is not a uint8 array of UTF-8 JSON text encoding an object.
+    """
+    if not hasattr(t, "__dlpack__") or _arrays.dtype_name(t.dtype) != "uint8":
+        raise ValueError(f"the packed quant_state must be a uint8 tensor of JSON bytes, got "
+                         f"{_describe(t)}")
+    data = bytes(_to_numpy(t).tobytes())
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"the packed quant_state must hold UTF-8 JSON text, got {len(data)} bytes that do "
+                         f"not parse ({exc})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"the packed quant_state must hold a JSON object, got a JSON {type(d).__name__}")
+    return d
+
+
+def _describe(x) -> str:
+    if hasattr(x, "__dlpack__") and hasattr(x, "dtype"):
+        return f"a {type(x).__name__} of dtype {_arrays.dtype_name(x.dtype)} and shape {tuple(x.shape)}"
+    return f"{type(x).__name__} {x!r}"[:200]
+
+
+# --------------------------------------------------------------------------------------------------
+# Field validation: on use (the ops call these) and in from_dict. Each raises naming the field, what
+# was expected and what was given.
+# --------------------------------------------------------------------------------------------------
+check_float_dtype = _arrays.check_float_dtype
+check_shape = _arrays.check_shape
+
+
+def check_blocksize(blocksize, name: str = "quant_state.blocksize") -> int:
+    """``blocksize`` as an int in ``[1, MAX_BLOCKSIZE]``; ValueError otherwise."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
+            or not 0 < int(blocksize) <= _arrays.MAX_BLOCKSIZE:
+        raise ValueError(f"{name} must be an int in [1, {_arrays.MAX_BLOCKSIZE}], got {blocksize!r}")
+    return int(blocksize)
+
+
+def check_offset(quant_state, name: str = "quant_state") -> float:
+    """The nested state's offset as a float. TypeError when it is None (as bitsandbytes raises), ValueError
+    when it is not one finite number."""
+    offset = quant_state.offset
+    if offset is None:
+        raise TypeError(f"{name}.offset must be the 0-d float32 mean of a nested (double-quantized) state, "
+                        f"got None")
+    try:
+        if hasattr(offset, "__dlpack__"):
+            if int(np.prod(offset.shape)) != 1:
+                raise ValueError
+            value = float(offset.reshape(-1)[0].item())
+        elif isinstance(offset, numbers.Real) and not isinstance(offset, bool):
+            value = float(offset)
+        else:
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{name}.offset must be one finite number (a 0-d float32 array), got "
+                         f"{_describe(offset)}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{name}.offset must be finite, got {value}")
+    return value
+
+
+_STATE_FIELDS = ("absmax", "code", "blocksize", "dtype")
+
+
+def check_state(quant_state, name: str = "quant_state"):
+    """Raise TypeError unless ``quant_state`` looks like a QuantState (bitsandbytes' own ones pass too)."""
+    if not all(hasattr(quant_state, f) for f in _STATE_FIELDS):
+        raise TypeError(f"{name} must be a QuantState, got {type(quant_state).__name__}")
+    return quant_state
+
+
+def check_quant_state(quant_state, name: str = "quant_state", four_bit: bool = False):
+    """Validate the fields an op reads from ``quant_state`` before it reads any (the one check on use).
+
+    ``blocksize`` in range, ``dtype`` a float dtype, ``shape`` (required for 4-bit) non-negative ints,
+    and for a nested state: ``offset`` one finite number, ``state2`` a state with valid fields.
+    The arrays (absmax, code) are checked by the array layer when viewed.
+
+    Raises
+    ------
+    TypeError
+        Not a QuantState, or a nested state whose ``offset`` or ``state2`` is None.
+    ValueError
+        A field of the wrong type or out of range (the message names it).
+    """
+    check_state(quant_state, name)
+    check_blocksize(quant_state.blocksize, f"{name}.blocksize")
+    check_float_dtype(quant_state.dtype, f"{name}.dtype")
+    shape = getattr(quant_state, "shape", None)
+    if four_bit and shape is None:
+        raise ValueError(f"{name}.shape is required to dequantize 4-bit codes, got None")
+    if shape is not None:
+        check_shape(shape, f"{name}.shape")
+    if getattr(quant_state, "nested", False) or getattr(quant_state, "state2", None) is not None:
+        if getattr(quant_state, "state2", None) is None:
+            raise TypeError(f"{name}.state2 must be the QuantState of the quantized absmax of a nested state, "
+                            f"got None")
+        check_offset(quant_state, name)
+        check_quant_state(quant_state.state2, f"{name}.state2")
+    return quant_state
 
 
 def _to_numpy(x):
@@ -107,13 +212,21 @@ class QuantState:
     def from_dict(cls, qs_dict: dict, device) -> "QuantState":
         """Rebuild a state from :meth:`as_dict` output (packed or not, keys may be prefixed).
 
+        Every field is validated first (types, dtypes, sizes, the packed blob's JSON schema);
+        nothing is moved before all of them pass.
+
         Raises
         ------
+        TypeError
+            ``qs_dict`` is not a mapping.
         ValueError
-            If the packed entry is missing or ambiguous, or unknown keys are present.
+            The packed entry is missing or ambiguous, unknown keys are present, a field is
+            missing or of the wrong type, dtype or size (the message names it).
         """
+        if not isinstance(qs_dict, Mapping):
+            raise TypeError(f"qs_dict must be a dict of quant_state items, got {type(qs_dict).__name__}")
         qs_dict = dict(qs_dict)
-        packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and hasattr(v, "__dlpack__")]
+        packed_keys = [k for k, v in qs_dict.items() if "quant_state" in str(k) and hasattr(v, "__dlpack__")]
         if "quant_type" not in qs_dict:
             if not packed_keys:
                 raise ValueError("Expected packed or unpacked quant_state items, found neither")
@@ -121,22 +234,26 @@ class QuantState:
                 raise ValueError(f"There should be exactly one `quant_state` item with ending from "
                                  f"{cls.valid_qs_type_keys}. Detected {packed_keys}.")
         if len(packed_keys) == 1:
-            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(packed_keys[0])))
-        qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+            blob = unpack_tensor_to_dict(qs_dict.pop(packed_keys[0]))
+            bad = sorted(set(map(str, blob)) - set(_PLAIN_KEYS))
+            if bad:
+                raise ValueError(f"the packed quant_state may hold only {list(_PLAIN_KEYS)}, got keys {bad}")
+            qs_dict.update(blob)
+        qs_dict = {str(k).split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = set(qs_dict) - set(cls.valid_qs_keys)
         if unknown:
             raise ValueError(f"unexpected quant_state keys {sorted(unknown)}; valid keys: {cls.valid_qs_keys}")
+        f = _validated_fields(qs_dict)
 
         offset = state2 = None
-        if "nested_absmax" in qs_dict:
-            offset = _move(torch.tensor(float(qs_dict["nested_offset"])), device)
-            state2 = cls(absmax=_move(qs_dict["nested_absmax"], device), blocksize=qs_dict["nested_blocksize"],
-                         code=_move(qs_dict["nested_quant_map"], device),
-                         dtype=getattr(torch, qs_dict["nested_dtype"]))
-        shape = qs_dict.get("shape")
-        return cls(quant_type=qs_dict["quant_type"], absmax=_move(qs_dict["absmax"], device),
-                   blocksize=qs_dict["blocksize"], code=_move(qs_dict["quant_map"], device),
-                   dtype=getattr(torch, qs_dict["dtype"]),
+        if f["nested"]:
+            offset = _move(torch.tensor(f["nested_offset"], dtype=torch.float32), device)
+            state2 = cls(absmax=_move(qs_dict["nested_absmax"], device), blocksize=f["nested_blocksize"],
+                         code=_move(qs_dict["nested_quant_map"], device), dtype=_TORCH_FLOAT[f["nested_dtype"]])
+        shape = f["shape"]
+        return cls(quant_type=f["quant_type"], absmax=_move(qs_dict["absmax"], device),
+                   blocksize=f["blocksize"], code=_move(qs_dict["quant_map"], device),
+                   dtype=_TORCH_FLOAT[f["dtype"]],
                    shape=torch.Size(shape) if shape is not None else None, offset=offset, state2=state2)
 
     def as_dict(self, packed: bool = False) -> dict:
@@ -205,3 +322,61 @@ class QuantState:
                      else self.state2 is other.state2))
 
     __hash__ = None
+
+
+_TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# keys whose values are plain (JSON) values, not arrays
+_PLAIN_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_NESTED_KEYS = ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def _array_field(d, key, dtype, numel=None):
+    v = d.get(key)
+    if not hasattr(v, "__dlpack__") or not hasattr(v, "dtype"):
+        raise ValueError(f"quant_state item {key!r} must be a {dtype} tensor, got {_describe(v)}")
+    got = _arrays.dtype_name(v.dtype)
+    n = int(np.prod(tuple(v.shape), dtype=np.int64))
+    if got != dtype or (numel is not None and n != numel):
+        want = f"{dtype} tensor" + (f" of {numel} values" if numel is not None else "")
+        raise ValueError(f"quant_state item {key!r} must be a {want}, got {_describe(v)}")
+    return n
+
+
+def _validated_fields(d: dict) -> dict:
+    """The plain fields of a from_dict input, validated (arrays are checked, not converted)."""
+    for key in ("quant_type", "absmax", "blocksize", "quant_map", "dtype"):
+        if key not in d:
+            raise ValueError(f"quant_state item {key!r} is missing (got keys {sorted(d)})")
+    qt = d["quant_type"]
+    if qt is not None and qt not in QuantState.valid_quant_types:  # None: an 8-bit blockwise state
+        raise ValueError(f"quant_state item 'quant_type' must be one of {QuantState.valid_quant_types} "
+                         f"(or None for an 8-bit state), got {qt!r}")
+    f = {"quant_type": qt,
+         "blocksize": check_blocksize(d["blocksize"], "quant_state item 'blocksize'"),
+         "dtype": check_float_dtype(d["dtype"], "quant_state item 'dtype'"),
+         "shape": None if d.get("shape") is None else check_shape(d["shape"], "quant_state item 'shape'")}
+    present = [k for k in _NESTED_KEYS if k in d]
+    f["nested"] = bool(present)
+    if present and len(present) != len(_NESTED_KEYS):
+        missing = [k for k in _NESTED_KEYS if k not in d]
+        raise ValueError(f"a nested quant_state needs all of {list(_NESTED_KEYS)}; missing {missing}")
+    n_absmax = _array_field(d, "absmax", "uint8" if f["nested"] else "float32")
+    _array_field(d, "quant_map", "float32", 256 if qt is None else 16)
+    if f["shape"] is not None:
+        n = 1
+        for s in f["shape"]:
+            n *= s
+        want = _arrays.num_blocks(n, f["blocksize"])
+        if n_absmax != want:
+            raise ValueError(f"quant_state item 'absmax' must have {want} values for shape {f['shape']} in "
+                             f"blocks of {f['blocksize']}, got {n_absmax}")
+    if f["nested"]:
+        f["nested_blocksize"] = check_blocksize(d["nested_blocksize"], "quant_state item 'nested_blocksize'")
+        f["nested_dtype"] = check_float_dtype(d["nested_dtype"], "quant_state item 'nested_dtype'")
+        off = d["nested_offset"]
+        if isinstance(off, bool) or not isinstance(off, numbers.Real) or not np.isfinite(float(off)):
+            raise ValueError(f"quant_state item 'nested_offset' must be a finite number, got {off!r}")
+        f["nested_offset"] = float(off)
+        _array_field(d, "nested_quant_map", "float32", 256)
+        _array_field(d, "nested_absmax", "float32", _arrays.num_blocks(n_absmax, f["nested_blocksize"]))
+    return f

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..functional.fourbit import quantize_4bit as _quantize_4bit
 from ..functional.quant_state import QuantState
+from . import _exec_layout
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +394,10 @@ class Linear4bit(nn.Linear):
         if bias is not None and bias.dtype != x.dtype:
             # differentiable cast; the parameter itself keeps its dtype (bnb swaps .data)
             bias = bias.to(x.dtype)
+        # CPU inference: the execution layout (never repacks the storage; None where it does not apply)
+        y = _exec_layout.linear(self, x, bias)
+        if y is not None:
+            return y.to(inp_dtype)
         # weight.t() as bitsandbytes passes it: matmul_4bit views the codes as (-1, 1) and
         # takes N, K from quant_state.shape
         return _matmul_4bit(x, self.weight.t(), bias=bias, quant_state=quant_state).to(inp_dtype)

@@ -76,8 +76,8 @@ _PC = Arg("percentile_clipping", 100, doc="Clip each gradient to this percentile
 _BW = Arg("block_wise", True, doc="Quantize 8-bit state in independent blocks of 256 elements. Only ``True`` "
           "is supported (the per-tensor 8-bit state of ``False`` was removed in bitsandbytes 0.50); "
           "``False`` raises ``ValueError``.", type_doc="bool, default True")
-_PAGED = Arg("is_paged", False, doc="Page the optimizer state between device and host memory (on the CPU, "
-             "and until bnbcy has managed-memory buffers, a warning and ordinary buffers).",
+_PAGED = Arg("is_paged", False, doc="Page ``state1``/``state2`` of parameters with at least 1e5 elements between "
+             "device and host memory (CUDA managed memory; host memory on the CPU; see ``bnbcy.optim.paged``).",
              type_doc="bool, default False")
 _AMSGRAD = Arg("amsgrad", False, doc="Accepted for compatibility; AMSGrad is not implemented (ignored with a "
                "warning; 8-bit variants raise for ``True``, as bitsandbytes).", type_doc="bool, default False")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 import weakref
 from collections import abc as container_abcs
 from collections import defaultdict
@@ -29,10 +28,11 @@ from typing import Optional
 
 import torch
 
+from . import paged
+
 __all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
 
 _BLOCKSIZE = 256                      # 8-bit blockwise state: one absmax per 256 elements
-_PAGED_MIN_NUMEL = 1e5                # bitsandbytes pages state1/state2 from this size on
 _GNORM_HISTORY = 100                  # percentile_clipping keeps the last 100 squared norms
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_STEP = 2**31 - 1                 # the kernels take the step (after += 1) as an int32
@@ -315,20 +315,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             Zeros of ``shape`` and ``dtype`` on ``p.device``.
         """
         shape = tuple(p.shape) if shape is None else tuple(shape)
-        if pageable and self.is_paged and (p.device.type == "cpu" or p.numel() >= _PAGED_MIN_NUMEL):
-            self._warn_unpaged(p)         # the managed-memory backing plugs in here
+        if pageable and self.is_paged and paged.pageable(p):
+            return paged.state_buffer(p, shape, dtype)     # managed memory on CUDA (optim/paged.py)
         return torch.zeros(shape, dtype=dtype, device=p.device)
-
-    def _warn_unpaged(self, p):
-        if getattr(self, "_cpu_paged_warned", False):
-            return
-        self._cpu_paged_warned = True
-        if p.device.type == "cpu":
-            msg = "Paged optimizers are not supported on CPU. Falling back to non-paged optimizer behavior."
-        else:
-            msg = ("bnbcy has no managed-memory (paged) state buffers yet; the paged optimizer keeps its "
-                   "state in ordinary device memory.")
-        warnings.warn(msg, stacklevel=4)
 
     def _qmap(self, name, device):
         """The shared ``dynamic``/``udynamic`` map on ``device`` (one tensor per device)."""
@@ -370,14 +359,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["gnorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(_GNORM_HISTORY,), pageable=False)
 
     def prefetch_state(self, p):
-        """Prefetch paged state of ``p`` to its device (no-op until paged buffers exist)."""
-        state = self.state[p]
-        for key in ("state1", "state2"):
-            t = state.get(key)
-            if t is not None and getattr(t, "is_paged", False):
-                prefetch = getattr(_F(), "prefetch_tensor", None)
-                if prefetch is not None:
-                    prefetch(t)
+        """Prefetch paged state of ``p`` to its device on the current stream (see optim/paged.py)."""
+        paged.prefetch_state(self, p)
 
     # ------------------------------------------------------------------ validation
     def _validate_config(self, config, p):

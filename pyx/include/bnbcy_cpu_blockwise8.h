@@ -157,7 +157,7 @@ BNBCY_Q8_DEFINE_BLOCK(bf16, uint16_t, bnbcy_bf16_to_f32, BNBCY_BF16)
 static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocksize,
                              const float *code, const bnbcy_q8_table *table, uint8_t *q,
                              float *absmax, int nthreads) {
-    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int64_t nblocks = n / blocksize + (n % blocksize != 0);  /* no overflow for huge blocksizes */
     const int isa = bnbcy_cpu_isa();
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;
     bnbcy_advise_hugepages(q, (size_t)n);
@@ -181,7 +181,7 @@ static int bnbcy_q8_quantize(const void *A, int dtype, int64_t n, int64_t blocks
 static int bnbcy_q8_dequantize(const uint8_t *q, const float *code, const float *absmax,
                                int64_t n, int64_t blocksize, void *out, int dtype,
                                int nthreads) {
-    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int64_t nblocks = n / blocksize + (n % blocksize != 0);  /* no overflow for huge blocksizes */
     float lut[256];
     const int isa = bnbcy_cpu_isa();
     if (dtype < BNBCY_F32 || dtype > BNBCY_BF16) return -1;

@@ -15,11 +15,12 @@
 
 #define BNBCY_OMP_MIN_GEMM ((int64_t)1 << 20)
 
-/* NF4 decision thresholds t_0..t_14 (fl32 midpoints of the table), +inf pad. */
+/* NF4 decision thresholds t_0..t_14: bitsandbytes' CUDA literals as nvcc compiles them (NUMERICS.md
+ * §3.2; k = 0, 8, 12, 14 are one ulp off the fl32 midpoints of the table), +inf pad. */
 static const uint32_t bnbcy_nf4_thresh_bits[16] = {
-    0xbf591cd8u, 0xbf1c5270u, 0xbeeb8480u, 0xbeadea76u, 0xbe703cecu, 0xbe0d38bcu, 0xbd3a7871u,
-    0x3d22faffu, 0x3df64862u, 0x3e5067e0u, 0x3e9582d4u, 0x3ec753f9u, 0x3f006d04u, 0x3f248dafu,
-    0x3f5c89dau, 0x7f800000u};
+    0xbf591cd9u, 0xbf1c5270u, 0xbeeb8480u, 0xbeadea76u, 0xbe703cecu, 0xbe0d38bcu, 0xbd3a7871u,
+    0x3d22faffu, 0x3df64863u, 0x3e5067e0u, 0x3e9582d4u, 0x3ec753f9u, 0x3f006d03u, 0x3f248dafu,
+    0x3f5c89d9u, 0x7f800000u};
 /* FP4 magnitude thresholds, ascending: the literals of bitsandbytes' tree. */
 static const uint32_t bnbcy_fp4_thresh_bits[16] = {
     0x3b2aaab9u, 0x3db00000u, 0x3e555555u, 0x3e955555u, 0x3ed55556u, 0x3f155550u, 0x3f555555u,

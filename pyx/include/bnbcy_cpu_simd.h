@@ -307,14 +307,16 @@ static inline void bnbcy_q8_dequant_avx512(const uint8_t *q, const float *lut, f
 
 enum { BNBCY_ISA_SCALAR = 0, BNBCY_ISA_AVX2 = 1, BNBCY_ISA_AVX512 = 2 };
 
-/* The best instruction set this CPU has, or the one BNBCY_CPU_ISA
- * ("scalar", "avx2", "avx512") asks for when the CPU has it (tests use it to
- * cover every path). Read on each call: cheap, and tests flip it. */
+/* The instruction set BNBCY_CPU_ISA asks for, as bnbcy/_env.py parsed it (-1: the best the CPU has);
+ * set from the Cython view layer (pyx/tensor_view.pxi), which re-reads the variable when it changes. */
+static int bnbcy_isa_request = -1;
+
+/* The best instruction set this CPU has, lowered to the requested one (tests use it to cover every
+ * path); never above what the CPU has. */
 static int bnbcy_cpu_isa(void) {
     int best = bnbcy_cpu_has_avx512() ? BNBCY_ISA_AVX512 : bnbcy_cpu_has_avx2() ? BNBCY_ISA_AVX2 : BNBCY_ISA_SCALAR;
-    const char *want = getenv("BNBCY_CPU_ISA");
-    if (want == NULL || *want == 0) return best;
-    int w = strcmp(want, "scalar") == 0 ? BNBCY_ISA_SCALAR : strcmp(want, "avx2") == 0 ? BNBCY_ISA_AVX2 : best;
+    int w = bnbcy_isa_request;
+    if (w < 0) return best;
     if (w == BNBCY_ISA_AVX2 && !bnbcy_cpu_has_avx2()) w = BNBCY_ISA_SCALAR;
     return w < best ? w : best;
 }

@@ -1,0 +1,159 @@
+"""``bnbcy::gemm_4bit_exec``: the CPU inference product of a 4-bit weight in its storage format
+(docs/fourbit.md, "Inference on the CPU"), called by ``Linear4bit.forward`` through
+:mod:`bnbcy.nn._exec_layout`.
+
+``out = A @ W.T (+ bias)`` with ``W`` the packed ``[N, K]`` weight (bitsandbytes' nibble order),
+its float32 ``absmax`` or nested statistics. Two kernels, picked by the row count of ``A``:
+
+* up to ``plan.fused_max_rows`` rows: the fused kernel (``_C.cpu_q4x_gemm_fused``), which reads the
+  packed weight once per call for all rows;
+* more rows: tiles of weight rows dequantized to float32 into a cache-sized buffer
+  (``_C.cpu_q4x_dequant_rows``), each multiplied with torch's float32 GEMM, so the dense weight
+  never exists whole and the GEMM runs in float32 whatever the input dtype (on CPUs without
+  native bfloat16/float16 arithmetic torch's 16-bit GEMMs are several times slower).
+
+The cut-over, the tile size and the thread counts come from :data:`PLANS`, one row per
+instruction set, measured with ``bench/bench_fourbit.py --calibrate``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import _C, _arrays
+from ._lib import op
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecPlan:
+    """How the CPU inference product runs on one instruction set.
+
+    Attributes
+    ----------
+    fused_max_rows : int
+        Rows of A up to which the fused kernel beats tile dequantization + GEMM.
+    tile_bytes : int
+        Bytes of the float32 weight tile of the many-row path (kept in L2/L3).
+    weights_per_thread : int
+        Packed weights below which one more thread costs more than it gains (the fused kernel
+        and the tile dequantization use ``max(1, min(threads, N*K // weights_per_thread))``).
+    measured : bool
+        False where the row was not measured on a CPU of that kind (copied from another row).
+    """
+    fused_max_rows: int
+    tile_bytes: int
+    weights_per_thread: int
+    measured: bool = True
+
+
+#: Measured with ``bench/bench_fourbit.py --calibrate`` (2-core AMD EPYC Zen 3, AVX2+FMA, shared
+#: machine; see docs/fourbit.md). AVX-512 CPUs run the AVX2 kernel: their row is the AVX2 one,
+#: not measured there.
+PLANS = {
+    "avx2": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18),
+    "avx512": ExecPlan(fused_max_rows=16, tile_bytes=1 << 20, weights_per_thread=1 << 18, measured=False),
+    "scalar": ExecPlan(fused_max_rows=2, tile_bytes=1 << 20, weights_per_thread=1 << 16),
+}
+
+
+def plan() -> ExecPlan:
+    """The plan of the instruction set the CPU kernels use now (``BNBCY_CPU_ISA`` honoured)."""
+    return PLANS[_C.cpu_isa()]
+
+
+def _threads(p: ExecPlan, weights: int) -> int:
+    return max(1, min(torch.get_num_threads(), weights // p.weights_per_thread))
+
+
+def _check(A, B, code, absmax, nested_code, nested_absmax, nested_offset, blocksize, N, bias):
+    if A.device.type != "cpu" or A.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"gemm_4bit_exec: A must be a float32/float16/bfloat16 CPU tensor, got {A.dtype} "
+                         f"on {A.device}")
+    if A.dim() == 0:
+        raise ValueError("gemm_4bit_exec: A must have at least one dimension (K)")
+    K = A.shape[-1]
+    if N <= 0 or K <= 0:
+        raise ValueError(f"gemm_4bit_exec: invalid weight shape N={N}, K={K}")
+    if B.dtype != torch.uint8 or B.dim() != 1 or B.numel() < (N * K + 1) // 2:
+        raise ValueError(f"gemm_4bit_exec: B must be the flat uint8 packed weight of at least "
+                         f"{(N * K + 1) // 2} bytes, got {B.dtype} of shape {tuple(B.shape)}")
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"gemm_4bit_exec: code must hold the 16 float32 values of the map, got "
+                         f"{code.numel()} {code.dtype}")
+    if blocksize <= 0 or blocksize & (blocksize - 1):
+        raise ValueError(f"gemm_4bit_exec: blocksize must be a power of two, got {blocksize}")
+    nested = nested_absmax is not None
+    if nested != (nested_code is not None) or nested != (nested_offset is not None):
+        raise ValueError("gemm_4bit_exec: nested_code, nested_absmax and nested_offset come together")
+    want = torch.uint8 if nested else torch.float32
+    if absmax.dtype != want:
+        raise ValueError(f"gemm_4bit_exec: absmax must be {want} ({'nested' if nested else 'plain'} "
+                         f"statistics), got {absmax.dtype}")
+    for t, name in ((B, "B"), (code, "code"), (absmax, "absmax"), (nested_code, "nested_code"),
+                    (nested_absmax, "nested_absmax"), (bias, "bias")):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"gemm_4bit_exec: {name} must be on the CPU, got {t.device}")
+    if bias is not None and (bias.dtype != A.dtype or bias.numel() != N):
+        raise ValueError(f"gemm_4bit_exec: bias must hold {N} values of A's dtype {A.dtype}, got "
+                         f"{bias.numel()} {bias.dtype}")
+    return K
+
+
+def _view(t, name):
+    return _arrays.input_view(t.contiguous(), name)
+
+
+def _gemm_4bit_exec(A, B, code, absmax, nested_code, nested_absmax, nested_offset, blocksize,
+                    nested_blocksize, N, bias=None):
+    K = _check(A, B, code, absmax, nested_code, nested_absmax, nested_offset, blocksize, N, bias)
+    M = A.numel() // K
+    out = torch.empty(tuple(A.shape[:-1]) + (N,), dtype=A.dtype)
+    if M == 0:
+        return out
+    qv, cv = _view(B, "B"), _view(code, "code")
+    if nested_absmax is None:
+        scales = _view(absmax, "absmax")
+    else:
+        scales = (_view(absmax, "absmax"), _view(nested_code, "nested_code"),
+                  _view(nested_absmax, "nested_absmax"), float(nested_offset.item()), int(nested_blocksize))
+    p = plan()
+    threads = _threads(p, N * K)
+    A2 = A.reshape(M, K).contiguous()
+    if M <= p.fused_max_rows:
+        _C.cpu_q4x_gemm_fused(_arrays.input_view(A2, "A"), qv, cv, scales,
+                              _view(bias, "bias") if bias is not None else None,
+                              _arrays.input_view(out, "out"), M, N, K, blocksize, threads)
+        return out
+    # many rows: float32 tiles of weight rows + torch's float32 GEMM
+    A32 = A2.float()
+    rows = max(8, min(N, p.tile_bytes // (4 * K)))
+    buf = torch.empty(rows, K, dtype=torch.float32)
+    bv = _arrays.input_view(buf, "buf")
+    out32 = out.view(M, N) if A.dtype == torch.float32 else torch.empty(M, N, dtype=torch.float32)
+    bias32 = bias.float() if bias is not None else None
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        _C.cpu_q4x_dequant_rows(qv, cv, scales, bv, n0, n1, N, K, blocksize, _threads(p, (n1 - n0) * K))
+        tile = buf[: n1 - n0].T
+        if bias32 is None:
+            out32[:, n0:n1] = A32 @ tile
+        else:
+            out32[:, n0:n1] = torch.addmm(bias32[n0:n1], A32, tile)
+    if out32.data_ptr() != out.data_ptr():
+        out.view(M, N).copy_(out32)
+    return out
+
+
+def _gemm_4bit_exec_fake(A, B, code, absmax, nested_code, nested_absmax, nested_offset, blocksize,
+                         nested_blocksize, N, bias=None):
+    return A.new_empty(tuple(A.shape[:-1]) + (N,))
+
+
+gemm_4bit_exec = op(
+    "gemm_4bit_exec",
+    "(Tensor A, Tensor B, Tensor code, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
+    "Tensor? nested_offset, int blocksize, int nested_blocksize, int N, Tensor? bias=None) -> Tensor",
+    impl=_gemm_4bit_exec, fake=_gemm_4bit_exec_fake)
