@@ -194,90 +194,218 @@ __device__ __forceinline__ u8 opt_requant_signed(const float *__restrict__ code,
     return (u8)(c & 0xffu);
 }
 
+// ====================================================================== the update rules
+// Each rule (NUMERICS.md §6.3-§6.6) is written once, as the CPU's pyx/include/bnbcy_cpu_optim_rules.h
+// writes it, and combined with a state format by the loops below. F8 = false is the 32-bit
+// format (states are the stored floats), F8 = true the 8-bit blockwise one (states are the
+// dequantized codes). The two follow bitsandbytes' two kernels, whose float32 rounding points
+// differ (which product is rounded first, whether the clipped gradient is rounded to T, which
+// gradient rmsprop/adagrad divide, where the trust ratio applies); where they do, a rule branches
+// on F8 at compile time. A rule is pure: the loops decide what is stored (skip_zeros, a
+// non-finite 8-bit gradient, padding lanes), so the 8-bit loop may run a rule before its
+// block's absmax reduction and store after it.
+
+// The per-chunk scalars of the rules: one typed record built once per chunk from the table row.
+struct OptHp {
+    float b1, b2, b3, omb1, omb2, omb3, eps, lr, wd, decay, gns, alpha;
+    float c1, c2, c2eps, ss, us, r1, r2;  // bias corrections (2-state), update scale, trust ratio
+    bool has_wd, skip, first, scaled;  // scaled: max_unorm is on (8-bit kernels scale only then)
+};
+
+template <bool F8, int OPT>
+__device__ __forceinline__ OptHp opt_hp(const OptRow &r) {
+    OptHp h;
+    h.b1 = r.beta1; h.b2 = r.beta2; h.b3 = r.beta3;
+    h.omb1 = sub_ftz(1.0f, r.beta1); h.omb2 = sub_ftz(1.0f, r.beta2); h.omb3 = sub_ftz(1.0f, r.beta3);
+    h.eps = r.eps; h.lr = r.lr; h.wd = r.wd; h.gns = r.gnorm_scale; h.alpha = r.alpha;
+    h.decay = sub_ftz(1.0f, mul_ftz(r.lr, r.wd));  // 1 - lr*wd
+    h.has_wd = r.wd > 0.0f;
+    h.skip = r.skip_zeros;
+    h.first = r.step == 1;
+    h.scaled = r.max_unorm > 0.0f;
+    h.c1 = h.c2 = h.c2eps = h.ss = h.r1 = h.r2 = 1.0f;
+    constexpr bool TWO_STATE = OPT == OPT_ADAM || OPT == OPT_ADEMAMIX;
+    h.us = opt_update_scale<!TWO_STATE>(r);
+    if constexpr (TWO_STATE) {
+        const float fstep = (float)r.step;
+        h.c1 = sub_ftz(1.0f, pow_approx(r.beta1, fstep));
+        h.c2 = sqrt_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep)));
+        h.c2eps = mul_ftz(r.eps, h.c2);
+        h.ss = div_approx(mul_ftz(h.c2, -r.lr), h.c1);
+        if (!F8 || h.scaled) h.ss = mul_ftz(h.ss, h.us);
+        h.r1 = rcp_approx(h.c1);
+        h.r2 = rcp_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep)));
+    }
+    return h;
+}
+
+// The update scale of a 1-state rule: the 32-bit kernels always multiply (x1 when off, which
+// flushes a denormal d), the 8-bit ones only when max_unorm is on.
+template <bool F8>
+__device__ __forceinline__ float opt_scale(const OptHp &h, float d) {
+    return (!F8 || h.scaled) ? mul_ftz(h.us, d) : d;
+}
+
+// The clipped gradient: the 32-bit kernels round it to T, the 8-bit ones keep float32.
+template <class Tr, bool F8>
+__device__ __forceinline__ float opt_clip(const OptHp &h, float gr) {
+    const float g = mul_ftz(h.gns, gr);
+    return F8 ? g : round_T<Tr>(g);
+}
+
+// ---- 2-state rules. g: the clipped gradient; p the parameter (updated).
+
+// adam / lamb moments: s1 = m, s2 = v (shared by the update and the trust-ratio pass).
+template <bool F8>
+__device__ __forceinline__ void ema_adam(const OptHp &h, float g, float &s1, float &s2) {
+    if constexpr (F8) {
+        s2 = fma_ftz(g, mul_ftz(h.omb2, g), mul_ftz(s2, h.b2));
+        s1 = fma_ftz(h.omb1, g, mul_ftz(s1, h.b1));
+    } else {
+        s1 = fma_ftz(h.b1, s1, mul_ftz(h.omb1, g));
+        s2 = fma_ftz(h.b2, s2, mul_ftz(h.omb2, mul_ftz(g, g)));
+    }
+}
+
+template <class Tr, bool F8>
+__device__ __forceinline__ void rule_adam(const OptHp &h, float g, float &s1, float &s2, float &p) {
+    ema_adam<F8>(h, g, s1, s2);
+    p = round_T<Tr>(fma_ftz(h.ss, div_approx(s1, add_ftz(sqrt_approx(s2), h.c2eps)), p));
+    if (h.has_wd) p = mul_ftz(p, h.decay);  // the store rounds it
+}
+
+// ademamix: s1 = fast EMA m1, s3 = slow EMA m2, s2 = nu (no skip_zeros, no max_unorm).
+template <class Tr, bool F8>
+__device__ __forceinline__ void rule_ademamix(const OptHp &h, float g, float &s1, float &s2, float &s3, float &p) {
+    if constexpr (F8) {
+        s2 = fma_ftz(g, mul_ftz(h.omb2, g), mul_ftz(s2, h.b2));
+        s1 = fma_ftz(h.omb1, g, mul_ftz(s1, h.b1));
+        s3 = fma_ftz(h.omb3, g, mul_ftz(s3, h.b3));
+    } else {
+        s1 = fma_ftz(h.b1, s1, mul_ftz(h.omb1, g));
+        s3 = fma_ftz(h.b3, s3, mul_ftz(h.omb3, g));
+        s2 = fma_ftz(h.b2, s2, mul_ftz(g, mul_ftz(h.omb2, g)));
+    }
+    const float num = fma_ftz(s3, h.alpha, div_approx(s1, h.c1));
+    const float den = add_ftz(div_approx(sqrt_approx(s2), h.c2), h.eps);
+    p = round_T<Tr>(sub_ftz(p, mul_ftz(div_approx(num, den), h.lr)));
+    if (h.has_wd) p = mul_ftz(p, h.decay);
+}
+
+// ---- 1-state rules. The state EMAs (shared by the update and the trust-ratio pass).
+__device__ __forceinline__ float ema_momentum(const OptHp &h, float g, float s) {
+    return h.first ? g : fma_ftz(h.b1, s, g);
+}
+
+template <bool F8>
+__device__ __forceinline__ float ema_rmsprop(const OptHp &h, float g, float s) {
+    return F8 ? fma_ftz(h.omb1, mul_ftz(g, g), mul_ftz(s, h.b1)) : fma_ftz(h.b1, s, mul_ftz(g, mul_ftz(h.omb1, g)));
+}
+
+__device__ __forceinline__ float ema_adagrad(float g, float s) {
+    return fma_ftz(g, g, s);
+}
+
+// What a 1-state rule did to one element: whether skip_zeros leaves it alone (the old p and
+// state are kept) and, for 8-bit lion, whether its rounded step is zero (then the decayed p pd
+// is stored with the new state).
+struct Opt1Out {
+    bool active, stepped;
+};
+
+// One 1-state update: gradient scaling, weight decay and the rule. gr: the raw gradient; s the
+// state, p the parameter (both updated); pd receives p after lion's decoupled decay.
+template <class Tr, bool F8, int OPT>
+__device__ __forceinline__ Opt1Out rule_1state(const OptHp &h, float gr, float &s, float &p, float &pd) {
+    float g = opt_clip<Tr, F8>(h, gr);
+    if (h.has_wd) {
+        if (OPT == OPT_LION) p = round_T<Tr>(mul_ftz(h.decay, p));
+        else g = F8 ? fma_ftz(p, h.wd, g) : round_T<Tr>(fma_ftz(p, h.wd, g));
+    }
+    pd = p;
+    Opt1Out o;
+    o.active = !h.skip || !is_zero_ftz(F8 ? gr : g);
+    o.stepped = o.active;
+    if constexpr (OPT == OPT_MOMENTUM) {
+        s = ema_momentum(h, g, s);
+        p = sub_ftz(p, opt_scale<F8>(h, mul_ftz(h.lr, s)));
+    } else if constexpr (OPT == OPT_RMSPROP) {
+        s = ema_rmsprop<F8>(h, g, s);
+        // bnb's 8-bit kernel divides the raw gradient
+        p = sub_ftz(p, opt_scale<F8>(h, mul_ftz(h.lr, div_approx(F8 ? gr : g, add_ftz(sqrt_approx(s), h.eps)))));
+    } else if constexpr (OPT == OPT_ADAGRAD) {
+        s = ema_adagrad(g, s);
+        p = sub_ftz(p, mul_ftz(h.lr, div_approx(F8 ? gr : g, add_ftz(sqrt_approx(s), h.eps))));
+    } else {  // lion: sign of the beta1 interpolation, then the beta2 EMA
+        if constexpr (F8) {
+            // T(sgn(...) * lr): bnb keeps it in the gradient slot and re-tests it for skip_zeros
+            const float gs = round_T<Tr>(mul_ftz(h.lr, sgn_f(fma_ftz(h.omb1, g, mul_ftz(s, h.b1)))));
+            s = fma_ftz(h.omb2, g, mul_ftz(s, h.b2));
+            p = sub_ftz(p, gs);
+            o.stepped = !h.skip || !is_zero_ftz(gs);
+        } else {
+            const float d = fma_ftz(h.b1, s, mul_ftz(h.omb1, g));
+            p = sub_ftz(p, mul_ftz(h.us, mul_ftz(h.lr, sgn_f(d))));
+            s = fma_ftz(h.b2, s, mul_ftz(h.omb2, g));
+        }
+    }
+    return o;
+}
+
+// The would-be update u of the trust ratio (§6.4: no weight decay; OLD states). g: the clipped
+// gradient. The 8-bit adam pass zeroes the moments of a non-finite gradient (ema = false).
+template <bool F8, int OPT>
+__device__ __forceinline__ float rule_unorm(const OptHp &h, float g, float s1, float s2, bool ema = true) {
+    if constexpr (OPT == OPT_ADAM) {
+        if (ema) ema_adam<F8>(h, g, s1, s2);
+        else s1 = s2 = 0.0f;
+        return div_approx(mul_ftz(s1, h.r1), add_ftz(sqrt_approx(mul_ftz(s2, h.r2)), h.eps));
+    } else if constexpr (OPT == OPT_MOMENTUM) {
+        return ema_momentum(h, g, s1);
+    } else if constexpr (OPT == OPT_RMSPROP) {
+        return div_approx(g, add_ftz(sqrt_approx(ema_rmsprop<F8>(h, g, s1)), h.eps));
+    } else {  // adagrad
+        return div_approx(g, add_ftz(sqrt_approx(ema_adagrad(g, s1)), h.eps));
+    }
+}
+
 // ====================================================================== 32-bit updates
 template <class Tr, int OPT>
 __device__ __forceinline__ void optim32(const long long *__restrict__ table, int num_tensors, long long total_chunks) {
     typedef typename Tr::storage S;
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
         const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
+        const OptHp h = opt_hp<false, OPT>(r);
         S *__restrict__ P = reinterpret_cast<S *>(r.p);
         const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
         float *__restrict__ S1 = reinterpret_cast<float *>(r.s1);
         float *__restrict__ S2 = reinterpret_cast<float *>(r.s2);
         const long long base = (chunk - r.first) * BNBCY_OPT32_CHUNK + threadIdx.x;
-        const float fstep = (float)r.step;
-        const float omb1 = sub_ftz(1.0f, r.beta1), omb2 = sub_ftz(1.0f, r.beta2), omb3 = sub_ftz(1.0f, r.beta3);
-        const float decay = sub_ftz(1.0f, mul_ftz(r.lr, r.wd));  // 1 - lr*wd
-        const bool has_wd = r.wd > 0.0f;
-
-        if constexpr (OPT == OPT_ADAM || OPT == OPT_ADEMAMIX) {
-            const float c1 = sub_ftz(1.0f, pow_approx(r.beta1, fstep));
-            const float c2 = sqrt_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep)));
-            const float us = opt_update_scale<false>(r);
-            const float ss_us = mul_ftz(div_approx(mul_ftz(c2, -r.lr), c1), us);
-            const float c2eps = mul_ftz(r.eps, c2);
 #pragma unroll
-            for (int k = 0; k < BNBCY_OPT32_ITEMS; k++) {
-                const long long i = base + k * BNBCY_OPT_THREADS;
-                if (i >= r.n) break;
-                const float g = round_T<Tr>(mul_ftz(r.gnorm_scale, Tr::to_float(G[i])));
-                if constexpr (OPT == OPT_ADAM) {
-                    if (r.skip_zeros && is_zero_ftz(g)) continue;
-                    const float s1 = fma_ftz(r.beta1, S1[i], mul_ftz(omb1, g));
-                    const float s2 = fma_ftz(r.beta2, S2[i], mul_ftz(omb2, mul_ftz(g, g)));
-                    const float upd = div_approx(s1, add_ftz(c2eps, sqrt_approx(s2)));
-                    float p = Tr::to_float(P[i]);
-                    p = round_T<Tr>(fma_ftz(ss_us, upd, p));
-                    if (has_wd) p = mul_ftz(decay, p);
-                    P[i] = Tr::from_float(p);
-                    S1[i] = s1;
-                    S2[i] = s2;
-                } else {  // AdEMAMix: state1 = [m1 | m2], no skip_zeros, no max_unorm
-                    const float m1 = fma_ftz(r.beta1, S1[i], mul_ftz(omb1, g));
-                    const float m2 = fma_ftz(r.beta3, S1[r.n + i], mul_ftz(omb3, g));
-                    const float nu = fma_ftz(r.beta2, S2[i], mul_ftz(g, mul_ftz(omb2, g)));
-                    const float num = fma_ftz(m2, r.alpha, div_approx(m1, c1));
-                    const float den = add_ftz(div_approx(sqrt_approx(nu), c2), r.eps);
-                    float p = Tr::to_float(P[i]);
-                    p = round_T<Tr>(sub_ftz(p, mul_ftz(div_approx(num, den), r.lr)));
-                    if (has_wd) p = mul_ftz(decay, p);
-                    P[i] = Tr::from_float(p);
-                    S1[i] = m1;
-                    S1[r.n + i] = m2;
-                    S2[i] = nu;
-                }
-            }
-        } else {
-            const float us = opt_update_scale<true>(r);
-#pragma unroll
-            for (int k = 0; k < BNBCY_OPT32_ITEMS; k++) {
-                const long long i = base + k * BNBCY_OPT_THREADS;
-                if (i >= r.n) break;
-                float g = round_T<Tr>(mul_ftz(r.gnorm_scale, Tr::to_float(G[i])));
-                float p = Tr::to_float(P[i]);
-                if (OPT != OPT_LION && has_wd) g = round_T<Tr>(fma_ftz(p, r.wd, g));
-                if (r.skip_zeros && is_zero_ftz(g)) continue;
-                float s1 = S1[i];
-                if constexpr (OPT == OPT_MOMENTUM) {
-                    s1 = r.step == 1 ? g : fma_ftz(r.beta1, s1, g);
-                    p = sub_ftz(p, mul_ftz(us, mul_ftz(r.lr, s1)));
-                } else if constexpr (OPT == OPT_RMSPROP) {
-                    s1 = fma_ftz(r.beta1, s1, mul_ftz(g, mul_ftz(omb1, g)));
-                    const float upd = div_approx(g, add_ftz(sqrt_approx(s1), r.eps));
-                    p = sub_ftz(p, mul_ftz(us, mul_ftz(r.lr, upd)));
-                } else if constexpr (OPT == OPT_ADAGRAD) {
-                    s1 = fma_ftz(g, g, s1);
-                    const float upd = div_approx(g, add_ftz(sqrt_approx(s1), r.eps));
-                    p = sub_ftz(p, mul_ftz(r.lr, upd));
-                } else {  // Lion: decoupled decay, sign of the beta1 interpolation, then beta2 EMA
-                    if (has_wd) p = round_T<Tr>(mul_ftz(decay, p));
-                    const float d = fma_ftz(r.beta1, s1, mul_ftz(omb1, g));
-                    p = sub_ftz(p, mul_ftz(us, mul_ftz(r.lr, sgn_f(d))));
-                    s1 = fma_ftz(r.beta2, s1, mul_ftz(omb2, g));
-                }
-                P[i] = Tr::from_float(p);
+        for (int k = 0; k < BNBCY_OPT32_ITEMS; k++) {
+            const long long i = base + k * BNBCY_OPT_THREADS;
+            if (i >= r.n) break;
+            const float gr = Tr::to_float(G[i]);
+            float p = Tr::to_float(P[i]);
+            if constexpr (OPT == OPT_ADAM) {
+                const float g = opt_clip<Tr, false>(h, gr);
+                if (h.skip && is_zero_ftz(g)) continue;
+                float s1 = S1[i], s2 = S2[i];
+                rule_adam<Tr, false>(h, g, s1, s2, p);
+                S1[i] = s1;
+                S2[i] = s2;
+            } else if constexpr (OPT == OPT_ADEMAMIX) {  // state1 = [m1 | m2]
+                float s1 = S1[i], s2 = S2[i], s3 = S1[r.n + i];
+                rule_ademamix<Tr, false>(h, opt_clip<Tr, false>(h, gr), s1, s2, s3, p);
+                S1[i] = s1;
+                S1[r.n + i] = s3;
+                S2[i] = s2;
+            } else {
+                float s1 = S1[i], pd;
+                if (!rule_1state<Tr, false, OPT>(h, gr, s1, p, pd).active) continue;
                 S1[i] = s1;
             }
+            P[i] = Tr::from_float(p);
         }
     }
 }
@@ -291,34 +419,18 @@ __device__ __forceinline__ void optim_unorm32(const long long *__restrict__ tabl
     __shared__ float s_red[BNBCY_OPT_THREADS / 32];
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
         const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
+        const OptHp h = opt_hp<false, OPT>(r);
         const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
         const float *__restrict__ S1 = reinterpret_cast<const float *>(r.s1);
         const float *__restrict__ S2 = reinterpret_cast<const float *>(r.s2);
         const long long base = (chunk - r.first) * BNBCY_OPT32_CHUNK + threadIdx.x;
-        const float fstep = (float)r.step;
-        const float omb1 = sub_ftz(1.0f, r.beta1), omb2 = sub_ftz(1.0f, r.beta2);
         float acc = 0.0f;
 #pragma unroll
         for (int k = 0; k < BNBCY_OPT32_ITEMS; k++) {
             const long long i = base + k * BNBCY_OPT_THREADS;
             if (i >= r.n) break;
-            const float g = round_T<Tr>(mul_ftz(r.gnorm_scale, Tr::to_float(G[i])));
-            float u;
-            if constexpr (OPT == OPT_ADAM) {
-                const float r1 = rcp_approx(sub_ftz(1.0f, pow_approx(r.beta1, fstep)));
-                const float r2 = rcp_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep)));
-                const float s1 = mul_ftz(fma_ftz(r.beta1, S1[i], mul_ftz(omb1, g)), r1);
-                const float s2 = mul_ftz(fma_ftz(r.beta2, S2[i], mul_ftz(omb2, mul_ftz(g, g))), r2);
-                u = div_approx(s1, add_ftz(sqrt_approx(s2), r.eps));
-            } else if constexpr (OPT == OPT_MOMENTUM) {
-                u = r.step == 1 ? g : fma_ftz(r.beta1, S1[i], g);
-            } else if constexpr (OPT == OPT_RMSPROP) {
-                const float s1 = fma_ftz(r.beta1, S1[i], mul_ftz(g, mul_ftz(omb1, g)));
-                u = div_approx(g, add_ftz(sqrt_approx(s1), r.eps));
-            } else {  // adagrad
-                const float s1 = fma_ftz(g, g, S1[i]);
-                u = div_approx(g, add_ftz(sqrt_approx(s1), r.eps));
-            }
+            const float u = rule_unorm<false, OPT>(h, opt_clip<Tr, false>(h, Tr::to_float(G[i])), S1[i],
+                                                   OPT == OPT_ADAM ? S2[i] : 0.0f);
             acc = fma_ftz(u, u, acc);
         }
         const float total = cta_sum256(acc, s_red);
@@ -341,6 +453,7 @@ __device__ __forceinline__ void optim_unorm_reduce(const long long *__restrict__
     }
 }
 
+
 // ====================================================================== 8-bit blockwise
 struct Opt8Shared {
     float q1[256];
@@ -348,6 +461,8 @@ struct Opt8Shared {
     float red[3][8];
 };
 
+// One chunk = one quantization block, one element per thread: dequantize, run the rule, reduce
+// the block's new absmax, requantize.
 template <class Tr, int OPT>
 __device__ __forceinline__ void optim8(const long long *__restrict__ table, int num_tensors, long long total_chunks,
                                        const float *__restrict__ qmap1, const float *__restrict__ qmap2) {
@@ -360,6 +475,7 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
 
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
         const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
+        const OptHp h = opt_hp<true, OPT>(r);
         S *__restrict__ P = reinterpret_cast<S *>(r.p);
         const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
         u8 *__restrict__ C1 = reinterpret_cast<u8 *>(r.s1);
@@ -370,14 +486,10 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
         const long long nblocks = (r.n + BNBCY_OPT8_CHUNK - 1) / BNBCY_OPT8_CHUNK;
         const long long i = b * BNBCY_OPT8_CHUNK + threadIdx.x;
         const bool valid = i < r.n;
-        const float fstep = (float)r.step;
-        const float omb1 = sub_ftz(1.0f, r.beta1), omb2 = sub_ftz(1.0f, r.beta2), omb3 = sub_ftz(1.0f, r.beta3);
-        const float decay = sub_ftz(1.0f, mul_ftz(r.lr, r.wd));
-        const bool has_wd = r.wd > 0.0f;
-        const bool scaled = r.max_unorm > 0.0f;  // trust ratio (8-bit LAMB/LARS, §10 fix)
 
-        // padding lanes of a partial last block: g = 0, p = 0, c1 = c3 = 128, c2 = 0
+        // padding lanes of a partial last block: g = 0, p = 0, c1 = c3 = 128, c2 = 0 (never stored)
         const float g = valid ? Tr::to_float(G[i]) : 0.0f;
+        float p = valid ? Tr::to_float(P[i]) : 0.0f;
         const float a1 = A1[b];
 
         if constexpr (TWO_STATE) {
@@ -390,14 +502,19 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
                 c3 = valid ? C1[r.n + i] : 128u;
                 a3 = A1[nblocks + b];
             }
+            // a non-finite gradient zeroes the states and leaves p (bnb's 8-bit 2-state kernels)
             const bool finite = is_finite_f(g);
             float s[3] = {0.0f, 0.0f, 0.0f};  // s1, s2, s3
-            float gv = 0.0f;
             if (finite) {
-                gv = mul_ftz(g, r.gnorm_scale);
-                s[1] = fma_ftz(gv, mul_ftz(omb2, gv), mul_ftz(mul_ftz(sm.q2[c2], a2), r.beta2));
-                s[0] = fma_ftz(omb1, gv, mul_ftz(mul_ftz(sm.q1[c1], a1), r.beta1));
-                if (OPT == OPT_ADEMAMIX) s[2] = fma_ftz(omb3, gv, mul_ftz(mul_ftz(sm.q1[c3], a3), r.beta3));
+                s[0] = mul_ftz(sm.q1[c1], a1);
+                s[1] = mul_ftz(sm.q2[c2], a2);
+                const float gv = opt_clip<Tr, true>(h, g);
+                if constexpr (OPT == OPT_ADAM) {
+                    rule_adam<Tr, true>(h, gv, s[0], s[1], p);
+                } else {
+                    s[2] = mul_ftz(sm.q1[c3], a3);
+                    rule_ademamix<Tr, true>(h, gv, s[0], s[1], s[2], p);
+                }
             }
             float M[3];
 #pragma unroll
@@ -409,72 +526,22 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
                 if (OPT == OPT_ADEMAMIX) A1[nblocks + b] = M[2];
             }
             if (valid) {
-                if (finite) {
-                    const float c1f = sub_ftz(1.0f, pow_approx(r.beta1, fstep));
-                    const float c2f = sqrt_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep)));
-                    float p = Tr::to_float(P[i]);
-                    if constexpr (OPT == OPT_ADAM) {
-                        float ss = div_approx(mul_ftz(-r.lr, c2f), c1f);
-                        if (scaled) ss = mul_ftz(ss, opt_update_scale<false>(r));
-                        const float upd = div_approx(s[0], add_ftz(sqrt_approx(s[1]), mul_ftz(c2f, r.eps)));
-                        p = round_T<Tr>(fma_ftz(ss, upd, p));
-                    } else {
-                        const float num = fma_ftz(s[2], r.alpha, div_approx(s[0], c1f));
-                        const float den = add_ftz(div_approx(sqrt_approx(s[1]), c2f), r.eps);
-                        p = round_T<Tr>(sub_ftz(p, mul_ftz(div_approx(num, den), r.lr)));
-                    }
-                    if (has_wd) p = mul_ftz(p, decay);
-                    P[i] = Tr::from_float(p);
-                }
+                if (finite) P[i] = Tr::from_float(p);
                 C1[i] = opt_requant_signed(sm.q1, s[0], M[0]);
                 C2[i] = (u8)opt_q8_search<false>(sm.q2, div_approx(s[1], M[1]));
                 if (OPT == OPT_ADEMAMIX) C1[r.n + i] = opt_requant_signed(sm.q1, s[2], M[2]);
             }
         } else {
             const u32 c1 = valid ? C1[i] : 128u;
-            const S p_raw = valid ? P[i] : Tr::from_float(0.0f);
-            float p = Tr::to_float(p_raw);
-            float gv = mul_ftz(g, r.gnorm_scale);
-            const bool active = !r.skip_zeros || !is_zero_ftz(g);
-            // skipped elements keep their dequantized old state (bnb leaves it undefined)
-            float s1 = mul_ftz(sm.q1[c1], a1);
-            float gs = 0.0f;  // Lion: T(sgn(...) * lr), bnb keeps it in the gradient slot
-            if (active) {
-                if (has_wd) {
-                    if (OPT == OPT_LION) p = round_T<Tr>(mul_ftz(p, decay));
-                    else gv = fma_ftz(p, r.wd, gv);
-                }
-                if constexpr (OPT == OPT_MOMENTUM) {
-                    s1 = r.step == 1 ? gv : fma_ftz(s1, r.beta1, gv);
-                } else if constexpr (OPT == OPT_RMSPROP) {
-                    s1 = fma_ftz(omb1, mul_ftz(gv, gv), mul_ftz(s1, r.beta1));
-                } else if constexpr (OPT == OPT_ADAGRAD) {
-                    s1 = fma_ftz(gv, gv, s1);
-                } else {  // Lion
-                    gs = round_T<Tr>(mul_ftz(r.lr, sgn_f(fma_ftz(omb1, gv, mul_ftz(s1, r.beta1)))));
-                    s1 = fma_ftz(omb2, gv, mul_ftz(s1, r.beta2));
-                }
-            }
+            const float s_old = mul_ftz(sm.q1[c1], a1);
+            float s1 = s_old, pd;
+            const Opt1Out o = rule_1state<Tr, true, OPT>(h, g, s1, p, pd);
+            if (!o.active) s1 = s_old;  // skipped elements keep their dequantized old state (bnb: undefined)
             float M[1] = {max_ftz(-BNBCY_FLT_MAX, abs_ftz(s1))};
             cta_max256<1>(M, sm.red);
             if (threadIdx.x == 0) A1[b] = M[0];
             if (valid) {
-                // bnb re-tests the gradient slot, which holds gs for Lion
-                const bool active2 = !r.skip_zeros || !is_zero_ftz(OPT == OPT_LION ? gs : g);
-                if (active2) {
-                    if constexpr (OPT == OPT_MOMENTUM) {
-                        float d = mul_ftz(s1, r.lr);
-                        if (scaled) d = mul_ftz(opt_update_scale<true>(r), d);
-                        p = sub_ftz(p, d);
-                    } else if constexpr (OPT == OPT_LION) {
-                        p = sub_ftz(p, gs);
-                    } else {  // rmsprop / adagrad: numerator is the raw gradient
-                        float d = mul_ftz(div_approx(g, add_ftz(sqrt_approx(s1), r.eps)), r.lr);
-                        if (OPT == OPT_RMSPROP && scaled) d = mul_ftz(opt_update_scale<true>(r), d);
-                        p = sub_ftz(p, d);
-                    }
-                }
-                if (active) P[i] = Tr::from_float(p);
+                if (o.active) P[i] = Tr::from_float(o.stepped ? p : pd);
                 C1[i] = opt_requant_signed(sm.q1, s1, M[0]);
             }
         }
@@ -497,6 +564,7 @@ __device__ __forceinline__ void optim_unorm8(const long long *__restrict__ table
     __syncthreads();
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
         const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
+        const OptHp h = opt_hp<true, OPT>(r);
         const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
         const u8 *__restrict__ C1 = reinterpret_cast<const u8 *>(r.s1);
         const u8 *__restrict__ C2 = reinterpret_cast<const u8 *>(r.s2);
@@ -507,30 +575,9 @@ __device__ __forceinline__ void optim_unorm8(const long long *__restrict__ table
         float acc = 0.0f;
         if (i < r.n) {
             const float g = Tr::to_float(G[i]);
-            const float gv = mul_ftz(g, r.gnorm_scale);
-            const float omb1 = sub_ftz(1.0f, r.beta1);
-            const float s1o = mul_ftz(s_q1[C1[i]], A1[b]);
-            float u;
-            if constexpr (OPT == OPT_ADAM) {
-                const float fstep = (float)r.step;
-                const float omb2 = sub_ftz(1.0f, r.beta2);
-                float s1 = 0.0f, s2 = 0.0f;
-                if (is_finite_f(g)) {
-                    s2 = fma_ftz(gv, mul_ftz(omb2, gv), mul_ftz(mul_ftz(s_q2[C2[i]], A2[b]), r.beta2));
-                    s1 = fma_ftz(omb1, gv, mul_ftz(s1o, r.beta1));
-                }
-                s1 = mul_ftz(s1, rcp_approx(sub_ftz(1.0f, pow_approx(r.beta1, fstep))));
-                s2 = mul_ftz(s2, rcp_approx(sub_ftz(1.0f, pow_approx(r.beta2, fstep))));
-                u = div_approx(s1, add_ftz(sqrt_approx(s2), r.eps));
-            } else if constexpr (OPT == OPT_MOMENTUM) {
-                u = r.step == 1 ? gv : fma_ftz(s1o, r.beta1, gv);
-            } else if constexpr (OPT == OPT_RMSPROP) {
-                const float s1 = fma_ftz(omb1, mul_ftz(gv, gv), mul_ftz(s1o, r.beta1));
-                u = div_approx(gv, add_ftz(sqrt_approx(s1), r.eps));
-            } else {  // adagrad
-                const float s1 = fma_ftz(gv, gv, s1o);
-                u = div_approx(gv, add_ftz(sqrt_approx(s1), r.eps));
-            }
+            const float s1 = mul_ftz(s_q1[C1[i]], A1[b]);
+            const float s2 = OPT == OPT_ADAM ? mul_ftz(s_q2[C2[i]], A2[b]) : 0.0f;
+            const float u = rule_unorm<true, OPT>(h, opt_clip<Tr, true>(h, g), s1, s2, is_finite_f(g));
             acc = mul_ftz(u, u);
         }
         const float total = cta_sum256(acc, s_red);

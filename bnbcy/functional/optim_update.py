@@ -159,6 +159,21 @@ def _as_list(x, count, name):
     return x
 
 
+def _lists(optimizer_name, ps, gs, per_param, steps, max_unorm):
+    """The checks both ``*_multi`` entry points start with: the name, one entry per parameter in
+    every list of ``per_param`` (None: all None), the steps, ``max_unorm`` and the ``unorm_vec``
+    entries. Returns ``(ps, gs, count, lists in per_param's order, steps, max_unorm)``."""
+    _check_name(optimizer_name)
+    ps, gs = list(ps), list(gs)
+    count = len(ps)
+    if len(gs) != count:
+        raise ValueError(f"gs has {len(gs)} entries but ps has {count}")
+    lists = [_as_list(v, count, k) for k, v in per_param.items()]
+    max_unorm = _scalar(max_unorm, "max_unorm")
+    _check_unorm_vecs(lists[-1], max_unorm)
+    return ps, gs, count, lists, _steps(steps, count), max_unorm
+
+
 def _write_unorm(unorm_vecs, sums, idx):
     if sums is None:
         return
@@ -195,17 +210,9 @@ def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, st
     and ``steps`` (a list, or one int for all). ``param_norms``: ``norm(p)`` per parameter for
     the trust ratio (computed here when omitted).
     """
-    _check_name(optimizer_name)
-    ps, gs = list(ps), list(gs)
-    count = len(ps)
-    if len(gs) != count:
-        raise ValueError(f"gs has {len(gs)} entries but ps has {count}")
-    state1s = _as_list(state1s, count, "state1s")
-    state2s = _as_list(state2s, count, "state2s")
-    unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
-    steps = _steps(steps, count)
-    max_unorm = _scalar(max_unorm, "max_unorm")
-    _check_unorm_vecs(unorm_vecs, max_unorm)
+    ps, gs, count, (state1s, state2s, unorm_vecs), steps, max_unorm = _lists(
+        optimizer_name, ps, gs, {"state1s": state1s, "state2s": state2s, "unorm_vecs": unorm_vecs}, steps,
+        max_unorm)
     if param_norms is not None:
         param_norms = [_scalar(x, "param_norm") for x in _as_list(param_norms, count, "param_norms")]
     pv, gv, groups = _group_by_dtype(ps, gs)
@@ -302,19 +309,9 @@ def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state
     Same arguments as :func:`optimizer_update_8bit_blockwise` with lists for the
     per-parameter arrays and ``steps`` (a list, or one int for all).
     """
-    _check_name(optimizer_name)
-    ps, gs = list(ps), list(gs)
-    count = len(ps)
-    if len(gs) != count:
-        raise ValueError(f"gs has {len(gs)} entries but ps has {count}")
-    state1s = _as_list(state1s, count, "state1s")
-    state2s = _as_list(state2s, count, "state2s")
-    absmax1s = _as_list(absmax1s, count, "absmax1s")
-    absmax2s = _as_list(absmax2s, count, "absmax2s")
-    unorm_vecs = _as_list(unorm_vecs, count, "unorm_vecs")
-    steps = _steps(steps, count)
-    max_unorm = _scalar(max_unorm, "max_unorm")
-    _check_unorm_vecs(unorm_vecs, max_unorm)
+    ps, gs, count, (state1s, state2s, absmax1s, absmax2s, unorm_vecs), steps, max_unorm = _lists(
+        optimizer_name, ps, gs, {"state1s": state1s, "state2s": state2s, "absmax1s": absmax1s,
+                                 "absmax2s": absmax2s, "unorm_vecs": unorm_vecs}, steps, max_unorm)
     two = optimizer_name in _TWO_STATE
     pv, gv, groups = _group_by_dtype(ps, gs)
     if qmap1 is None:
