@@ -65,8 +65,8 @@ def check_offset(quant_state, name: str = "quant_state") -> float:
         if isinstance(offset, numbers.Real) and not isinstance(offset, bool):
             value = float(offset)
         elif hasattr(offset, "__dlpack__") and all(d == 1 for d in offset.shape):
-            on_gpu = getattr(offset, "is_cuda", False) or _arrays._kind(offset) == "cupy"
-            if on_gpu or (isinstance(offset, torch.Tensor) and torch.compiler.is_compiling()):
+            if (offset.is_cuda or torch.compiler.is_compiling() if isinstance(offset, torch.Tensor)
+                    else type(offset).__module__.partition(".")[0] == "cupy"):
                 # reading a device value syncs the stream on every call, and a traced one breaks the
                 # graph: there the shape is checked and the value stays data
                 return offset
