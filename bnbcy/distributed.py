@@ -448,6 +448,38 @@ def local_piece(t, like):
     return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
+def has_storage(t) -> bool:
+    """Whether ``t``'s storage holds its elements (FSDP frees an unsharded parameter's
+    storage between uses; reading such a tensor is undefined)."""
+    if is_dtensor(t) or t.numel() == 0:
+        return True
+    needed = (t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+    return t.untyped_storage().nbytes() >= needed
+
+
+def copy_in_place(weight, codes, key):
+    """Copy quantized ``codes`` (full, or a DTensor) into ``weight`` -- the parameter
+    FSDP/optimizers hold, perhaps a DTensor -- without replacing it; the same bytes under
+    another dtype view (``quant_storage``) are accepted. An error message, or None."""
+    target = local(weight)
+    if is_dtensor(weight) and not is_dtensor(codes):
+        codes = local_piece(codes, weight)      # a full checkpoint into a sharded weight
+    src = local(codes)
+    if src.dtype != target.dtype:
+        # same bytes, another quant_storage view
+        if src.numel() * src.element_size() != target.numel() * target.element_size():
+            return (f"size mismatch for {key}: {src.numel() * src.element_size()} bytes of packed codes "
+                    f"({src.dtype}) cannot replace the {target.numel() * target.element_size()} bytes of "
+                    f"this rank's weight ({target.dtype})")
+        src = src.contiguous().reshape(-1).view(torch.uint8).view(target.dtype)
+    if src.numel() != target.numel():
+        return (f"size mismatch for {key}: copying packed codes of shape {tuple(src.shape)} into a weight of "
+                f"shape {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(src.reshape(target.shape))
+    return None
+
+
 def expose_quant_state(weight, quant_state) -> None:
     """Set ``quant_state`` and the names of its state-dict entries (``absmax``,
     ``quant_map``, ``nested_*``) as attributes of a DTensor weight, as :class:`Params4bit`

@@ -65,9 +65,15 @@ class Model(nn.Module):
         return self.b2(torch.nn.functional.gelu(self.b1(x)))
 
 
-def build(seed=0, **kw):
-    m = Model(seed, **kw)
+def build(seed=0, base="4bit"):
+    """The model with a 4-bit (bf16 adapters) or an LLM.int8 (float32 adapters) base."""
+    m = Model(seed, int8=base == "8bit")
     return m.to(DEVICE)         # quantizes
+
+
+def dtype_of(model):
+    """The dtype the model computes in: float32 with an LLM.int8 base, else bfloat16."""
+    return torch.float32 if int8_weights(model) else torch.bfloat16
 
 
 def data(dtype=torch.bfloat16):
@@ -85,10 +91,18 @@ def _is_block(module, recurse, nonwrapped_numel):
     return recurse or isinstance(module, Block)
 
 
+def int8_weights(model):
+    """The int8 weights of the LLM.int8 layers: FSDP1 cannot flatten integer tensors
+    ("Cannot flatten integer dtype tensors"), so they are left out of its flat parameters
+    (``ignored_states``: kept whole on every rank)."""
+    return [m.weight for m in model.modules() if isinstance(m, _lib().nn.Linear8bitLt)]
+
+
 def wrap(model, how):
     if how == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        return FSDP(model, use_orig_params=True, auto_wrap_policy=_is_block, device_id=torch.device(DEVICE))
+        return FSDP(model, use_orig_params=True, auto_wrap_policy=_is_block, device_id=torch.device(DEVICE),
+                    ignored_states=int8_weights(model) or None)
     if how == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         for b in (model.b1, model.b2):
@@ -118,10 +132,10 @@ def _shard_batch(x, rank, world):
     return x.chunk(world)[rank] if world > 1 else x
 
 
-def train(model, opt, steps, rank, world, dtype=torch.bfloat16):
+def train(model, opt, steps, rank, world):
     """Global (all-rank mean) losses of ``steps`` steps on the batch split across ranks."""
     import torch.distributed as dist
-    x, y = data(dtype)
+    x, y = data(dtype_of(model))
     xs, ys = _shard_batch(x, rank, world), _shard_batch(y, rank, world)
     losses = []
     for _ in range(steps):
@@ -146,7 +160,7 @@ def _fixed_length():
 
 def _out(model):
     with torch.no_grad():
-        return model(probe()).float()
+        return model(probe(dtype_of(model))).float()
 
 
 def _same(a, b):
@@ -154,13 +168,14 @@ def _same(a, b):
 
 
 # ------------------------------------------------------------------------------------ scenarios
-def sc_train(rank, world, how="fsdp1", optim="AdamW", steps=10):
-    """QLoRA training under ``how`` vs the same run in one process (rank 0 computes it)."""
-    model = wrap(build(), how)
+def sc_train(rank, world, how="fsdp1", optim="AdamW", steps=10, base="4bit"):
+    """QLoRA training under ``how`` vs the same run in one process (rank 0 computes it);
+    ``base="8bit"``: a frozen ``Linear8bitLt`` base with float32 adapters."""
+    model = wrap(build(base=base), how)
     losses = train(model, make_optimizer(optim, model.parameters()), steps, rank, world)
     res = {"losses": losses}
     if rank == 0:
-        ref = build()
+        ref = build(base=base)
         res["ref"] = train(ref, make_optimizer(optim, ref.parameters()), steps, 0, 1)
         res["max_rel"] = max(abs(a - b) / abs(b) for a, b in zip(losses, res["ref"]))
         res["decreased"] = losses[-1] < losses[0]
@@ -179,8 +194,8 @@ def _state_dict_fsdp1(model, kind):
                                 optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False))
 
 
-def _trained(how, seed=0, steps=2, rank=0, world=1):
-    model = wrap(build(seed), how)
+def _trained(how, seed=0, steps=2, rank=0, world=1, base="4bit"):
+    model = wrap(build(seed, base), how)
     # torch's AdamW: the checkpoint scenarios test the modules, whatever library's optimizer
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     train(model, opt, steps, rank, world)
@@ -206,17 +221,17 @@ def _ckpt_funcs(path):
             lambda m, sd: set_model_state_dict(m, sd, options=opts))
 
 
-def sc_ckpt(rank, world, path="fsdp1_full", tmp=None):
+def sc_ckpt(rank, world, path="fsdp1_full", tmp=None, base="4bit"):
     """Save under one setting, load into a model built from another seed, compare."""
     if path == "dcp":
-        return _ckpt_dcp(rank, world, tmp)
+        return _ckpt_dcp(rank, world, tmp, base)
     how, kind, save, load = _ckpt_funcs(path)
-    src = _trained(how, rank=rank, world=world)
+    src = _trained(how, rank=rank, world=world, base=base)
     want = _out(src)
     sd = save(src)
-    res = {"has_quant_state": any("quant_state.bitsandbytes__" in k for k in sd)}
+    res = {"has_quant_state": any(k.endswith(("SCB", "quant_state.bitsandbytes__nf4")) for k in sd)}
     full_copy = {k: v.clone() for k, v in sd.items()} if kind == "full" else None   # FSDP2's set_* rewrites sd
-    dst = wrap(build(seed=5), how)
+    dst = wrap(build(5, base), how)
     before = _out(dst)
     result = load(dst, sd)
     res["missing"], res["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
@@ -224,33 +239,33 @@ def sc_ckpt(rank, world, path="fsdp1_full", tmp=None):
     res["changed"] = not _same(before, want)
     if kind == "full":
         # a checkpoint saved under FSDP loads into a plain model, and back
-        plain = build(seed=9)
+        plain = build(9, base)
         plain.load_state_dict(full_copy)
         res["into_plain_exact"] = _same(_out(plain), want)
-        back = wrap(build(seed=11), how)
+        back = wrap(build(11, base), how)
         load(back, plain.state_dict())
         res[f"plain_into_{how}_exact"] = _same(_out(back), want)
     return res
 
 
-def _ckpt_dcp(rank, world, tmp):
+def _ckpt_dcp(rank, world, tmp, base):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    src = _trained("fsdp2", rank=rank, world=world)
+    src = _trained("fsdp2", rank=rank, world=world, base=base)
     want = _out(src)
     res = {}
     # torch.distributed.checkpoint: sharded save on 2 ranks, load on 2, reshard 2 -> 1 -> 2
     import torch.distributed.checkpoint as dcp
     ck = os.path.join(tmp, "dcp2")
     dcp.save(get_model_state_dict(src), checkpoint_id=ck)
-    dst = wrap(build(seed=5), "fsdp2")
+    dst = wrap(build(5, base), "fsdp2")
     sd = get_model_state_dict(dst)
     dcp.load(sd, checkpoint_id=ck)
     set_model_state_dict(dst, sd)
     res["exact"] = _same(_out(dst), want)
     ck1 = os.path.join(tmp, "dcp1")
     if rank == 0:          # 2 ranks -> 1 process (a plain model, no process group use)
-        plain = build(seed=9)
+        plain = build(9, base)
         with _fixed_length():
             psd = plain.state_dict()
             dcp.load(psd, checkpoint_id=ck, no_dist=True)
@@ -259,7 +274,7 @@ def _ckpt_dcp(rank, world, tmp):
         with _fixed_length():
             dcp.save(plain.state_dict(), checkpoint_id=ck1, no_dist=True)
     dist.barrier()
-    back = wrap(build(seed=11), "fsdp2")     # 1 -> 2 ranks
+    back = wrap(build(11, base), "fsdp2")     # 1 -> 2 ranks
     sd = get_model_state_dict(back)
     dcp.load(sd, checkpoint_id=ck1)
     set_model_state_dict(back, sd)
@@ -341,12 +356,10 @@ def sc_ddp(rank, world, base="4bit", optim="AdamW8bit"):
     """DDP over different per-rank base weights: rank 0's codes *and* statistics must reach
     every rank (DDP broadcasts parameters and buffers), then training tracks one process."""
     import torch.distributed as dist
-    int8 = base == "8bit"
-    dtype = torch.float32 if int8 else torch.bfloat16
-    model = build(seed=rank * 13, int8=int8)       # each rank its own base weights
-    mine = _out_dtype(model, dtype)
+    model = build(rank * 13, base)       # each rank its own base weights
+    mine = _out(model)
     ddp = wrap(model, "ddp")
-    got = _out_dtype(ddp, dtype)
+    got = _out(ddp)
     allv = [torch.empty_like(got) for _ in range(world)]
     dist.all_gather(allv, got)
     res = {"ranks_agree": all(_same(allv[0], a) for a in allv)}
@@ -368,18 +381,13 @@ def sc_ddp(rank, world, base="4bit", optim="AdamW8bit"):
         if rank == 1:
             with torch.no_grad():
                 stat.sub_(1)
-    losses = train(ddp, make_optimizer(optim, ddp.parameters()), 5, rank, world, dtype)
+    losses = train(ddp, make_optimizer(optim, ddp.parameters()), 5, rank, world)
     res["losses"] = losses
     if rank == 0:
-        ref = build(seed=0, int8=int8)
-        res["ref"] = train(ref, make_optimizer(optim, ref.parameters()), 5, 0, 1, dtype)
+        ref = build(0, base)
+        res["ref"] = train(ref, make_optimizer(optim, ref.parameters()), 5, 0, 1)
         res["max_rel"] = max(abs(a - b) / abs(b) for a, b in zip(losses, res["ref"]))
     return res
-
-
-def _out_dtype(model, dtype):
-    with torch.no_grad():
-        return model(probe(dtype)).float()
 
 
 def _first_stat(model):

@@ -70,7 +70,7 @@ def _snapshot(module):
     for k in ("CB", "SCB"):
         for holder in (module._parameters.get("weight"), getattr(module, "state", None)):
             t = getattr(holder, k, None) if holder is not None else None
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and _dist.has_storage(t):
                 extra[id(t)] = (t, t.detach().clone())
     state = getattr(module, "state", None)
     return (params, dict(module._buffers), set(module._non_persistent_buffers_set),
@@ -688,26 +688,7 @@ class Linear4bit(nn.Linear):
                                quant_storage=self.quant_storage)
 
     def _copy_codes_in_place(self, codes, wkey):
-        """Copy packed ``codes`` into the existing weight (the object FSDP/optimizers hold);
-        an error message, or None."""
-        w = self.weight
-        target = _dist.local(w)
-        if _dist.is_dtensor(w) and not _dist.is_dtensor(codes):
-            codes = _dist.local_piece(codes, w)      # a full checkpoint into a sharded weight
-        src = _dist.local(codes)
-        if src.dtype != target.dtype:
-            # same bytes, another quant_storage view
-            if src.numel() * src.element_size() != target.numel() * target.element_size():
-                return (f"size mismatch for {wkey}: {src.numel() * src.element_size()} bytes of packed codes "
-                        f"({src.dtype}) cannot replace the {target.numel() * target.element_size()} bytes of "
-                        f"this rank's weight ({target.dtype})")
-            src = src.contiguous().reshape(-1).view(torch.uint8).view(target.dtype)
-        if src.numel() != target.numel():
-            return (f"size mismatch for {wkey}: copying packed codes of shape {tuple(src.shape)} into a weight of "
-                    f"shape {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(src.reshape(target.shape))
-        return None
+        return _dist.copy_in_place(self.weight, codes, wkey)
 
     def _install_quant_state(self, quant_state):
         w = self.weight
@@ -1039,8 +1020,27 @@ class Linear8bitLt(nn.Linear):
         self.weight.SCB = None
 
     def _scb(self):
-        scb = getattr(self.weight, "SCB", None)
-        return scb if scb is not None else self.state.SCB
+        # the weight's, the state's, or -- when a wrapper (FSDP2) replaced the parameter before
+        # the first forward -- the module's buffer that holds the same tensor
+        for scb in (getattr(self.weight, "SCB", None), self.state.SCB, self._buffers.get("_qs_SCB")):
+            if scb is not None:
+                return scb
+        return None
+
+    def _follow_held_weight(self):
+        """Point ``state.CB`` at the weight a wrapper holds (FSDP1 swaps the parameter's
+        storage, FSDP2 the parameter object, per forward), so the matmul reads the gathered
+        codes, never a stale or freed copy; ``SCB`` stays on the module (``state.SCB``)."""
+        w = self.weight
+        if self.state.has_fp16_weights or w.dtype != torch.int8 or self.state.CB is w:
+            return
+        if _dist.is_sharded(w) or not isinstance(w, Int8Params):
+            self.state.SCB = self._scb()
+            if self.state.SCB is None:
+                raise RuntimeError(f"{type(self).__name__}: the int8 weight is held by a wrapper (FSDP) but the "
+                                   f"module has no row scales (state.SCB); quantize it (.to(device)) or load a "
+                                   f"quantized state_dict before wrapping")
+            self.state.CB = w
 
     def _apply(self, fn, recurse=True):
         # nn.Module keeps the parameter object and swaps its .data, so the CB/SCB attributes
@@ -1076,8 +1076,9 @@ class Linear8bitLt(nn.Linear):
         # side effects (required inside activation checkpointing)
         if self.state.is_training != self.training:
             self.state.is_training = self.training
-        if self.weight.CB is not None:
+        if getattr(self.weight, "CB", None) is not None:
             self.init_8bit_state()
+        self._follow_held_weight()
 
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
@@ -1091,6 +1092,18 @@ class Linear8bitLt(nn.Linear):
         return out
 
     # -------------------------------------------------------------------- state dict
+    # torch.distributed.checkpoint.state_dict resolves each state-dict key by getattr on the
+    # module: the two entries that are not parameters or buffers must resolve too (FSDP2)
+    @property
+    def SCB(self) -> Optional[torch.Tensor]:
+        """The float32 row scales of the int8 weight (``None`` before quantization)."""
+        return self._scb()
+
+    @property
+    def weight_format(self) -> torch.Tensor:
+        """The ``weight_format`` state-dict entry (uint8 0: row-major)."""
+        return torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"], dtype=torch.uint8)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """``weight`` and ``bias`` as nn.Linear; with ``has_fp16_weights=False`` and a
         quantized weight also ``SCB`` and ``weight_format`` (bitsandbytes' keys)."""
@@ -1098,8 +1111,7 @@ class Linear8bitLt(nn.Linear):
         scb = self._scb()
         if not self.state.has_fp16_weights and scb is not None:
             destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
-            destination[prefix + "weight_format"] = torch.tensor(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"],
-                                                                 dtype=torch.uint8)
+            destination[prefix + "weight_format"] = self.weight_format
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, all or nothing: on any error (bad entries, missing
@@ -1132,7 +1144,7 @@ class Linear8bitLt(nn.Linear):
         wkey, skey = prefix + "weight", prefix + "SCB"
         incoming = state_dict.get(wkey)
         scb_in = state_dict.get(skey)
-        quantized = isinstance(self.weight, Int8Params) and self.weight._is_int8
+        quantized = self._weight_is_quantized()
         float_in = incoming is not None and incoming.is_floating_point()
         if float_in and not quantized and scb_in is not None:
             # bitsandbytes' error (a float weight with row scales is a checkpoint this module
@@ -1172,6 +1184,33 @@ class Linear8bitLt(nn.Linear):
     def _expected_shape(self):
         return (self.out_features, self.in_features)
 
+    def _held_by_wrapper(self) -> bool:
+        # FSDP2 made the int8 weight a DTensor (or, unsharded, a plain int8 parameter)
+        w = self.weight
+        return _dist.is_sharded(w) or (w.dtype == torch.int8 and not isinstance(w, Int8Params))
+
+    def _weight_is_quantized(self) -> bool:
+        w = self.weight
+        return (isinstance(w, Int8Params) and w._is_int8) or self._held_by_wrapper()
+
+    def _load_into_held(self, codes, scb, wkey, skey, error_msgs):
+        """Copy int8 ``codes`` (full or sharded) and row scales ``scb`` (or keep the module's
+        when None) into the weight FSDP holds and the module's own ``SCB`` tensor."""
+        current = self._scb()
+        if scb is not None and not self._check_scb(scb, skey, error_msgs):
+            return
+        if current is None:
+            error_msgs.append(f"{skey}: the module has no row scales to keep; load them with the weight")
+            return
+        msg = _dist.copy_in_place(self.weight, codes, wkey)
+        if msg:
+            error_msgs.append(msg)
+            return
+        with torch.no_grad():
+            if scb is not None:
+                current.copy_(_dist.full(scb))
+        self.state.SCB = current
+
     def _check_scb(self, scb, skey, error_msgs):
         if not isinstance(scb, torch.Tensor) or not scb.is_floating_point():
             error_msgs.append(f"{skey}: expected a float32 tensor of row scales, got "
@@ -1207,7 +1246,11 @@ class Linear8bitLt(nn.Linear):
                               f"checkpoint, the shape in current model is {self._expected_shape()}")
             return
         device = self.weight.device
-        new = Int8Params(incoming.detach().clone(), requires_grad=False, has_fp16_weights=False)._quantize(device)
+        new = Int8Params(_dist.full(incoming.detach()).clone(), requires_grad=False,
+                         has_fp16_weights=False)._quantize(device)
+        if self._held_by_wrapper():
+            self._load_into_held(new.data, new.SCB, wkey, wkey.removesuffix("weight") + "SCB", error_msgs)
+            return
         self.weight = new
         self.state.CB = None
         self.state.SCB = None
@@ -1225,7 +1268,10 @@ class Linear8bitLt(nn.Linear):
             error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(incoming.shape)} from "
                               f"checkpoint, the shape in current model is {self._expected_shape()}")
             return
-        quantized = isinstance(self.weight, Int8Params) and self.weight._is_int8
+        quantized = self._weight_is_quantized()
+        if self._held_by_wrapper():
+            self._load_into_held(incoming, scb_in, wkey, skey, error_msgs)
+            return
         if scb_in is None:
             if not quantized or self._scb() is None:
                 error_msgs.append(f"{skey} is missing: an int8 weight needs its row scales to load into a "
