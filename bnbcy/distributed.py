@@ -356,14 +356,8 @@ def check_sharded_config(p, config) -> None:
     ------
     NotImplementedError
         ``percentile_clipping < 100`` on a sharded parameter (the gradient-norm history
-        would be per shard); ``max_unorm > 0`` on an FSDP1 view (the ranks holding the
-        parameter's pieces are unknown here).
+        would be per shard).
     """
-    if config["max_unorm"] > 0.0 and _is_fsdp1_view(p):
-        raise NotImplementedError(
-            "the LAMB/LARS trust ratio (max_unorm > 0) is not supported on FSDP1 parameters: the norm of the "
-            "whole parameter needs every rank holding a piece of it, and FSDP1 does not say which ranks do. "
-            "Use FSDP2 (torch.distributed.fsdp.fully_shard), where it is computed over the DTensor's mesh")
     if config["percentile_clipping"] < 100 and is_sharded(p):
         raise NotImplementedError(
             "percentile_clipping < 100 is not supported for sharded (FSDP/DTensor) parameters: the clipping "
@@ -387,52 +381,97 @@ def make_contiguous(p) -> None:
         p.grad = p.grad.contiguous()
 
 
-def launch_with_global_trust_ratio(optimizer, eight, hyper, pc, p) -> None:
-    """One LAMB/LARS update of the sharded ``p`` with the trust ratio of the whole parameter.
+def global_trust_ratios(optimizer, plan) -> dict:
+    """The per-shard ``max_unorm`` that gives each sharded LAMB/LARS parameter the trust
+    ratio of the whole parameter, for this step (collective: every rank calls it).
 
     The kernel scales a shard's update by ``max_unorm * ||p|| / ||u||`` (when that is < 1)
-    from the shard's own norms. A first pass on copies of the shard and its state gives
-    ``Σu²`` of the shard; with ``Σu²`` and ``Σp²`` summed over the ranks, the global scale
-    ``s`` follows, and the real pass runs with the ``max_unorm`` that makes the shard's
-    scale equal ``s`` (``0``, no scaling, when ``s == 1``). Collective: every rank holding a
-    shard calls it for the same parameters in the same order.
+    from the shard's own norms. A dry pass on copies of each shard and its state gives the
+    shard's ``Σu²``; with ``Σu²`` and ``Σp²`` summed over the ranks the global scale ``s``
+    follows, and the real pass runs with the ``max_unorm`` that makes the shard's scale equal
+    ``s`` (``0``, no scaling, when ``s == 1``).
+
+    The parameters are every sharded one with ``max_unorm > 0`` in the optimizer's groups,
+    in group order -- the same list on every rank, whatever this rank holds: a rank with an
+    empty piece (FSDP1) or no gradient contributes zeros. All their sums travel in one
+    batched all-reduce per process group (one per step for FSDP1 or a 1-D mesh). Nothing
+    is changed here, so the error below leaves parameters, state and step counters as
+    they were, on every rank alike.
+
+    Parameters
+    ----------
+    optimizer : bnbcy.optim.optimizer.Optimizer8bit
+    plan : list
+        ``optimizer._plan()``'s ``(gindex, group, items)`` (the parameters with gradients).
+
+    Returns
+    -------
+    dict
+        ``id(p)`` -> the ``max_unorm`` to launch ``p``'s shard with.
 
     Raises
     ------
     RuntimeError
-        If the global update must be scaled but this rank's shard of the parameter is all
-        zeros while its update is not (no per-shard ``max_unorm`` expresses that); raised
-        before anything is changed.
+        On every rank, if a parameter's global update must be scaled but some rank's piece
+        of it is all zeros while its update is not (no per-shard ``max_unorm`` expresses
+        that).
     """
-    state = optimizer.state[p]
-    pl, gl = local(p).detach(), local(p.grad)
-    u2_local = 0.0
-    if pl.numel():
-        dry_p = pl.clone()
-        dry_p.grad = gl
-        dry_state = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("qmap1", "qmap2") else v)
-                     for k, v in state.items()}
-        optimizer._launch(eight, hyper, pc, [dry_p], states=[dry_state])
-        u2_local = float(dry_state["unorm_vec"].reshape(-1)[0])
-    p_norm_local = float(torch.norm(pl.float()))       # as the kernel computes ||p||
-    sums = all_reduce_sums(torch.tensor([[u2_local, float(pl.double().square().sum())]],
-                                        dtype=torch.float64), [p])
-    u_g, p_g = float(sums[0, 0]) ** 0.5, float(sums[0, 1]) ** 0.5
-    max_unorm = hyper.max_unorm
-    scale = max_unorm * p_g / u_g if u_g > max_unorm * p_g else 1.0
-    if scale >= 1.0 or u2_local == 0.0:
-        eff = 0.0
-    elif p_g == 0.0:
-        eff = max_unorm                 # every shard is zero: the kernel scales by 0 too
-    elif p_norm_local > 0.0:
-        eff = scale * u2_local ** 0.5 / p_norm_local
-    else:
-        raise RuntimeError(
-            f"{type(optimizer).__name__}: the global trust ratio scales this update by {scale:.6g}, but this "
-            f"rank's shard of the parameter (shape {tuple(pl.shape)}) is all zeros, so the per-shard kernel "
-            f"cannot apply it; initialise the parameter away from zero or use max_unorm=0")
-    if pl.numel():
-        optimizer._launch(eight, dataclasses.replace(hyper, max_unorm=eff), pc, [p])
+    planned = {id(p): (group, gindex, pindex, hyper) for gindex, group, items in plan
+               for pindex, p, _, hyper in items}
+    params, rows = [], []
+    for gindex, group in enumerate(optimizer.param_groups):
+        for pindex, p in enumerate(group["params"]):
+            if is_sharded(p) and optimizer.get_config(gindex, pindex, group)["max_unorm"] > 0.0:
+                params.append(p)
+                rows.append(_trust_sums(optimizer, p, planned.get(id(p))))
+    if not params:
+        return {}
+    sums = all_reduce_sums(torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 3), params)
+    ratios = {}
+    for p, (u2_local, _, _), (u2, p2, zero_pieces) in zip(params, rows, sums.tolist()):
+        if id(p) not in planned:
+            continue
+        max_unorm = planned[id(p)][3].max_unorm
+        u_g, p_g = u2 ** 0.5, p2 ** 0.5
+        scale = max_unorm * p_g / u_g if u_g > max_unorm * p_g else 1.0
+        if scale < 1.0 and p_g > 0.0 and zero_pieces > 0:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: the global trust ratio scales the update of a sharded parameter "
+                f"(this rank's piece: shape {tuple(local(p).shape)}) by {scale:.6g}, but {int(zero_pieces)} rank(s) hold an all-zero piece of it with a "
+                f"non-zero update, which the per-shard kernel cannot scale; initialise the parameter away from zero "
+                f"or use max_unorm=0. Nothing was changed")
+        p_norm_local = float(torch.norm(local(p).detach().float())) if local(p).numel() else 0.0
+        if scale >= 1.0 or u2_local == 0.0:
+            ratios[id(p)] = 0.0
+        elif p_g == 0.0:
+            ratios[id(p)] = max_unorm              # every piece is zero: the kernel scales by 0 too
+        else:
+            ratios[id(p)] = scale * u2_local ** 0.5 / p_norm_local
+    return ratios
+
+
+def _trust_sums(optimizer, p, planned):
+    """``[Σu², Σp², zero piece with an update]`` of this rank's piece of ``p`` (zeros
+    where it holds nothing or ``p`` has no gradient here)."""
+    pl = local(p).detach()
+    p2 = float(pl.double().square().sum()) if pl.numel() else 0.0
+    if planned is None or pl.numel() == 0:
+        return [0.0, p2, 0.0]
+    group, gindex, pindex, hyper = planned
+    state = optimizer.state.get(p)
+    if not state:                                  # first step: a fresh state, kept off the optimizer
+        optimizer.init_state(group, p, gindex, pindex)
+        state = optimizer.state.pop(p)
+    dry_p = pl.clone()
+    dry_p.grad = local(p.grad)
+    dry = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("qmap1", "qmap2") else v)
+           for k, v in state.items()}
+    dry["step"] = state["step"] + 1
+    config = optimizer.get_config(gindex, pindex, group)
+    optimizer._launch(dry["state1"].dtype == torch.uint8, hyper, config["percentile_clipping"], [dry_p],
+                      states=[dry])
+    u2 = float(dry["unorm_vec"].reshape(-1)[0])
+    return [u2, p2, 1.0 if (p2 == 0.0 and u2 > 0.0) else 0.0]
 
 
 # ------------------------------------------------------------------------ state-dict helpers

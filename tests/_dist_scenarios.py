@@ -56,13 +56,22 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, seed=0, **kw):
+    def __init__(self, seed=0, int8=False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.b1, self.b2 = Block(g, **kw), Block(g, **kw)
+        self.b1, self.b2 = Block(g, int8=int8), Block(g, int8=int8)
+        # with the LLM.int8 base also a trainable float head: under FSDP1 its weight straddles the
+        # ranks' shards and its bias lies wholly on rank 1 (an empty piece on rank 0)
+        self.head = None
+        if int8:
+            self.head = nn.Linear(D, D)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.randn(D, D, generator=g) / 8)
+                self.head.bias.copy_(torch.randn(D, generator=g) / 8)
 
     def forward(self, x):
-        return self.b2(torch.nn.functional.gelu(self.b1(x)))
+        y = self.b2(torch.nn.functional.gelu(self.b1(x)))
+        return y if self.head is None else self.head(y)
 
 
 def build(seed=0, base="4bit"):
@@ -160,7 +169,12 @@ def _fixed_length():
 
 def _out(model):
     with torch.no_grad():
-        return model(probe(dtype_of(model))).float()
+        out = model(probe(dtype_of(model))).float()
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root's own parameters (the head) unsharded after a forward without
+        # backward; a state-dict load into them needs them sharded again
+        model.reshard()
+    return out
 
 
 def _same(a, b):
@@ -398,6 +412,35 @@ def _first_stat(model):
     raise AssertionError("no quantization statistic buffer")
 
 
+def sc_trust_error(rank, world, optim="LAMB8bit"):
+    """A trust-ratio step whose global scale cannot be applied (rank 0's piece of the head
+    weight all zeros, its update not) raises on every rank before anything changes."""
+    model = wrap(build(base="8bit"), "fsdp1")
+    opt = make_optimizer(optim, model.parameters())
+    train(model, opt, 2, rank, world)
+    head_w = model.module.head.weight
+    res = {"piece_numel": head_w.numel()}
+    if rank == 0:
+        with torch.no_grad():
+            head_w.zero_()                # this rank's piece of it
+    x, y = data(dtype_of(model))
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(_shard_batch(x, rank, world)), _shard_batch(y, rank, world)).backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    before = _optim_state_tensors(opt.state_dict())
+    before = {k: v.clone() for k, v in before.items()}
+    try:
+        opt.step()
+        res["outcome"] = "stepped"
+    except Exception as exc:   # noqa: BLE001
+        res["outcome"] = f"{type(exc).__name__}: {exc}"
+    after = _optim_state_tensors(opt.state_dict())
+    res["params_unchanged"] = all(_same(a, b.detach()) for a, b in zip(params, model.parameters()))
+    res["state_unchanged"] = set(before) == set(after) and all(_same(before[k], after[k]) for k in before)
+    res["n_state"] = len(before)
+    return res
+
+
 def sc_dtensor_kernel(rank, world):
     """A DTensor handed to a functional op is refused, not dereferenced (no segfault)."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -422,7 +465,7 @@ def sc_dtensor_kernel(rank, world):
 
 
 SCENARIOS = {"train": sc_train, "ckpt": sc_ckpt, "optim": sc_optim, "ddp": sc_ddp,
-             "dtensor_kernel": sc_dtensor_kernel}
+             "dtensor_kernel": sc_dtensor_kernel, "trust_error": sc_trust_error}
 
 
 # ------------------------------------------------------------------------------------ launcher

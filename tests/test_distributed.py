@@ -17,19 +17,22 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 TRAIN_OPTIMS = ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "AdamW32bit", "LAMB8bit", "LARS8bit",
                 "LAMB32bit"]
-TRUST_RATIO = ("LAMB8bit", "LARS8bit", "LAMB32bit")
+# with the LLM.int8 base (and a float head whose FSDP1 pieces straddle the ranks)
+INT8_OPTIMS = ["AdamW8bit", "LAMB8bit", "LARS8bit", "LAMB32bit"]
+TRAIN = [(h, b, o) for h in ("fsdp1", "fsdp2") for b, opts in (("4bit", TRAIN_OPTIMS), ("8bit", INT8_OPTIMS))
+         for o in opts]
+CKPT_PATHS = ["fsdp1_full", "fsdp1_sharded", "fsdp2_full", "fsdp2_sharded"]
 GROUPS = {
-    "train": {**{f"{how}_{o}": ("train", {"how": how, "optim": o}) for how in ("fsdp1", "fsdp2")
-                 for o in TRAIN_OPTIMS if how == "fsdp2" or o not in TRUST_RATIO},
-              "fsdp1_LAMB8bit": ("train", {"how": "fsdp1", "optim": "LAMB8bit"})},
-    "ckpt": {**{f"ckpt_{p}": ("ckpt", {"path": p}) for p in ("fsdp1_full", "fsdp1_sharded", "fsdp2_full",
-                                                               "fsdp2_sharded", "dcp")},
+    "train": {f"{h}_{b}_{o}": ("train", {"how": h, "optim": o, "base": b}) for h, b, o in TRAIN},
+    "ckpt": {**{f"ckpt_{p}_{b}": ("ckpt", {"path": p, "base": b}) for p in CKPT_PATHS + ["dcp"]
+                for b in ("4bit", "8bit")},
              "optim_fsdp1_full": ("optim", {"how": "fsdp1", "kind": "full"}),
              **{f"optim_fsdp2_{k}": ("optim", {"how": "fsdp2", "kind": k}) for k in ("full", "sharded", "dcp")},
              "optim_fsdp2_lion8bit_dcp": ("optim", {"how": "fsdp2", "optim": "Lion8bit", "kind": "dcp"})},
     "ddp": {"ddp_4bit": ("ddp", {"base": "4bit", "optim": "AdamW8bit"}),
             "ddp_8bit": ("ddp", {"base": "8bit", "optim": "AdamW"}),
-            "dtensor_kernel": ("dtensor_kernel", {})},
+            "dtensor_kernel": ("dtensor_kernel", {}),
+            "trust_error": ("trust_error", {})},
 }
 
 _cache = {}
@@ -72,10 +75,9 @@ BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
 
 # ------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("how,optim", [(h, o) for h in ("fsdp1", "fsdp2") for o in TRAIN_OPTIMS
-                                       if h == "fsdp2" or o not in TRUST_RATIO])
-def test_qlora_training_tracks_single_process(how, optim, backend):
-    r0, r1 = _result("train", f"{how}_{optim}", backend)
+@pytest.mark.parametrize("how,base,optim", TRAIN)
+def test_qlora_training_tracks_single_process(how, base, optim, backend):
+    r0, r1 = _result("train", f"{how}_{base}_{optim}", backend)
     assert r0["losses"] == r1["losses"]            # the all-reduced loss, the same on both ranks
     assert len(r0["losses"]) == 10 and r0["decreased"]
     assert r0["losses"][0] == pytest.approx(r0["ref"][0], rel=1e-6)    # same model, same data
@@ -86,9 +88,10 @@ def test_qlora_training_tracks_single_process(how, optim, backend):
 
 # ------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", ["fsdp1_full", "fsdp1_sharded", "fsdp2_full", "fsdp2_sharded"])
-def test_model_checkpoint_round_trip_is_bit_exact(path, backend):
-    for r in _result("ckpt", f"ckpt_{path}", backend):
+@pytest.mark.parametrize("base", ["4bit", "8bit"])
+@pytest.mark.parametrize("path", CKPT_PATHS)
+def test_model_checkpoint_round_trip_is_bit_exact(path, base, backend):
+    for r in _result("ckpt", f"ckpt_{path}_{base}", backend):
         assert r["missing"] == [] and r["unexpected"] == []
         assert r["changed"], "the target model must start different, or the test proves nothing"
         assert r["exact"]
@@ -99,8 +102,9 @@ def test_model_checkpoint_round_trip_is_bit_exact(path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dcp_save_load_and_resharding(backend):
-    r0, r1 = _result("ckpt", "ckpt_dcp", backend)
+@pytest.mark.parametrize("base", ["4bit", "8bit"])
+def test_dcp_save_load_and_resharding(base, backend):
+    r0, r1 = _result("ckpt", f"ckpt_dcp_{base}", backend)
     assert r0["exact"] and r1["exact"]
     assert r0["reshard_2to1_exact"]                     # 2 ranks -> 1 plain process
     assert r0["reshard_1to2_exact"] and r1["reshard_1to2_exact"]
@@ -136,10 +140,11 @@ def test_dtensor_into_a_kernel_is_refused():
         assert r["view"].startswith("ValueError") and "NULL data pointer" in r["view"], r
 
 
-def test_fsdp1_trust_ratio_refused():
-    """LAMB/LARS on FSDP1 views: a clear error on the rank that holds the pieces, no hang."""
-    results, info = _run("train")
-    r0 = results[0].get("fsdp1_LAMB8bit")
-    assert r0 is not None and "error" in r0, r0
-    assert r0["error"].startswith("NotImplementedError") and "FSDP2" in r0["error"]
-    assert r0["seconds"] < 10     # raised before any collective could wait for the other rank
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trust_ratio_error_is_raised_on_every_rank_before_any_change(backend):
+    """LAMB under FSDP1, rank 0's piece of a weight all zeros: the global scale cannot be
+    applied there; both ranks raise (no hang) and nothing moved -- params, state, steps."""
+    for r in _result("ddp", "trust_error", backend):
+        assert r["outcome"].startswith("RuntimeError") and "all-zero piece" in r["outcome"], r
+        assert r["n_state"] > 0 and r["state_unchanged"] and r["params_unchanged"], r
+        assert r["seconds"] < 60

@@ -17,6 +17,7 @@ their own call) with no host synchronisation per parameter.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import weakref
@@ -512,6 +513,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.initialized = True
 
         plan = self._plan()
+        ratios = _dist.global_trust_ratios(self, plan)   # distributed hook: collective, changes nothing
         created = []
         try:
             for gindex, group, items in plan:
@@ -526,7 +528,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         for gindex, group, items in plan:
             for _, p, _, _ in items:
                 self.prefetch_state(p)
-            self._update_group(group, items)
+            self._update_group(group, items, ratios)
         return loss
 
     def _hyper(self, config, step):
@@ -555,7 +557,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                           eps=float(config["eps"]), weight_decay=float(config["weight_decay"]),
                           max_unorm=float(config["max_unorm"]), skip_zeros=bool(config["skip_zeros"]))
 
-    def _update_group(self, group, items):
+    def _update_group(self, group, items, ratios=None):
         """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
 
         A bucket is (state kind, hyper-parameter record); with no per-parameter overrides that is
@@ -563,7 +565,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         counts differ share a call (except under the AdEMAMix schedules, whose alpha and beta3
         depend on the step). ``percentile_clipping < 100`` needs a per-tensor ``gnorm_scale``,
         which the multi-tensor kernels take as one scalar: those parameters get a call each.
-        Zero-size parameters only advance their step, as in torch.optim.
+        Zero-size parameters only advance their step, as in torch.optim. ``ratios``: the
+        per-shard ``max_unorm`` of sharded LAMB/LARS parameters
+        (:func:`bnbcy.distributed.global_trust_ratios`).
         """
         buckets = {}
         for _, p, config, hyper in items:
@@ -571,23 +575,19 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["step"] += 1
             if p.numel() == 0:
                 continue
-            # distributed hook: a sharded parameter's trust ratio is global (a call per parameter,
-            # on every rank, even one whose shard is empty)
-            global_ratio = hyper.max_unorm > 0.0 and _dist.is_sharded(p)
-            if _dist.local(p).numel() == 0 and not global_ratio:
+            if _dist.local(p).numel() == 0:
                 continue
+            if hyper.max_unorm > 0.0 and _dist.is_sharded(p):
+                # distributed hook: the shard's max_unorm that applies the global trust ratio
+                hyper = dataclasses.replace(hyper, max_unorm=ratios[id(p)])
             if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
                 _dist.make_contiguous(p)
             eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
-            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None,
-                   id(p) if pc < 100 or global_ratio else None)
+            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
             buckets.setdefault(key, []).append(p)
         for (eight, hyper, pc, _, _), ps in buckets.items():
-            if hyper.max_unorm > 0.0 and _dist.is_sharded(ps[0]):
-                _dist.launch_with_global_trust_ratio(self, eight, hyper, pc, ps[0])
-            else:
-                self._launch(eight, hyper, pc, ps)
+            self._launch(eight, hyper, pc, ps)
 
     def _launch(self, eight, h, pc, ps, states=None):
         """One kernel call for the parameters ``ps`` (``states``: stand-ins for their
@@ -624,9 +624,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._validate_config(config, p)
         step = self._validate_state(p, config) if self.state.get(p) else 0
         hyper = self._hyper(config, step + 1)
+        items = [(pindex, p, config, hyper)]
+        ratios = _dist.global_trust_ratios(self, [(gindex, group, items)])    # distributed hook
         if len(self.state[p]) == 0:
             self.init_state(group, p, gindex, pindex)
-        self._update_group(group, [(pindex, p, config, hyper)])
+        self._update_group(group, items, ratios)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
