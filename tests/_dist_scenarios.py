@@ -565,6 +565,17 @@ COMPARE = {
     "ddp_4bit": ("ddp", {"base": "4bit", "optim": "AdamW"}),
     "ddp_8bit": ("ddp", {"base": "8bit", "optim": "AdamW"}),
     "dtensor_kernel": ("dtensor_kernel", {}),
+    # LAMB/LARS under FSDP1 (the global trust ratio); the LLM.int8 base models have a float
+    # head whose FSDP1 pieces straddle the ranks
+    "train_fsdp1_lamb8bit": ("train", {"how": "fsdp1", "optim": "LAMB8bit"}),
+    **{f"train_fsdp1_int8_{o.lower()}": ("train", {"how": "fsdp1", "optim": o, "base": "8bit"})
+       for o in ("LAMB8bit", "LARS8bit", "LAMB32bit")},
+    "trust_error_fsdp1": ("trust_error", {}),
+    # Linear8bitLt (frozen int8 base) under FSDP1 / FSDP2 / DCP
+    **{f"train_{h}_int8_adamw8bit": ("train", {"how": h, "optim": "AdamW8bit", "base": "8bit"})
+       for h in ("fsdp1", "fsdp2")},
+    **{f"ckpt_{p}_int8": ("ckpt", {"path": p, "base": "8bit"})
+       for p in ("fsdp1_full", "fsdp1_sharded", "fsdp2_full", "fsdp2_sharded", "dcp")},
 }
 
 
@@ -575,23 +586,49 @@ def compare(names=None):
         if names and name not in names:
             continue
         for lib in ("bnbcy", "bitsandbytes"):
-            res, info = launch({name: job}, lib=lib, timeout=120)
+            res, info = launch({name: job}, lib=lib, timeout=150)
             r0 = res[0].get(name)
             if r0 is None:
                 rc = [i["rc"] for i in info]
                 r0 = {"crash": f"return codes {rc}", "stderr": info[0]["stderr"][-300:]}
             else:
-                r0 = {k: v for k, v in r0.items() if k != "trace"}
+                r0 = {k: (v[:400] if isinstance(v, str) else v) for k, v in r0.items() if k != "trace"}
             rows.setdefault(name, {})[lib] = r0
             print(name, lib, json.dumps(r0)[:400], flush=True)
     return rows
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor()
+
+
+def write_compare(path, names=None):
+    """Run :func:`compare` and write ``path`` (with ``names``: update those rows of it)."""
+    import bitsandbytes
+    old = {}
+    if names and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get("scenarios", {})
+    rows = {**old, **compare(names)}
+    out = {"what": "each scenario on 2 gloo CPU processes, bnbcy vs bitsandbytes, the same script",
+           "command": "python tests/_dist_scenarios.py compare bench/results/distributed_compare.json [NAME,...]",
+           "machine": {"cpu": _cpu(), "cores": os.cpu_count(),
+                       "note": "results are outcomes and loss ratios, not timings (seconds: on a shared machine)"},
+           "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__, "scenarios": rows}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
         _worker(sys.argv[2:])
     elif sys.argv[1] == "compare":
-        rows = compare(sys.argv[3].split(",") if len(sys.argv) > 3 else None)
         if len(sys.argv) > 2:
-            with open(sys.argv[2], "w") as f:
-                json.dump(rows, f, indent=1)
+            write_compare(sys.argv[2], sys.argv[3].split(",") if len(sys.argv) > 3 else None)
+        else:
+            compare()

@@ -101,3 +101,50 @@ def test_sharded_form_rejects_a_state_of_another_shape():
     form["absmax1"] = form["absmax1"][:-1]
     with pytest.raises(ValueError, match="absmax1"):
         D.optimizer_state_from_sharded(p, form, lambda name, dev: q)
+
+
+def _int8_layer(seed):
+    torch.manual_seed(seed)
+    return bnn.Linear8bitLt(32, 16, bias=True, has_fp16_weights=False).to("cpu")
+
+
+def test_int8_layer_follows_a_weight_a_wrapper_replaced():
+    """FSDP2 swaps the parameter object (and FSDP1 its storage) around each forward: the
+    forward reads the codes it is handed, with the module's SCB."""
+    m = _int8_layer(0)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = m(x)
+        codes = m.weight.data.clone()
+        m.weight = torch.nn.Parameter(codes, requires_grad=False)     # what FSDP2 installs
+        assert torch.equal(m(x), want)
+        assert m.state.CB is m.weight
+        m.weight = torch.nn.Parameter(torch.zeros_like(codes), requires_grad=False)
+        assert torch.equal(m(x), m.bias.expand(3, -1))                # not a stale copy of the codes
+    assert m.SCB is m.state.SCB and m.weight_format.item() == 0
+
+
+def test_int8_load_into_a_held_weight_is_in_place():
+    src, dst = _int8_layer(1), _int8_layer(2)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = src(x)
+        dst(x)
+    held = torch.nn.Parameter(dst.weight.data.clone(), requires_grad=False)
+    dst.weight = held
+    scb = dst.SCB
+    dst.load_state_dict(src.state_dict())
+    assert dst.weight is held and dst.SCB is scb           # the objects FSDP / DDP hold
+    with torch.no_grad():
+        assert torch.equal(dst(x), want)
+    # a float weight into a held module is quantized, then copied in place
+    dst.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.zeros(16)})
+    assert dst.weight is held and dst.weight.dtype == torch.int8
+
+
+def test_has_storage_sees_freed_storage():
+    t = torch.randn(4, 4)
+    view = t[1:]
+    assert D.has_storage(view)
+    t.untyped_storage().resize_(0)           # what FSDP does to an unsharded parameter between uses
+    assert not D.has_storage(view) and D.has_storage(torch.empty(0))
