@@ -5,7 +5,11 @@ checkpoints and DDP (see ``docs/distributed.md``).
   ``FlatParameter`` shard (``use_orig_params=True``). Kernels see only a rank's local shard
   (:func:`local`); optimizer state is kept per shard, as FSDP expects.
 * Global norms -- LAMB/LARS's trust ratio needs ``||p||`` and ``||update||`` of the whole
-  parameter: :func:`all_reduce_sums` adds per-shard sums over the ranks that hold shards.
+  parameter: :func:`global_trust_ratios` sums the per-shard sums of every sharded LAMB/LARS
+  parameter in one batched all-reduce (:func:`all_reduce_sums`) before the step changes
+  anything.
+* Held weights -- :func:`copy_in_place` loads quantized codes into the parameter FSDP holds
+  (a DTensor shard, too); :func:`has_storage` tells a tensor whose storage FSDP freed.
 * Optimizer state dicts -- for sharded parameters :func:`optimizer_state_to_sharded` gives a
   form FSDP's ``optim_state_dict``/``get_optimizer_state_dict`` and DCP understand (every
   tensor has the parameter's shape and placement, the 8-bit block maxima repeated per
@@ -27,9 +31,10 @@ import threading
 
 import torch
 
-__all__ = ["is_dtensor", "is_sharded", "local", "all_reduce_sums", "fixed_length_quant_state",
-           "use_fixed_length_blob", "pad_blob", "FIXED_BLOB_BYTES", "optimizer_state_to_sharded",
-           "optimizer_state_from_sharded", "check_quant_state_consistency"]
+__all__ = ["is_dtensor", "is_sharded", "local", "all_reduce_sums", "global_trust_ratios",
+           "fixed_length_quant_state", "use_fixed_length_blob", "pad_blob", "FIXED_BLOB_BYTES",
+           "optimizer_state_to_sharded", "optimizer_state_from_sharded", "check_quant_state_consistency",
+           "copy_in_place", "has_storage"]
 
 # Length of the padded quant-state blob: bitsandbytes' JSON for a 2-D weight is ~170-260 bytes.
 FIXED_BLOB_BYTES = 512
@@ -437,9 +442,9 @@ def global_trust_ratios(optimizer, plan) -> dict:
         if scale < 1.0 and p_g > 0.0 and zero_pieces > 0:
             raise RuntimeError(
                 f"{type(optimizer).__name__}: the global trust ratio scales the update of a sharded parameter "
-                f"(this rank's piece: shape {tuple(local(p).shape)}) by {scale:.6g}, but {int(zero_pieces)} rank(s) hold an all-zero piece of it with a "
-                f"non-zero update, which the per-shard kernel cannot scale; initialise the parameter away from zero "
-                f"or use max_unorm=0. Nothing was changed")
+                f"(this rank's piece: shape {tuple(local(p).shape)}) by {scale:.6g}, but {int(zero_pieces)} rank(s) "
+                f"hold an all-zero piece of it with a non-zero update, which the per-shard kernel cannot scale; "
+                f"initialise the parameter away from zero or use max_unorm=0. Nothing was changed")
         p_norm_local = float(torch.norm(local(p).detach().float())) if local(p).numel() else 0.0
         if scale >= 1.0 or u2_local == 0.0:
             ratios[id(p)] = 0.0
@@ -460,10 +465,12 @@ def _trust_sums(optimizer, p, planned):
     group, gindex, pindex, hyper = planned
     state = optimizer.state.get(p)
     if not state:                                  # first step: a fresh state, kept off the optimizer
-        optimizer.init_state(group, p, gindex, pindex)
-        state = optimizer.state.pop(p)
-    dry_p = pl.clone()
-    dry_p.grad = local(p.grad)
+        try:
+            optimizer.init_state(group, p, gindex, pindex)
+        finally:
+            state = optimizer.state.pop(p, None)
+    dry_p = pl.clone(memory_format=torch.contiguous_format)
+    dry_p.grad = local(p.grad).contiguous()
     dry = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("qmap1", "qmap2") else v)
            for k, v in state.items()}
     dry["step"] = state["step"] + 1

@@ -571,6 +571,8 @@ COMPARE = {
     **{f"train_fsdp1_int8_{o.lower()}": ("train", {"how": "fsdp1", "optim": o, "base": "8bit"})
        for o in ("LAMB8bit", "LARS8bit", "LAMB32bit")},
     "trust_error_fsdp1": ("trust_error", {}),
+    "optim_fsdp1_lamb8bit_full": ("optim", {"how": "fsdp1", "optim": "LAMB8bit", "kind": "full"}),
+    "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"}),
     # Linear8bitLt (frozen int8 base) under FSDP1 / FSDP2 / DCP
     **{f"train_{h}_int8_adamw8bit": ("train", {"how": h, "optim": "AdamW8bit", "base": "8bit"})
        for h in ("fsdp1", "fsdp2")},

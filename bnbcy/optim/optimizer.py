@@ -703,9 +703,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             else:
                 state[k] = v
 
+        where = {id(p): (gi, pi, g) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
         for p in list(state):                   # distributed hook: back to per-shard state
             if isinstance(p, torch.Tensor) and _dist.is_sharded(p) and isinstance(state[p], dict):
                 state[p] = _dist.optimizer_state_from_sharded(p, state[p], self._qmap)
+                gi, pi, g = where[id(p)]
+                if "state1" in state[p] and self.get_config(gi, pi, g)["max_unorm"] > 0.0:
+                    # the trust ratio's scratch norm, left out of the sharded form
+                    state[p].setdefault("unorm_vec", torch.zeros(1, device=_dist.local(p).device))
         for p, st in state.items():             # share one qmap tensor per device again
             if isinstance(p, torch.Tensor) and isinstance(st, dict):
                 for k, name in (("qmap1", "dynamic"), ("qmap2", "udynamic")):
