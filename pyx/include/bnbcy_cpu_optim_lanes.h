@@ -15,8 +15,8 @@
  *   L_BAD(x)                       lanes where x is NaN/inf, as an int bit mask
  *   L_ZERO(x)                      lanes where x == 0, as an int bit mask
  *   L_ACCU(acc, u)                 acc[k] += (double)(u*u) for lane k (u*u rounded to float)
- *   L_RQ(s, r, rq, q)              W codes of s*r through the requantization table
- *                                  (bnbcy_opt_rq_lookup, lane by lane) */
+ *   L_RQ(s, r, rq, q)              the codes of the block s[0..256) * r through the requantization
+ *                                  table (bnbcy_opt_rq_lookup, lane by lane); may overwrite s */
 
 #undef L_T
 #undef L_W
@@ -71,7 +71,8 @@
 #define L_HMAX(M) (M)
 #define L_BAD(x) (!isfinite(x))
 #define L_ZERO(x) ((x) == 0.0f)
-#define L_RQ(s, r, rq, q) (*(q) = (uint8_t)bnbcy_opt_rq_lookup(rq, *(s) * (r)))
+#define L_RQ(s, r, rq, q) \
+    for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_++) (q)[i_] = (uint8_t)bnbcy_opt_rq_lookup(rq, (s)[i_] * (r))
 #define L_PREFETCH(p) ((void)(p))
 #define L_ACCU(acc, u) (*(acc) += (double)((u) * (u)))
 
@@ -148,7 +149,7 @@ L_ATTR static inline void bnbcy_opt_accu8(double *acc, __m256 u) {
 
 /* Table lookups of 8 lanes by scalar loads: on Zen 3 a vpgatherdd/vgatherdps costs more than
  * the eight loads and inserts (the 8-bit Adam step ran 10% faster without the gathers). */
-L_ATTR static inline __m256 bnbcy_opt_lut8(const uint8_t *q, const float *lut) {
+L_ATTR static inline __attribute__((always_inline)) __m256 bnbcy_opt_lut8(const uint8_t *q, const float *lut) {
     uint64_t c;
     memcpy(&c, q, 8);
     const __m128 lo = _mm_setr_ps(lut[c & 255], lut[(c >> 8) & 255], lut[(c >> 16) & 255], lut[(c >> 24) & 255]);
@@ -156,7 +157,7 @@ L_ATTR static inline __m256 bnbcy_opt_lut8(const uint8_t *q, const float *lut) {
     return _mm256_set_m128(hi, lo);
 }
 
-L_ATTR static inline __m256i bnbcy_opt_lut8_epi32(__m256i idx, const uint32_t *base) {
+L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_lut8_epi32(__m256i idx, const uint32_t *base) {
     uint32_t k[8] __attribute__((aligned(32)));
     _mm256_store_si256((__m256i *)k, idx);
     return _mm256_setr_epi32((int)base[k[0]], (int)base[k[1]], (int)base[k[2]], (int)base[k[3]],
@@ -170,19 +171,27 @@ L_ATTR static inline float bnbcy_opt_hmax8(__m256 M) {
     return _mm_cvtss_f32(m);
 }
 
-/* bnbcy_opt_rq_lookup of s[0..8) * r: the code is (u & 0xFFFF) <= T ? A : B. */
-L_ATTR static inline void bnbcy_opt_rq8(const float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
-    const __m256i u = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(s), r));
-    const __m256i e = bnbcy_opt_lut8_epi32(_mm256_srli_epi32(u, 16), rq);
+/* bnbcy_opt_rq_lookup of the block s[0..256) * r (s is overwritten with the products): the code
+ * is (u & 0xFFFF) <= T ? A : B. The products go through memory so that the table indices are
+ * loaded as 16-bit halves (no vector-to-GPR extracts, which are what limit a vpextrd version). */
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) _mm256_store_ps(s + i, _mm256_mul_ps(_mm256_load_ps(s + i), r));
+    const uint16_t *hw = (const uint16_t *)s + 1; /* the top half of product i is hw[2 i] */
     const __m256i low16 = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
-    /* both sides below 2^16: the signed compare is exact */
-    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
-    const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), byte);
-    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
-    const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
-    const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
-    memcpy(q, &lo4, 4);
-    memcpy(q + 4, &hi4, 4);
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) {
+        const uint16_t *k = hw + 2 * i;
+        const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
+        const __m128i ehi = _mm_setr_epi32((int)rq[k[8]], (int)rq[k[10]], (int)rq[k[12]], (int)rq[k[14]]);
+        const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)(s + i));
+        /* both sides below 2^16: the signed compare is exact */
+        const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
+        const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), byte);
+        const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
+        const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
+        const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
+        memcpy(q + i, &lo4, 4);
+        memcpy(q + i + 4, &hi4, 4);
+    }
 }
 #endif
 
@@ -211,7 +220,8 @@ L_ATTR static inline void bnbcy_opt_rq8(const float *s, __m256 r, const uint32_t
 #define L_HMAX(M) _mm512_reduce_max_ps(M)
 #define L_BAD(x) ((int)_mm512_fpclass_ps_mask(x, 0x99))
 #define L_ZERO(x) ((int)_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ))
-#define L_RQ(s, r, rq, q) bnbcy_opt_rq16(s, r, rq, q)
+#define L_RQ(s, r, rq, q) \
+    for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_ += 16) bnbcy_opt_rq16((s) + i_, r, rq, (q) + i_)
 #define L_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define L_ACCU(acc, u) bnbcy_opt_accu16(acc, u)
 

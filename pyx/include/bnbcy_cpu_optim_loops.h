@@ -67,6 +67,14 @@ L_ATTR static void L_FN(bnbcy_opt32_chunk)(const bnbcy_opt_args *a, const bnbcy_
 
 /* ----------------------------------------------------------------- 8-bit --- */
 
+/* The dequantized states of one full block, into d (SIMD widths: the block loop then reads them
+ * from there, which keeps the lookups off the rule's dependency chain). */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_deq)(const uint8_t *q, const float *qmap,
+                                                                          const L_T am, const int fz, float *d) {
+    if (fz) for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_STOREF(d + i, L_FTZ(L_DEQ(q + i, qmap, am)));
+    else for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_STOREF(d + i, L_DEQ(q + i, qmap, am));
+}
+
 /* Elements [i, i + L_W) of an 8-bit block: dequantize, apply the rule, store p and the new
  * states (unquantized, into n1/n2/n3), fold them into the block's absmax M1/M2/M3. Returns 0,
  * writing nothing, when the vector needs the scalar path (above the scalar width). */
@@ -76,14 +84,15 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
     const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
     const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
-    L_T p = p0, s1 = L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
+    /* above the scalar width the old states were dequantized into n1/n2/n3 (bnbcy_opt8_deq) */
+    L_T p = p0, s1 = L_W > 1 ? L_LOADF(n1 + i) : L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
     if (two) {
         const L_T g = L_MUL(gr, h->gns);
-        s2 = L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
+        s2 = L_W > 1 ? L_LOADF(n2 + i) : L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
         if (opt == BNBCY_OPT_ADAM) {
             L_FN(bnbcy_rule_adam)(h, 1, g, &s1, &s2, &p);
         } else {
-            s3 = L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
+            s3 = L_W > 1 ? L_LOADF(n3 + i) : L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
             L_FN(bnbcy_rule_ademamix)(h, 1, g, &s1, &s2, &s3, &p);
         }
         if (L_W == 1 && L_BAD(gr)) { /* a non-finite gradient resets the states, keeps p */
@@ -120,12 +129,12 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
 
 /* Requantizes one block of new states with its absmax M: through the requantization table when
  * it applies (a full block, 0 < M <= FLT_MAX: every state finite), else bnbcy_opt_requant. */
-L_ATTR static inline void L_FN(bnbcy_opt_requant)(const float *s, int64_t len, float M, const float *code,
+L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
                                                   const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
                                                   uint8_t *q) {
     if (L_W > 1 && rq != NULL && len == BNBCY_OPT_BLOCK && M > 0.0f && M <= FLT_MAX) {
         const L_T r = L_SET1(bnbcy_opt_recip(M));
-        for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_RQ(s + i, r, rq, q + i);
+        L_RQ(s, r, rq, q);
         return;
     }
     bnbcy_opt_requant(s, len, M, code, t, sign_fix, q);
@@ -171,6 +180,12 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
             if (two) L_PREFETCH((const uint8_t *)t->s2 + ahead + k);
             if (ademamix) L_PREFETCH((const uint8_t *)t->s1 + t->n + ahead + k);
         }
+    }
+    if (L_W > 1) {
+        const uint8_t *q1 = (const uint8_t *)t->s1 + start;
+        L_FN(bnbcy_opt8_deq)(q1, a->qmap1, am[0], h.fz1, n1);
+        if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + start, a->qmap2, am[1], h.fz2, n2);
+        if (ademamix) L_FN(bnbcy_opt8_deq)(q1 + t->n, a->qmap1, am[2], h.fz3, n3);
     }
     for (int i = 0; i + L_W <= len; i += L_W) {
         if (L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, fin, opt)) continue;
