@@ -254,12 +254,46 @@ L_ATTR static void L_FN(bnbcy_opt8_chunk)(const bnbcy_opt_args *a, const bnbcy_o
 /* Sum of u^2 over [start, start+len) (a chunk starts on a 256-block), in BNBCY_OPT_LANES double
  * lanes, element i of the chunk in lane i mod 16, the lanes added in order at the end: every
  * width gives the same sum. */
+/* The would-be update of L_W elements with gradient gr and old states s1, s2; an 8-bit adam lane
+ * with a non-finite gradient contributes 0. */
+L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_opt_unorm_vec)(
+    const L_FN(bnbcy_opt_lhp) *h, const int f8, const int opt, L_T gr, L_T s1, L_T s2) {
+    L_T u = L_FN(bnbcy_rule_unorm)(h, f8, opt, gr, s1, s2);
+    if (f8 && opt == BNBCY_OPT_ADAM && L_BAD(gr)) {
+        if (L_W > 1) { /* lane by lane */
+            float uu[L_W];
+            L_STOREF(uu, u);
+            float grs[L_W];
+            L_STOREF(grs, gr);
+            for (int k = 0; k < L_W; k++) if (!isfinite(grs[k])) uu[k] = 0.0f;
+            u = L_LOADF(uu);
+        } else {
+            u = L_SET1(0.0f);
+        }
+    }
+    return u;
+}
+
 L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_chunk_k)(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int f8, const int opt) {
     const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
     const int dt = a->dtype, two = opt == BNBCY_OPT_ADAM;
     double acc[BNBCY_OPT_LANES] __attribute__((aligned(64))) = {0.0};
     int64_t i = start;
+    if (f8 && L_W > 1) { /* full blocks: the states dequantized first, off the rule's dependency chain */
+        float d1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), d2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+        for (; i + BNBCY_OPT_BLOCK <= start + len; i += BNBCY_OPT_BLOCK) {
+            const int64_t b = i / BNBCY_OPT_BLOCK;
+            L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(t->absmax1[b]), 1, d1);
+            if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(t->absmax2[b]), 1, d2);
+            for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
+                for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
+                    const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
+                    L_ACCU(acc + l, L_FN(bnbcy_opt_unorm_vec)(&h, 1, opt, L_LOADT(t->g, dt, i + j + l),
+                                                              L_LOADF(d1 + j + l), s2));
+                }
+        }
+    }
     for (; i + L_W <= start + len; i += L_W) {
         const L_T gr = L_LOADT(t->g, dt, i);
         L_T s1, s2 = L_SET1(0.0f);
@@ -271,20 +305,7 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
             s1 = L_LOADF((const float *)t->s1 + i);
             if (two) s2 = L_LOADF((const float *)t->s2 + i);
         }
-        L_T u = L_FN(bnbcy_rule_unorm)(&h, f8, opt, gr, s1, s2);
-        if (f8 && two && L_BAD(gr)) {
-            if (L_W > 1) { /* lane by lane */
-                float uu[L_W];
-                L_STOREF(uu, u);
-                float grs[L_W];
-                L_STOREF(grs, gr);
-                for (int k = 0; k < L_W; k++) if (!isfinite(grs[k])) uu[k] = 0.0f;
-                u = L_LOADF(uu);
-            } else {
-                u = L_SET1(0.0f);
-            }
-        }
-        L_ACCU(acc + (i - start) % BNBCY_OPT_LANES, u);
+        L_ACCU(acc + (i - start) % BNBCY_OPT_LANES, L_FN(bnbcy_opt_unorm_vec)(&h, f8, opt, gr, s1, s2));
     }
     if (i < start + len) { /* tail: the scalar lanes continue the same accumulators */
         const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
