@@ -988,7 +988,10 @@ def run_benchmark(kind: str, args, make_cases: Callable[[list], Iterable[Case]],
     print()
     print(format_header(meta, copy_bw))
     print()
-    print(format_table(results, impls=impls, ratio_base="bnbcy", show_pct_copy=copy_bw is not None))
+    # columns: the selected libraries, then any further implementations a case times (e.g. the
+    # other 8-bit rules of bench_optim's adam8bit case)
+    columns = impls + [n for n in dict.fromkeys(n for r in results for n in r["impls"]) if n not in impls]
+    print(format_table(results, impls=columns, ratio_base="bnbcy", show_pct_copy=copy_bw is not None))
     print()
     print("ratios are time(other)/time(bnbcy): > 1 means bnbcy is faster; "
           "GB/s counts bytes read + written, 1 GB = 1e9 B" + (";\n" + footnote if footnote else ""))

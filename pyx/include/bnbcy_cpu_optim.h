@@ -186,6 +186,21 @@ static inline float bnbcy_opt_absmax_acc(float m, float s) {
     return a > m ? a : m; /* NaN never enters (as fmaxf from -FLT_MAX) */
 }
 
+/* The running max of the bits of |s| (L_MAXABSU): unsigned order is the order of |s|, NaN last. */
+static inline uint32_t bnbcy_opt_maxabsu(uint32_t m, float s) {
+    const uint32_t u = bnbcy_f2u(s) & 0x7FFFFFFFu;
+    return u > m ? u : m;
+}
+
+/* A block's absmax from mu, the max of the bits of |state| over its lanes: the float of mu
+ * while no state is NaN, else the max that skips NaN (bnbcy_opt_absmax_acc) of the states
+ * n[0..len) and of pad (the padding lanes' absmax, -FLT_MAX if none). */
+static inline float bnbcy_opt_block_absmax(uint32_t mu, const float *n, int64_t len, float pad) {
+    if (mu <= 0x7F800000u) return bnbcy_u2f(mu);
+    for (int64_t i = 0; i < len; i++) pad = bnbcy_opt_absmax_acc(pad, n[i]);
+    return pad;
+}
+
 
 /* ------------------------------------------- rules and loops, per lane width --- */
 

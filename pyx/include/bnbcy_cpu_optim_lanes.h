@@ -10,13 +10,15 @@
  *   L_LOADT/L_STORET(base, dt, i)  W elements of a float32/float16/bfloat16 array at index i
  *   L_LOADF/L_STOREF(ptr)          W float32
  *   L_DEQ(q, qmap, absmax)         qmap[q[0..W)] * absmax
- *   L_MAXABS(M, x)                 max(|x|, M) per lane, NaN x never enters
- *   L_HMAX(M)                      the largest lane
+ *   L_TI, L_ZEROI                  unsigned 32-bit lanes, all zero
+ *   L_MAXABSU(M, x)                max(bits of |x|, M) per lane (unsigned): while no x is NaN the
+ *                                  float of M is max |x|; a NaN makes M > the bits of inf
+ *   L_HMAXU(M)                     the largest lane of M
  *   L_BAD(x)                       lanes where x is NaN/inf, as an int bit mask
  *   L_ZERO(x)                      lanes where x == 0, as an int bit mask
  *   L_ACCU(acc, u)                 acc[k] += (double)(u*u) for lane k (u*u rounded to float)
- *   L_RQ(s, r, rq, q)              W codes of s*r through the requantization table
- *                                  (bnbcy_opt_rq_lookup, lane by lane) */
+ *   L_RQ(s, r, rq, q)              the codes of the block s[0..256) * r through the requantization
+ *                                  table (bnbcy_opt_rq_lookup, lane by lane); may overwrite s */
 
 #undef L_T
 #undef L_W
@@ -38,8 +40,10 @@
 #undef L_LOADF
 #undef L_STOREF
 #undef L_DEQ
-#undef L_MAXABS
-#undef L_HMAX
+#undef L_TI
+#undef L_ZEROI
+#undef L_MAXABSU
+#undef L_HMAXU
 #undef L_BAD
 #undef L_ZERO
 #undef L_RQ
@@ -67,11 +71,14 @@
 #define L_LOADF(ptr) (*(const float *)(ptr))
 #define L_STOREF(ptr, v) (*(float *)(ptr) = (v))
 #define L_DEQ(q, qmap, absmax) ((qmap)[*(q)] * (absmax))
-#define L_MAXABS(M, x) bnbcy_opt_absmax_acc(M, x)
-#define L_HMAX(M) (M)
+#define L_TI uint32_t
+#define L_ZEROI 0u
+#define L_MAXABSU(M, x) bnbcy_opt_maxabsu(M, x)
+#define L_HMAXU(M) (M)
 #define L_BAD(x) (!isfinite(x))
 #define L_ZERO(x) ((x) == 0.0f)
-#define L_RQ(s, r, rq, q) (*(q) = (uint8_t)bnbcy_opt_rq_lookup(rq, *(s) * (r)))
+#define L_RQ(s, r, rq, q) \
+    for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_++) (q)[i_] = (uint8_t)bnbcy_opt_rq_lookup(rq, (s)[i_] * (r))
 #define L_PREFETCH(p) ((void)(p))
 #define L_ACCU(acc, u) (*(acc) += (double)((u) * (u)))
 
@@ -95,8 +102,10 @@
 #define L_LOADF(ptr) _mm256_loadu_ps(ptr)
 #define L_STOREF(ptr, v) _mm256_storeu_ps(ptr, v)
 #define L_DEQ(q, qmap, absmax) _mm256_mul_ps(bnbcy_opt_lut8(q, qmap), absmax)
-#define L_MAXABS(M, x) _mm256_max_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))), M)
-#define L_HMAX(M) bnbcy_opt_hmax8(M)
+#define L_TI __m256i
+#define L_ZEROI _mm256_setzero_si256()
+#define L_MAXABSU(M, x) _mm256_max_epu32(M, _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF)))
+#define L_HMAXU(M) bnbcy_opt_hmaxu8(M)
 #define L_BAD(x) _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_UNORD_Q))
 #define L_ZERO(x) _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ))
 #define L_RQ(s, r, rq, q) bnbcy_opt_rq8(s, r, rq, q)
@@ -148,41 +157,49 @@ L_ATTR static inline void bnbcy_opt_accu8(double *acc, __m256 u) {
 
 /* Table lookups of 8 lanes by scalar loads: on Zen 3 a vpgatherdd/vgatherdps costs more than
  * the eight loads and inserts (the 8-bit Adam step ran 10% faster without the gathers). */
-L_ATTR static inline __m256 bnbcy_opt_lut8(const uint8_t *q, const float *lut) {
-    uint64_t c;
-    memcpy(&c, q, 8);
-    const __m128 lo = _mm_setr_ps(lut[c & 255], lut[(c >> 8) & 255], lut[(c >> 16) & 255], lut[(c >> 24) & 255]);
-    const __m128 hi = _mm_setr_ps(lut[(c >> 32) & 255], lut[(c >> 40) & 255], lut[(c >> 48) & 255], lut[c >> 56]);
+L_ATTR static inline __attribute__((always_inline)) __m256 bnbcy_opt_lut8(const uint8_t *q, const float *lut) {
+    uint32_t c0, c1;
+    memcpy(&c0, q, 4); memcpy(&c1, q + 4, 4);
+    const __m128 lo = _mm_setr_ps(lut[c0 & 255], lut[(c0 >> 8) & 255], lut[(c0 >> 16) & 255], lut[c0 >> 24]);
+    const __m128 hi = _mm_setr_ps(lut[c1 & 255], lut[(c1 >> 8) & 255], lut[(c1 >> 16) & 255], lut[c1 >> 24]);
     return _mm256_set_m128(hi, lo);
 }
 
-L_ATTR static inline __m256i bnbcy_opt_lut8_epi32(__m256i idx, const uint32_t *base) {
+L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_lut8_epi32(__m256i idx, const uint32_t *base) {
     uint32_t k[8] __attribute__((aligned(32)));
     _mm256_store_si256((__m256i *)k, idx);
     return _mm256_setr_epi32((int)base[k[0]], (int)base[k[1]], (int)base[k[2]], (int)base[k[3]],
                              (int)base[k[4]], (int)base[k[5]], (int)base[k[6]], (int)base[k[7]]);
 }
 
-L_ATTR static inline float bnbcy_opt_hmax8(__m256 M) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(M), _mm256_extractf128_ps(M, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
+L_ATTR static inline uint32_t bnbcy_opt_hmaxu8(__m256i M) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(M), _mm256_extracti128_si256(M, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
 }
 
-/* bnbcy_opt_rq_lookup of s[0..8) * r: the code is (u & 0xFFFF) <= T ? A : B. */
-L_ATTR static inline void bnbcy_opt_rq8(const float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
-    const __m256i u = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(s), r));
-    const __m256i e = bnbcy_opt_lut8_epi32(_mm256_srli_epi32(u, 16), rq);
+/* bnbcy_opt_rq_lookup of the block s[0..256) * r (s is overwritten with the products): the code
+ * is (u & 0xFFFF) <= T ? A : B. The products go through memory so that the table indices are
+ * loaded as 16-bit halves (no vector-to-GPR extracts, which are what limit a vpextrd version). */
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) _mm256_store_ps(s + i, _mm256_mul_ps(_mm256_load_ps(s + i), r));
+    const uint16_t *hw = (const uint16_t *)s + 1; /* the top half of product i is hw[2 i] */
     const __m256i low16 = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
-    /* both sides below 2^16: the signed compare is exact */
-    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
-    const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), byte);
-    const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
-    const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
-    const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
-    memcpy(q, &lo4, 4);
-    memcpy(q + 4, &hi4, 4);
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) {
+        const uint16_t *k = hw + 2 * i;
+        const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
+        const __m128i ehi = _mm_setr_epi32((int)rq[k[8]], (int)rq[k[10]], (int)rq[k[12]], (int)rq[k[14]]);
+        const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)(s + i));
+        /* both sides below 2^16: the signed compare is exact */
+        const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
+        const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), byte);
+        const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
+        const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
+        const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
+        memcpy(q + i, &lo4, 4);
+        memcpy(q + i + 4, &hi4, 4);
+    }
 }
 #endif
 
@@ -207,11 +224,14 @@ L_ATTR static inline void bnbcy_opt_rq8(const float *s, __m256 r, const uint32_t
 #define L_STOREF(ptr, v) _mm512_storeu_ps(ptr, v)
 #define L_DEQ(q, qmap, absmax) \
     _mm512_mul_ps(bnbcy_gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q))), qmap), absmax)
-#define L_MAXABS(M, x) _mm512_max_ps(_mm512_abs_ps(x), M)
-#define L_HMAX(M) _mm512_reduce_max_ps(M)
+#define L_TI __m512i
+#define L_ZEROI _mm512_setzero_si512()
+#define L_MAXABSU(M, x) _mm512_max_epu32(M, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)))
+#define L_HMAXU(M) _mm512_reduce_max_epu32(M)
 #define L_BAD(x) ((int)_mm512_fpclass_ps_mask(x, 0x99))
 #define L_ZERO(x) ((int)_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ))
-#define L_RQ(s, r, rq, q) bnbcy_opt_rq16(s, r, rq, q)
+#define L_RQ(s, r, rq, q) \
+    for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_ += 16) bnbcy_opt_rq16((s) + i_, r, rq, (q) + i_)
 #define L_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define L_ACCU(acc, u) bnbcy_opt_accu16(acc, u)
 

@@ -48,6 +48,9 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_chunk_
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int opt) {
     const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
     int64_t i = start;
+    /* until a vector needs the scalar path, a loop without calls (a call clobbers its registers) */
+    for (; i + L_W <= start + len; i += L_W)
+        if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) break;
     for (; i + L_W <= start + len; i += L_W)
         if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) bnbcy_opt32_chunk_scalar(a, t, i, L_W);
     if (i < start + len) bnbcy_opt32_chunk_scalar(a, t, i, start + len - i);
@@ -67,23 +70,33 @@ L_ATTR static void L_FN(bnbcy_opt32_chunk)(const bnbcy_opt_args *a, const bnbcy_
 
 /* ----------------------------------------------------------------- 8-bit --- */
 
+/* The dequantized states of one full block, into d (SIMD widths: the block loop then reads them
+ * from there, which keeps the lookups off the rule's dependency chain). */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_deq)(const uint8_t *q, const float *qmap,
+                                                                          const L_T am, const int fz, float *d) {
+    if (fz) for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_STOREF(d + i, L_FTZ(L_DEQ(q + i, qmap, am)));
+    else for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_STOREF(d + i, L_DEQ(q + i, qmap, am));
+}
+
 /* Elements [i, i + L_W) of an 8-bit block: dequantize, apply the rule, store p and the new
- * states (unquantized, into n1/n2/n3), fold them into the block's absmax M1/M2/M3. Returns 0,
+ * states (unquantized, into n1/n2/n3), fold the bits of their |values| into M[0..3)
+ * (L_MAXABSU: the block's absmax and whether a state is NaN in one unsigned max). Returns 0,
  * writing nothing, when the vector needs the scalar path (above the scalar width). */
 L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     const L_FN(bnbcy_opt_lhp) *h, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int i,
-    const L_T *am, float *n1, float *n2, float *n3, L_T *M, L_T *fin, const int opt) {
+    const L_T *am, float *n1, float *n2, float *n3, L_TI *M, const int opt) {
     const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
     const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
     const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
-    L_T p = p0, s1 = L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
+    /* above the scalar width the old states were dequantized into n1/n2/n3 (bnbcy_opt8_deq) */
+    L_T p = p0, s1 = L_W > 1 ? L_LOADF(n1 + i) : L_FTZ_IF(h->fz1, L_DEQ(q1, a->qmap1, am[0])), s2, s3;
     if (two) {
         const L_T g = L_MUL(gr, h->gns);
-        s2 = L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
+        s2 = L_W > 1 ? L_LOADF(n2 + i) : L_FTZ_IF(h->fz2, L_DEQ((const uint8_t *)t->s2 + start + i, a->qmap2, am[1]));
         if (opt == BNBCY_OPT_ADAM) {
             L_FN(bnbcy_rule_adam)(h, 1, g, &s1, &s2, &p);
         } else {
-            s3 = L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
+            s3 = L_W > 1 ? L_LOADF(n3 + i) : L_FTZ_IF(h->fz3, L_DEQ(q1 + t->n, a->qmap1, am[2]));
             L_FN(bnbcy_rule_ademamix)(h, 1, g, &s1, &s2, &s3, &p);
         }
         if (L_W == 1 && L_BAD(gr)) { /* a non-finite gradient resets the states, keeps p */
@@ -92,12 +105,10 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
         }
         if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
         L_STOREF(n2 + i, s2);
-        M[1] = L_MAXABS(M[1], s2);
-        fin[1] = L_ADD(fin[1], L_SUB(s2, s2));
+        M[1] = L_MAXABSU(M[1], s2);
         if (opt == BNBCY_OPT_ADEMAMIX) {
             L_STOREF(n3 + i, s3);
-            M[2] = L_MAXABS(M[2], s3);
-            fin[2] = L_ADD(fin[2], L_SUB(s3, s3));
+            M[2] = L_MAXABSU(M[2], s3);
         }
     } else {
         const L_T d1 = s1;
@@ -112,20 +123,19 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
         }
     }
     L_STOREF(n1 + i, s1);
-    M[0] = L_MAXABS(M[0], s1);
-    fin[0] = L_ADD(fin[0], L_SUB(s1, s1)); /* stays 0 while every state is finite */
+    M[0] = L_MAXABSU(M[0], s1);
     L_STORET(t->p, dt, start + i, p);
     return 1;
 }
 
 /* Requantizes one block of new states with its absmax M: through the requantization table when
  * it applies (a full block, 0 < M <= FLT_MAX: every state finite), else bnbcy_opt_requant. */
-L_ATTR static inline void L_FN(bnbcy_opt_requant)(const float *s, int64_t len, float M, const float *code,
+L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
                                                   const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
                                                   uint8_t *q) {
     if (L_W > 1 && rq != NULL && len == BNBCY_OPT_BLOCK && M > 0.0f && M <= FLT_MAX) {
         const L_T r = L_SET1(bnbcy_opt_recip(M));
-        for (int i = 0; i < BNBCY_OPT_BLOCK; i += L_W) L_RQ(s + i, r, rq, q + i);
+        L_RQ(s, r, rq, q);
         return;
     }
     bnbcy_opt_requant(s, len, M, code, t, sign_fix, q);
@@ -152,13 +162,9 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
         h.fz3 = bnbcy_opt_may_flush(am3, a->qmin1, a->b3);
     }
     const L_T am[3] = {L_SET1(am1), L_SET1(am2), L_SET1(am3)};
-    L_T M[3] = {L_SET1(-FLT_MAX), L_SET1(-FLT_MAX), L_SET1(-FLT_MAX)};
-    float Ms[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* lanes redone by the scalar path */
-    /* the requantization table holds finite states only (a NaN state never enters the absmax):
-     * it serves a block whose states are all finite and that the scalar path did not touch */
-    L_T fin[3] = {L_SET1(0.0f), L_SET1(0.0f), L_SET1(0.0f)};
-    float fins[3] = {0.0f, 0.0f, 0.0f};
-    int table_ok = 1;
+    L_TI M[3] = {L_ZEROI, L_ZEROI, L_ZEROI};
+    uint32_t Ms[3] = {0u, 0u, 0u}; /* lanes redone by the scalar path, and the padding lanes */
+    float pad[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* the padding lanes' absmax */
     if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
         const int64_t ahead = start + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
         const size_t isz = a->dtype == BNBCY_F32 ? 4 : 2;
@@ -172,13 +178,24 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
             if (ademamix) L_PREFETCH((const uint8_t *)t->s1 + t->n + ahead + k);
         }
     }
-    for (int i = 0; i + L_W <= len; i += L_W) {
-        if (L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, fin, opt)) continue;
+    if (L_W > 1) {
+        const uint8_t *q1 = (const uint8_t *)t->s1 + start;
+        L_FN(bnbcy_opt8_deq)(q1, a->qmap1, am[0], h.fz1, n1);
+        if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + start, a->qmap2, am[1], h.fz2, n2);
+        if (ademamix) L_FN(bnbcy_opt8_deq)(q1 + t->n, a->qmap1, am[2], h.fz3, n3);
+    }
+    /* vectors that need the scalar path, redone after the loop (they touch only their own
+     * lanes): no call inside the loop, whose registers a call would clobber */
+    uint32_t redo = 0;
+    for (int i = 0; i + L_W <= len; i += L_W)
+        if (!L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, opt)) redo |= 1u << (i / L_W % 32);
+    if (L_W > 1 && redo) {
         const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
         const float ams[3] = {am1, am2, am3};
-        table_ok = 0;
-        for (int k = i; k < i + L_W; k++)
-            bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, fins, opt);
+        for (int v = 0; v < BNBCY_OPT_BLOCK / L_W; v++)
+            if (redo >> v & 1)
+                for (int k = v * L_W; k < (v + 1) * L_W; k++)
+                    bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, opt);
     }
     if (len < BNBCY_OPT_BLOCK) { /* padding lanes (scalar width only): code 128 / 0, g = 0, p = 0 */
         const float d1 = bnbcy_ftz(a->qmap1[128] * am1);
@@ -188,25 +205,27 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
         if (opt == BNBCY_OPT_ADAM) bnbcy_rule_adam_scalar(&hs, 1, 0.0f, &s1, &s2, &p);
         else if (opt == BNBCY_OPT_ADEMAMIX) bnbcy_rule_ademamix_scalar(&hs, 1, 0.0f, &s1, &s2, &s3, &p);
         else if (bnbcy_rule_1state_scalar(&hs, 1, opt, 0.0f, &s1, &p, &pd) & 1) s1 = d1;
-        Ms[0] = bnbcy_opt_absmax_acc(Ms[0], s1);
-        if (two) Ms[1] = bnbcy_opt_absmax_acc(Ms[1], s2);
-        if (ademamix) Ms[2] = bnbcy_opt_absmax_acc(Ms[2], s3);
+        const float ps[3] = {s1, s2, s3};
+        for (int k = 0; k < 3; k++) {
+            Ms[k] = bnbcy_opt_maxabsu(Ms[k], ps[k]);
+            pad[k] = bnbcy_opt_absmax_acc(pad[k], ps[k]);
+        }
     }
-    const float m1 = fmaxf(Ms[0], L_HMAX(M[0]));
-    t->absmax1[b] = m1;
-    L_FN(bnbcy_opt_requant)(n1, len, m1, a->qmap1, a->t1, table_ok && !L_BAD(fin[0]) ? a->rq1 : NULL, 1,
-                            (uint8_t *)t->s1 + start);
-    if (two) {
-        const float m2 = fmaxf(Ms[1], L_HMAX(M[1]));
-        t->absmax2[b] = m2;
-        L_FN(bnbcy_opt_requant)(n2, len, m2, a->qmap2, a->t2, table_ok && !L_BAD(fin[1]) ? a->rq2 : NULL, 0,
-                                (uint8_t *)t->s2 + start);
-    }
-    if (ademamix) {
-        const float m3 = fmaxf(Ms[2], L_HMAX(M[2]));
-        t->absmax1[nblocks + b] = m3;
-        L_FN(bnbcy_opt_requant)(n3, len, m3, a->qmap1, a->t1, table_ok && !L_BAD(fin[2]) ? a->rq1 : NULL, 1,
-                                (uint8_t *)t->s1 + t->n + start);
+    /* state k: its codes, map, search and requantization tables, absmax slot (ademamix's slow
+     * EMA is state 3: the second half of s1 and absmax1) */
+    uint8_t *const qs[3] = {(uint8_t *)t->s1 + start, two ? (uint8_t *)t->s2 + start : NULL,
+                            (uint8_t *)t->s1 + t->n + start};
+    float *const ams_out[3] = {t->absmax1 + b, two ? t->absmax2 + b : NULL, t->absmax1 + nblocks + b};
+    float *const ns[3] = {n1, n2, n3};
+    const uint32_t Mv[3] = {L_HMAXU(M[0]), L_HMAXU(M[1]), L_HMAXU(M[2])}; /* M indexed by constants only */
+    for (int k = 0; k < (ademamix ? 3 : two ? 2 : 1); k++) {
+        const uint32_t mu = Mv[k] > Ms[k] ? Mv[k] : Ms[k];
+        const float m = bnbcy_opt_block_absmax(mu, ns[k], len, pad[k]);
+        const int s2nd = k == 1; /* state 2 has the unsigned map, no sign fix */
+        *ams_out[k] = m;
+        /* the requantization table holds finite states only (a NaN state never enters m) */
+        L_FN(bnbcy_opt_requant)(ns[k], len, m, s2nd ? a->qmap2 : a->qmap1, s2nd ? a->t2 : a->t1,
+                                mu < 0x7F800000u ? (s2nd ? a->rq2 : a->rq1) : NULL, !s2nd, qs[k]);
     }
 }
 
@@ -235,12 +254,46 @@ L_ATTR static void L_FN(bnbcy_opt8_chunk)(const bnbcy_opt_args *a, const bnbcy_o
 /* Sum of u^2 over [start, start+len) (a chunk starts on a 256-block), in BNBCY_OPT_LANES double
  * lanes, element i of the chunk in lane i mod 16, the lanes added in order at the end: every
  * width gives the same sum. */
+/* The would-be update of L_W elements with gradient gr and old states s1, s2; an 8-bit adam lane
+ * with a non-finite gradient contributes 0. */
+L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_opt_unorm_vec)(
+    const L_FN(bnbcy_opt_lhp) *h, const int f8, const int opt, L_T gr, L_T s1, L_T s2) {
+    L_T u = L_FN(bnbcy_rule_unorm)(h, f8, opt, gr, s1, s2);
+    if (f8 && opt == BNBCY_OPT_ADAM && L_BAD(gr)) {
+        if (L_W > 1) { /* lane by lane */
+            float uu[L_W];
+            L_STOREF(uu, u);
+            float grs[L_W];
+            L_STOREF(grs, gr);
+            for (int k = 0; k < L_W; k++) if (!isfinite(grs[k])) uu[k] = 0.0f;
+            u = L_LOADF(uu);
+        } else {
+            u = L_SET1(0.0f);
+        }
+    }
+    return u;
+}
+
 L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_chunk_k)(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int f8, const int opt) {
     const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
     const int dt = a->dtype, two = opt == BNBCY_OPT_ADAM;
     double acc[BNBCY_OPT_LANES] __attribute__((aligned(64))) = {0.0};
     int64_t i = start;
+    if (f8 && L_W > 1) { /* full blocks: the states dequantized first, off the rule's dependency chain */
+        float d1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), d2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
+        for (; i + BNBCY_OPT_BLOCK <= start + len; i += BNBCY_OPT_BLOCK) {
+            const int64_t b = i / BNBCY_OPT_BLOCK;
+            L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(t->absmax1[b]), 1, d1);
+            if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(t->absmax2[b]), 1, d2);
+            for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
+                for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
+                    const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
+                    L_ACCU(acc + l, L_FN(bnbcy_opt_unorm_vec)(&h, 1, opt, L_LOADT(t->g, dt, i + j + l),
+                                                              L_LOADF(d1 + j + l), s2));
+                }
+        }
+    }
     for (; i + L_W <= start + len; i += L_W) {
         const L_T gr = L_LOADT(t->g, dt, i);
         L_T s1, s2 = L_SET1(0.0f);
@@ -252,20 +305,7 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
             s1 = L_LOADF((const float *)t->s1 + i);
             if (two) s2 = L_LOADF((const float *)t->s2 + i);
         }
-        L_T u = L_FN(bnbcy_rule_unorm)(&h, f8, opt, gr, s1, s2);
-        if (f8 && two && L_BAD(gr)) {
-            if (L_W > 1) { /* lane by lane */
-                float uu[L_W];
-                L_STOREF(uu, u);
-                float grs[L_W];
-                L_STOREF(grs, gr);
-                for (int k = 0; k < L_W; k++) if (!isfinite(grs[k])) uu[k] = 0.0f;
-                u = L_LOADF(uu);
-            } else {
-                u = L_SET1(0.0f);
-            }
-        }
-        L_ACCU(acc + (i - start) % BNBCY_OPT_LANES, u);
+        L_ACCU(acc + (i - start) % BNBCY_OPT_LANES, L_FN(bnbcy_opt_unorm_vec)(&h, f8, opt, gr, s1, s2));
     }
     if (i < start + len) { /* tail: the scalar lanes continue the same accumulators */
         const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
