@@ -95,12 +95,13 @@ def error_bound(x64, W64, bias64, dtype):
 
 def _selfcheck_problems():
     """Fixed weights from random codes and statistics (no quantizer involved): odd K with partial
-    blocks and nested statistics; K = 8 * 17 with plain statistics and a map holding -0.0."""
+    blocks, tails and nested statistics (the element-order path); K = 5 * 32 with plain statistics,
+    rows starting mid-block and a map holding -0.0 (the group path)."""
     g = torch.Generator().manual_seed(15)
     nf4 = torch.sort(torch.randn(16, generator=g))[0]
     fp4 = torch.tensor([0.0, 0.0052, 0.67, 1.0, 0.33, 0.5, 0.16, 0.25] * 2) * torch.tensor([1.0] * 8 + [-1.0] * 8)
     out = []
-    for N, K, bs, nested, code in ((5, 75, 32, True, nf4), (3, 136, 64, False, fp4)):
+    for N, K, bs, nested, code in ((5, 75, 32, True, nf4), (3, 160, 64, False, fp4)):
         nb = -(-N * K // bs)
         B = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, generator=g)
         if nested:
