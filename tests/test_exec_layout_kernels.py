@@ -180,3 +180,20 @@ def test_plans_cover_every_isa():
     assert _C.cpu_isa() in FE.PLANS
     for p in FE.PLANS.values():
         assert p.fused_max_rows >= 1 and p.tile_bytes >= 4096 and p.weights_per_thread >= 1
+
+
+@pytest.mark.parametrize("N,K", ((24, 128), (7, 129)))
+def test_functional_gemm_4bit_runs_the_exec_kernel(isa, N, K):
+    """The functional CPU gemv/gemm (up to the plan's cut-over) is the execution layout's fused
+    kernel: same bits (more rows: both dequantize in tiles, in different dtypes)."""
+    from bnbcy.functional import gemm_4bit, gemv_4bit
+    q, st = _weight(N, K, True, seed=K)
+    for dtype in DTYPES:
+        for M in (1, min(5, FE.plan().fused_max_rows)):
+            x = torch.randn(M, K, generator=_gen(M)).to(dtype)
+            y = _call(x, q, st)
+            assert torch.equal(gemm_4bit(x, q.t(), st), y)
+            assert torch.equal(gemv_4bit(x, q.t(), state=st), y)
+    x = torch.randn(2, K, generator=_gen(9))
+    yn = gemm_4bit(x.numpy(), q.numpy(), st)  # NumPy operands take the same kernel
+    assert torch.equal(torch.from_numpy(yn), _call(x, q, st))

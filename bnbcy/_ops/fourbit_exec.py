@@ -175,6 +175,15 @@ def _threads(p: ExecPlan, weights: int) -> int:
     return max(1, min(torch.get_num_threads(), weights // p.weights_per_thread))
 
 
+def fused(a, q, code, scales, bias, out, M, N, K, blocksize):
+    """``out = a @ W.T (+ bias)`` on validated views with the fused kernel, the self-checked
+    instruction set and the plan's threads: the one launch of the few-row product, for the
+    execution layout and for the functional ``gemm_4bit``/``gemv_4bit`` on the CPU."""
+    isa = kernel_isa()
+    _C.cpu_q4x_gemm_fused(a, q, code, scales, bias, out, M, N, K, blocksize, _threads(PLANS[isa], N * K),
+                          ISA_NAMES.index(isa))
+
+
 def _check(A, B, code, absmax, nested_code, nested_absmax, nested_offset, blocksize, N, bias):
     if A.device.type != "cpu" or A.dtype not in FLOAT_DTYPES:
         raise ValueError(f"gemm_4bit_exec: A must be a float32/float16/bfloat16 CPU tensor, got {A.dtype} "
@@ -228,12 +237,10 @@ def _gemm_4bit_exec(A, B, code, absmax, nested_code, nested_absmax, nested_offse
                   _view(nested_absmax, "nested_absmax"), float(nested_offset.item()), int(nested_blocksize))
     isa = kernel_isa()
     p, k = PLANS[isa], ISA_NAMES.index(isa)
-    threads = _threads(p, N * K)
     A2 = A.reshape(M, K).contiguous()
     if M <= p.fused_max_rows:
-        _C.cpu_q4x_gemm_fused(_arrays.input_view(A2, "A"), qv, cv, scales,
-                              _view(bias, "bias") if bias is not None else None,
-                              _arrays.input_view(out, "out"), M, N, K, blocksize, threads, k)
+        fused(_arrays.input_view(A2, "A"), qv, cv, scales, _view(bias, "bias") if bias is not None else None,
+              _arrays.input_view(out, "out"), M, N, K, blocksize)
         return out
     # many rows: float32 tiles of weight rows + torch's float32 GEMM
     A32 = A2.float()

@@ -49,6 +49,20 @@ static inline float bnbcy_q4x_scale(const bnbcy_q4x_weight *W, int64_t b) {
         e_ = end_;                                                                \
     }
 
+/* Calls BODY(..., R) with R = rows as a compile-time constant (1..8), so the per-row
+ * accumulators of the always-inline bodies stay in registers. */
+#define BNBCY_ROWS_DISPATCH(BODY, rows, ...)                                   \
+    switch (rows) {                                                           \
+    case 1: BODY(__VA_ARGS__, 1); break;                                      \
+    case 2: BODY(__VA_ARGS__, 2); break;                                      \
+    case 3: BODY(__VA_ARGS__, 3); break;                                      \
+    case 4: BODY(__VA_ARGS__, 4); break;                                      \
+    case 5: BODY(__VA_ARGS__, 5); break;                                      \
+    case 6: BODY(__VA_ARGS__, 6); break;                                      \
+    case 7: BODY(__VA_ARGS__, 7); break;                                      \
+    default: BODY(__VA_ARGS__, 8); break;                                     \
+    }
+
 #if BNBCY_HAVE_AVX512_PATH /* x86-64 with GCC/Clang: the AVX2 and AVX-512 paths exist */
 /* Every AVX2 CPU made so far has FMA, but the ISA does not promise it. */
 static int bnbcy_q4x_has_fma(void) {
