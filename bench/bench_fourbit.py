@@ -8,6 +8,7 @@ Usage::
     python bench/bench_fourbit.py               # the bars (several minutes on 2 cores)
     python bench/bench_fourbit.py --quick       # smoke run (small layers, few rounds)
     python bench/bench_fourbit.py --calibrate   # fused/tiled cut-over and threads for this ISA
+    python bench/bench_fourbit.py --generate    # only the generation through transformers
     python bench/bench_fourbit_functional.py    # the functional quantize/dequantize/gemv bench
 
 Method
@@ -211,7 +212,7 @@ def calibrate(K, N, repeats):
     """Fused vs tiled at several row counts, and 1 vs 2 threads for small layers, on this ISA."""
     import dataclasses
     from bnbcy._ops import fourbit_exec as FE
-    isa, base = _C.cpu_isa(), FE.plan()
+    isa, base = FE.kernel_isa(), FE.plan()
     layers = make_layers("bnbcy", K, N, rotation(packed_bytes(K, N)))
     report = {"isa": isa, "plan": dataclasses.asdict(base), "rows": {}, "threads": {}}
     for M in (2, 4, 8, 12, 16, 24, 32, 48):
@@ -247,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-generate", action="store_true", help="skip the transformers generation")
     ap.add_argument("--calibrate", action="store_true", help="measure the cut-over and threads of this ISA")
+    ap.add_argument("--generate", action="store_true", help="only the generation bench (batch 1 and 8)")
+    ap.add_argument("--gen-repeats", type=int, default=5, help="interleaved rounds of the generation bench")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar fails")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args(argv)
@@ -254,6 +257,8 @@ def main(argv=None):
     meta = harness.collect_metadata("cpu")
     meta["cpu_flags"] = sorted(f for f in _cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))
     meta["bnbcy_cpu_isa"] = _C.cpu_isa()
+    from bnbcy._ops import fourbit_exec
+    meta["bnbcy_kernel_isa"] = fourbit_exec.kernel_isa()  # after the self-check
     meta["load_average"] = os.getloadavg()
     print(f"CPU {meta['cpu_model']} ({', '.join(meta['cpu_flags'])}), bnbcy ISA {meta['bnbcy_cpu_isa']}, "
           f"{args.threads} threads, load average {meta['load_average'][0]:.1f}")
@@ -261,24 +266,35 @@ def main(argv=None):
     if args.calibrate:
         report = {"calibration": calibrate(1024 if args.quick else 4096, 1024 if args.quick else 4096,
                                            5 if args.quick else args.repeats)}
-        return _write(args, meta, report)
+        return _write(args, meta, report, "calibrate")
+    if args.generate:
+        gen = bench_generation(bnb, (1,) if args.quick else (1, 8), 2 if args.quick else args.gen_repeats)
+        bars = evaluate([], gen)
+        _print_bars(bars)
+        _write(args, meta, {"generation": gen, "bars": bars}, "generate")
+        return 1 if args.strict and any(b["pass"] is False for b in bars) else 0
     repeats = 5 if args.quick else args.repeats
     shapes = ((1024, 1024), (512, 1408)) if args.quick else SHAPES
     rows = (1, 16, 64) if args.quick else ROWS
     bw = read_bandwidth()
     print(f"read bandwidth: best {bw['best_gbps']:.1f} GB/s, median {bw['median_gbps']:.1f} GB/s")
     layers = bench_layers(shapes, rows, repeats, bnb)
-    gen = None if args.no_generate else bench_generation(bnb, (1,) if args.quick else (1, 8), 2 if args.quick else 5)
+    gen = None if args.no_generate else bench_generation(bnb, (1,) if args.quick else (1, 8),
+                                                         2 if args.quick else args.gen_repeats)
     bars = evaluate(layers, gen)
-    for b in bars:
-        status = "N/A" if b["pass"] is None else ("PASS" if b["pass"] else "FAIL")
-        print(f"{status:4}  {b['bar']}: {b['value']:.2f} (need {'>=' if 'time' not in b['bar'] else '<='} {b['need']})")
+    _print_bars(bars)
     one_row = [e for e in layers if e["rows"] == 1]
     for e in one_row:
         print(f"1 row {e['K']}->{e['N']}: {e['bnbcy_gbps']:.1f} GB/s of weight bytes = "
               f"{e['bnbcy_gbps'] / bw['best_gbps']:.0%} of the measured read bandwidth")
     _write(args, meta, {"read_bandwidth": bw, "layers": layers, "generation": gen, "bars": bars})
     return 1 if args.strict and any(b["pass"] is False for b in bars) else 0
+
+
+def _print_bars(bars):
+    for b in bars:
+        status = "N/A" if b["pass"] is None else ("PASS" if b["pass"] else "FAIL")
+        print(f"{status:4}  {b['bar']}: {b['value']:.2f} (need {'>=' if 'time' not in b['bar'] else '<='} {b['need']})")
 
 
 def _cpu_flags():
@@ -292,8 +308,9 @@ def _cpu_flags():
     return []
 
 
-def _write(args, meta, payload):
-    path = args.out or harness.RESULTS_DIR / f"fourbit-exec-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+def _write(args, meta, payload, kind="module"):
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    path = args.out or harness.RESULTS_DIR / f"fourbit-exec-{kind}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "fourbit_exec", "meta": meta, **payload}, indent=1, default=str))
     print(f"wrote {path}")

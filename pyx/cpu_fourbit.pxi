@@ -1,5 +1,6 @@
-# CPU kernels of 4-bit quantization and of the fused 4-bit matmul; the loops live
-# in include/bnbcy_cpu_fourbit.h and run with the GIL released (OpenMP).
+# CPU kernels of 4-bit quantization and dequantization; the loops live in
+# include/bnbcy_cpu_fourbit.h and run with the GIL released (OpenMP). The 4-bit matmul runs the
+# execution layout's kernels (cpu_fourbit_exec.pxi).
 
 from libc.stdint cimport uint32_t
 
@@ -18,9 +19,6 @@ cdef extern from "bnbcy_cpu_fourbit.h" nogil:
     int bnbcy_q4_dequantize(const uint8_t *q, const float *lut, const bnbcy_q4_scales *sc,
                             int64_t start, int64_t count, int64_t blocksize, void *out, int dtype,
                             int nthreads)
-    int bnbcy_q4_gemm(const void *A, int dtype, int64_t M, const uint8_t *q, const float *code,
-                      const bnbcy_q4_scales *sc, int64_t blocksize, const void *bias, void *out,
-                      int64_t N, int64_t K, int nthreads)
 
 
 cdef int _quant_type_code(str quant_type) except -1:
@@ -106,41 +104,3 @@ def cpu_dequantize_4bit(TensorView q, scales, TensorView out, int64_t start, int
     cdef int nthreads = omp_get_max_threads()
     with nogil:
         bnbcy_q4_dequantize(qp, lut, &sc, start, count, blocksize, o, dtype, nthreads)
-
-
-def cpu_gemm_4bit(TensorView A, TensorView B, TensorView code, scales, TensorView bias, TensorView out,
-                  int64_t M, int64_t N, int64_t K, int64_t blocksize):
-    """``out[M, N] = A[M, K] @ W[N, K]^T (+ bias)`` straight from the packed 4-bit ``W`` (``B``).
-
-    ``code`` holds the 16 values of the map; ``bias`` may be None.
-    """
-    if blocksize <= 0 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two, got {blocksize}")
-    if M < 0 or N <= 0 or K <= 0:
-        raise ValueError(f"invalid matmul shape M={M}, N={N}, K={K}")
-    _require(A, "A", None, M * K)
-    _require(B, "B", "uint8", -1)
-    if B.numel < (N * K + 1) // 2:
-        raise ValueError(f"B must hold at least {(N * K + 1) // 2} bytes for a {N}x{K} weight, got {B.numel}")
-    _require(code, "code", "float32", 16)
-    _require(out, "out", A.dtype, M * N)
-    if out.readonly:
-        raise ValueError("out must be writable")
-    if bias is not None:
-        _require(bias, "bias", A.dtype, N)
-    cdef int dtype = _float_code(A, "A")
-    cdef bnbcy_q4_scales sc
-    _q4_scales(&sc, scales, (N * K + blocksize - 1) // blocksize)
-    cdef const void *a = A.data
-    cdef const uint8_t *bp = <const uint8_t *>B.data
-    cdef const float *c = <const float *>code.data
-    cdef const void *bi = bias.data if bias is not None else NULL
-    cdef void *o = out.data
-    cdef int nthreads = omp_get_max_threads()
-    cdef int rc
-    if M == 0:
-        return
-    with nogil:
-        rc = bnbcy_q4_gemm(a, dtype, M, bp, c, &sc, blocksize, bi, o, N, K, nthreads)
-    if rc == -2:
-        raise MemoryError("cpu_gemm_4bit: could not allocate its work buffers")

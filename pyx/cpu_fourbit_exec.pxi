@@ -12,7 +12,8 @@ cdef extern from "bnbcy_cpu_fourbit_exec.h" nogil:
     int bnbcy_q4x_dequant_rows(const bnbcy_q4x_weight *W, int64_t n0, int64_t n1, float *buf,
                                int nthreads, int isa)
 
-# The ISA in effect is cpu_blockwise.pxi's cpu_isa() (BNBCY_CPU_ISA synced when a view is made).
+# The kernels run the instruction set they are given (0 scalar, 1 avx2, 2 avx512: the op layer's
+# self-checked choice), clamped in C to what the CPU has and to BNBCY_CPU_ISA (cpu_isa()).
 
 
 cdef int _q4x_weight(bnbcy_q4x_weight *W, bnbcy_q4_scales *sc, TensorView q, TensorView code, object scales,
@@ -31,9 +32,10 @@ cdef int _q4x_weight(bnbcy_q4x_weight *W, bnbcy_q4_scales *sc, TensorView q, Ten
 
 
 def cpu_q4x_gemm_fused(TensorView A, TensorView q, TensorView code, scales, TensorView bias, TensorView out,
-                       int64_t M, int64_t N, int64_t K, int64_t blocksize, int nthreads):
+                       int64_t M, int64_t N, int64_t K, int64_t blocksize, int nthreads, int isa):
     """``out[M, N] = A[M, K] @ W[N, K]^T (+ bias)`` from the packed weight, each weight row
-    decoded once for all rows of ``A`` (``scales``: see ``_q4_scales``; ``bias`` may be None)."""
+    decoded once for all rows of ``A`` (``scales``: see ``_q4_scales``; ``bias`` may be None;
+    ``isa``: 0 scalar, 1 avx2, 2 avx512, lowered to what the CPU and ``BNBCY_CPU_ISA`` allow)."""
     cdef bnbcy_q4x_weight W
     cdef bnbcy_q4_scales sc
     _q4x_weight(&W, &sc, q, code, scales, N, K, blocksize)
@@ -49,7 +51,6 @@ def cpu_q4x_gemm_fused(TensorView A, TensorView q, TensorView code, scales, Tens
     cdef const void *a = A.data
     cdef const void *bi = bias.data if bias is not None else NULL
     cdef void *o = out.data
-    cdef int isa = bnbcy_cpu_isa()
     cdef int rc
     if M == 0:
         return
@@ -61,9 +62,10 @@ def cpu_q4x_gemm_fused(TensorView A, TensorView q, TensorView code, scales, Tens
 
 
 def cpu_q4x_dequant_rows(TensorView q, TensorView code, scales, TensorView buf, int64_t n0, int64_t n1,
-                         int64_t N, int64_t K, int64_t blocksize, int nthreads):
+                         int64_t N, int64_t K, int64_t blocksize, int nthreads, int isa):
     """Rows ``[n0, n1)`` of the packed ``[N, K]`` weight as float32 into ``buf`` (row-major,
-    ``(n1 - n0) * K`` values at its start), with the values ``cpu_dequantize_4bit`` writes."""
+    ``(n1 - n0) * K`` values at its start), with the values ``cpu_dequantize_4bit`` writes
+    (``isa`` as for ``cpu_q4x_gemm_fused``)."""
     cdef bnbcy_q4x_weight W
     cdef bnbcy_q4_scales sc
     _q4x_weight(&W, &sc, q, code, scales, N, K, blocksize)
@@ -73,7 +75,6 @@ def cpu_q4x_dequant_rows(TensorView q, TensorView code, scales, TensorView buf, 
     if buf.numel < (n1 - n0) * K or buf.readonly:
         raise ValueError(f"buf must be a writable float32 buffer of at least {(n1 - n0) * K} values")
     cdef float *b = <float *>buf.data
-    cdef int isa = bnbcy_cpu_isa()
     nthreads = max(1, min(nthreads, omp_get_max_threads()))
     with nogil:
         bnbcy_q4x_dequant_rows(&W, n0, n1, b, nthreads, isa)

@@ -11,12 +11,13 @@ from bnbcy.functional.fourbit import dequantize_4bit, quantize_4bit
 from bnbcy.nn._exec_layout import build
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# output rounding of each dtype (a relative bound, above half an ulp)
-ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-# (N, K): whole vectors; K a multiple of 8 but not of the block; K even, not of 8 (tails);
-# odd K (rows start at odd nibbles); one row; more rows than a row block of the kernel
-SHAPES = ((24, 128), (33, 72), (10, 70), (7, 129), (1, 257), (130, 1032))
-ISAS = [isa for isa in ("scalar", "avx2") if isa != "avx2" or _C.cpu_isa() in ("avx2", "avx512")]
+# (N, K): K % 32 == 0 (the group path: A in the width's group order); K a multiple of 8 but not
+# of the block; K even, not of 8 (tails); odd K (rows start at odd nibbles); one row; more rows
+# than a row block of the kernel, without and with the group path
+SHAPES = ((24, 128), (9, 160), (33, 72), (10, 70), (7, 129), (1, 257), (130, 1032), (130, 1024))
+_HAS = {"scalar": True, "avx2": _C.cpu_isa() in ("avx2", "avx512"), "avx512": _C.cpu_isa() == "avx512"}
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(not _HAS[isa], reason=f"this CPU has no {isa} (hardware)"))
+        for isa in FE.ISA_NAMES]
 
 
 def _gen(seed):
@@ -26,7 +27,7 @@ def _gen(seed):
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     monkeypatch.setenv("BNBCY_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
+    assert _C.cpu_isa() == request.param and FE.kernel_isa() == request.param
     return request.param
 
 
@@ -55,12 +56,8 @@ def _call(x, q, st, bias=None):
 def _check(y, x, q, st, bias=None):
     """|y - ref| within float32 accumulation error plus the output dtype's rounding."""
     W = dequantize_4bit(q, st).double().reshape(tuple(st.shape))
-    x64 = x.double().reshape(-1, x.shape[-1])
-    ref = x64 @ W.T
-    mag = x64.abs() @ W.abs().T
-    if bias is not None:
-        ref, mag = ref + bias.double(), mag + bias.double().abs()
-    bound = mag * (x.shape[-1] * 2.0 ** -23 + 1e-6) + ref.abs() * ROUNDING[x.dtype] + 1e-30
+    ref, bound = FE.error_bound(x.double().reshape(-1, x.shape[-1]), W,
+                                bias.double() if bias is not None else None, x.dtype)
     y64 = y.double().reshape(ref.shape)
     assert y.dtype == x.dtype and torch.isfinite(y64).all()
     bad = (y64 - ref).abs() > bound
@@ -81,9 +78,10 @@ def test_shapes_rows_isas_paths(isa, path, N, K, nested):
 @pytest.mark.parametrize("quant_type", ("nf4", "fp4"))
 @pytest.mark.parametrize("blocksize", (32, 128, 4096))
 def test_blocksizes_types_bias_batch_dims(isa, path, quant_type, blocksize):
-    q, st = _weight(19, 200, True, quant_type=quant_type, blocksize=blocksize, seed=blocksize)
+    K = {32: 224, 128: 200, 4096: 256}[blocksize]  # group path at 32 (one group per block) and 4096
+    q, st = _weight(19, K, True, quant_type=quant_type, blocksize=blocksize, seed=blocksize)
     for dtype in DTYPES:
-        x = torch.randn(2, 3, 200, generator=_gen(1)).to(dtype)
+        x = torch.randn(2, 3, K, generator=_gen(1)).to(dtype)
         bias = torch.randn(19, generator=_gen(2)).to(dtype)
         y = _call(x, q, st, bias)
         assert y.shape == (2, 3, 19)
@@ -124,13 +122,14 @@ def test_kernels_write_every_output_poisoned(isa, nested):
         x = torch.randn(M, K, generator=_gen(M))
         out = torch.full((M, N), float("nan"))
         _C.cpu_q4x_gemm_fused(_arrays.input_view(x, "A"), qv, cv, sc, None, _arrays.input_view(out, "out"),
-                              M, N, K, st.blocksize, 2)
+                              M, N, K, st.blocksize, 2, FE.ISA_NAMES.index(isa))
         _check(out, x, q, st)
     # the tile dequantization gives dequantize_4bit's float32 values bit for bit
     dense = dequantize_4bit(q, st).reshape(N, K)
     for n0, n1 in ((0, N), (3, 4), (5, 17), (20, 21)):
         buf = torch.full((n1 - n0 + 2, K), float("nan"))
-        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(buf, "buf"), n0, n1, N, K, st.blocksize, 2)
+        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(buf, "buf"), n0, n1, N, K, st.blocksize, 2,
+                                FE.ISA_NAMES.index(isa))
         assert torch.equal(buf[: n1 - n0], dense[n0:n1])
         assert torch.isnan(buf[n1 - n0:]).all()  # nothing past the rows asked for
 
@@ -152,12 +151,12 @@ def test_bad_arguments_raise_and_change_nothing():
         assert not isinstance(a, torch.Tensor) or torch.equal(a, b)
     qv, cv, sc = _views(q, st, 8, 64)
     with pytest.raises(ValueError):
-        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(torch.empty(4, 64), "buf"), 0, 8, 8, 64, 64, 1)
+        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(torch.empty(4, 64), "buf"), 0, 8, 8, 64, 64, 1, 1)
     with pytest.raises(ValueError):
-        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(torch.empty(8, 64), "buf"), 2, 9, 8, 64, 64, 1)
+        _C.cpu_q4x_dequant_rows(qv, cv, sc, _arrays.input_view(torch.empty(8, 64), "buf"), 2, 9, 8, 64, 64, 1, 1)
     with pytest.raises(ValueError):
         _C.cpu_q4x_gemm_fused(_arrays.input_view(torch.randn(2, 64), "A"), qv, cv, sc, None,
-                              _arrays.input_view(torch.empty(2, 8), "out"), 2, 8, 64, 48, 1)
+                              _arrays.input_view(torch.empty(2, 8), "out"), 2, 8, 64, 48, 1, 1)
 
 
 def test_fake_kernel_and_compile():
@@ -181,3 +180,17 @@ def test_plans_cover_every_isa():
     assert _C.cpu_isa() in FE.PLANS
     for p in FE.PLANS.values():
         assert p.fused_max_rows >= 1 and p.tile_bytes >= 4096 and p.weights_per_thread >= 1
+
+
+@pytest.mark.parametrize("N,K", ((24, 128), (7, 129)))
+def test_functional_gemm_4bit_runs_the_exec_kernel(isa, N, K):
+    """The functional CPU gemv/gemm (up to the plan's cut-over) is the execution layout's fused
+    kernel: same bits (more rows: both dequantize in tiles, in different dtypes)."""
+    from bnbcy.functional import gemm_4bit, gemv_4bit
+    q, st = _weight(N, K, True, seed=K)
+    for dtype in DTYPES:
+        for M in (1, min(5, FE.plan().fused_max_rows)):
+            x = torch.randn(M, K, generator=_gen(M)).to(dtype)
+            y = _call(x, q, st)
+            assert torch.equal(gemm_4bit(x, q.t(), st), y)
+            assert torch.equal(gemv_4bit(x, q.t(), state=st), y)

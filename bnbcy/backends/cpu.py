@@ -8,9 +8,9 @@ import torch
 from .. import _C, _arrays
 from ._dense import linear_dense
 
-# Rows of A up to which the fused CPU kernel beats dequantize-in-chunks + BLAS
-# (bench/bench_fourbit.py, 2-core Sapphire Rapids, bf16 4096x4096).
-FUSED_MAX_ROWS = 12
+# Rows of A up to which the fused CPU kernel (the execution layout's, bnbcy/_ops/fourbit_exec.py)
+# runs; None: its plan's cut-over for the instruction set in use.
+FUSED_MAX_ROWS = None
 # Elements of dense weight per chunk of the chunked path (8 Mi: 16-32 MB).
 CHUNK_ELEMENTS = 1 << 23
 # The kernels take double-quantized block maxima as they are (no expanded copy).
@@ -48,9 +48,11 @@ def weight_chunks(q, scales, N, K, blocksize, quant_type, like):
 
 
 def gemm_4bit(a, q, code, scales, bias, biasv, out, outv, M, N, K, blocksize, quant_type):
-    """``out = A @ W.T (+ bias)``: the fused kernel for few rows, else chunks of W and BLAS."""
-    if M <= FUSED_MAX_ROWS:
-        _C.cpu_gemm_4bit(a, q, code, scales, biasv, outv, M, N, K, blocksize)
+    """``out = A @ W.T (+ bias)``: the fused kernel of the execution layout for few rows (the
+    same product ``Linear4bit`` runs in inference), else chunks of W and BLAS."""
+    from .._ops import fourbit_exec
+    if M <= (fourbit_exec.plan().fused_max_rows if FUSED_MAX_ROWS is None else FUSED_MAX_ROWS):
+        fourbit_exec.fused(a, q, code, scales, biasv, outv, M, N, K, blocksize)
         return
     from .fourbit import quant_type_of
     A2, out2 = a.obj.reshape(M, K), out.reshape(M, N)

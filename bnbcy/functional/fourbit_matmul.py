@@ -5,8 +5,9 @@ Torch tensors go through ``torch.ops.bnbcy.gemm_4bit`` / ``gemv_4bit`` (differen
 and bias), CuPy/NumPy arrays and ``out=`` through :func:`bnbcy.backends.fourbit.gemm_4bit`.
 Where it runs (:mod:`bnbcy.backends.cpu`, :mod:`bnbcy.backends.cuda`):
 
-* CPU: up to ``cpu.FUSED_MAX_ROWS`` rows of A run the fused Cython/OpenMP kernel,
-  which reads the packed weight directly. More rows dequantize the weight in
+* CPU: up to the execution plan's ``fused_max_rows`` rows of A run the fused Cython/OpenMP
+  kernel of ``Linear4bit``'s inference path (``bnbcy._ops.fourbit_exec``), which reads the
+  packed weight directly. More rows dequantize the weight in
   chunks of rows into a small buffer and multiply each chunk with the BLAS of
   the array's framework, so the dense weight is never materialised whole.
 * CUDA: one row runs the gemv kernel, 2-16 rows the fused small-batch kernel
