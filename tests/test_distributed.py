@@ -1,7 +1,8 @@
 """bnbcy inside torch.distributed: 2 processes, gloo, on the CPU (NCCL on 2 GPUs when present).
 
-The scenarios live in ``tests/_dist_scenarios.py`` (also run against bitsandbytes for the
-comparison in docs/distributed.md); each group of them runs in one launch of 2 subprocesses
+The scenarios live in ``tests/_dist_scenarios.py`` (also run against bitsandbytes 0.50.2 for
+``bench/results/distributed_compare.json``: ``python tests/_dist_scenarios.py compare
+bench/results/distributed_compare.json``); each group of them runs in one launch of 2 subprocesses
 with a time limit, so a crash or a hang fails the tests instead of stopping the run.
 """
 import os
