@@ -31,7 +31,10 @@ GROUPS = {
              **{f"optim_fsdp2_{k}": ("optim", {"how": "fsdp2", "kind": k}) for k in ("full", "sharded", "dcp")},
              "optim_fsdp2_lion8bit_dcp": ("optim", {"how": "fsdp2", "optim": "Lion8bit", "kind": "dcp"}),
              "optim_fsdp1_lamb8bit_full": ("optim", {"how": "fsdp1", "optim": "LAMB8bit", "kind": "full"}),
-             "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"})},
+             "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"}),
+             # the LLM.int8 base's float head: FSDP1 pieces of unequal size straddling the ranks
+             "optim_fsdp1_int8_full": ("optim", {"how": "fsdp1", "kind": "full", "base": "8bit"}),
+             "optim_fsdp2_int8_dcp": ("optim", {"how": "fsdp2", "kind": "dcp", "base": "8bit"})},
     "ddp": {"ddp_4bit": ("ddp", {"base": "4bit", "optim": "AdamW8bit"}),
             "ddp_8bit": ("ddp", {"base": "8bit", "optim": "AdamW"}),
             "dtensor_kernel": ("dtensor_kernel", {}),
@@ -116,7 +119,7 @@ def test_dcp_save_load_and_resharding(base, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["optim_fsdp1_full", "optim_fsdp2_full", "optim_fsdp2_sharded", "optim_fsdp2_dcp",
                                   "optim_fsdp2_lion8bit_dcp", "optim_fsdp1_lamb8bit_full",
-                                  "optim_fsdp2_lamb8bit_sharded"])
+                                  "optim_fsdp2_lamb8bit_sharded", "optim_fsdp1_int8_full", "optim_fsdp2_int8_dcp"])
 def test_8bit_optimizer_state_dict_round_trip(name, backend):
     for r in _result("ckpt", name, backend):
         assert r["n_state_tensors"] > 0 and r["state_exact"]
