@@ -415,11 +415,20 @@ def _first_stat(model):
 def sc_trust_error(rank, world, optim="LAMB8bit"):
     """A trust-ratio step whose global scale cannot be applied (rank 0's piece of the head
     weight all zeros, its update not) raises on every rank before anything changes."""
+    import torch.distributed as dist
     model = wrap(build(base="8bit"), "fsdp1")
     opt = make_optimizer(optim, model.parameters())
-    train(model, opt, 2, rank, world)
+    train(model, opt, 1, rank, world)
+    # a step's collectives: one batched all-reduce for every LAMB parameter, whatever each rank holds
+    calls, all_reduce = [], dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    try:
+        train(model, opt, 1, rank, world)
+    finally:
+        dist.all_reduce = all_reduce
     head_w = model.module.head.weight
-    res = {"piece_numel": head_w.numel()}
+    res = {"all_reduces_per_step": len(calls) - 1}      # less train()'s loss all-reduce
+    res["piece_numel"] = head_w.numel()
     if rank == 0:
         with torch.no_grad():
             head_w.zero_()                # this rank's piece of it

@@ -154,4 +154,5 @@ def test_trust_ratio_error_is_raised_on_every_rank_before_any_change(backend):
     for r in _result("ddp", "trust_error", backend):
         assert r["outcome"].startswith("RuntimeError") and "all-zero piece" in r["outcome"], r
         assert r["n_state"] > 0 and r["state_unchanged"] and r["params_unchanged"], r
+        assert r["all_reduces_per_step"] == 1, r        # the earlier, good step: one batched collective
         assert r["seconds"] < 60
