@@ -312,11 +312,11 @@ def _optim_state_tensors(osd):
     return out
 
 
-def sc_optim(rank, world, how="fsdp1", optim="AdamW8bit", kind="full", tmp=None):
+def sc_optim(rank, world, how="fsdp1", optim="AdamW8bit", kind="full", tmp=None, base="4bit"):
     """Optimizer state dict under FSDP: save after 3 steps, load into a fresh optimizer,
     compare the state bit-exact and the next 2 steps' losses."""
     import torch.distributed as dist
-    model = wrap(build(), how)
+    model = wrap(build(0, base), how)
     opt = make_optimizer(optim, model.parameters())
     train(model, opt, 3, rank, world)
     res = {}
@@ -326,7 +326,7 @@ def sc_optim(rank, world, how="fsdp1", optim="AdamW8bit", kind="full", tmp=None)
             osd = FSDP.optim_state_dict(model, opt)
             msd = model.state_dict()
         saved = {k: v.clone() for k, v in _optim_state_tensors(osd).items()} if kind == "full" else None
-        model2 = wrap(build(seed=5), how)
+        model2 = wrap(build(5, base), how)
         opt2 = make_optimizer(optim, model2.parameters())
         with _state_dict_fsdp1(model2, kind):
             model2.load_state_dict(msd)
@@ -342,7 +342,7 @@ def sc_optim(rank, world, how="fsdp1", optim="AdamW8bit", kind="full", tmp=None)
         if kind == "dcp":
             import torch.distributed.checkpoint as dcp
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "opt"))
-        model2 = wrap(build(seed=5), how)
+        model2 = wrap(build(5, base), how)
         opt2 = make_optimizer(optim, model2.parameters())
         train(model2, opt2, 1, rank, world)        # state exists, with other values
         if kind == "dcp":
@@ -415,11 +415,20 @@ def _first_stat(model):
 def sc_trust_error(rank, world, optim="LAMB8bit"):
     """A trust-ratio step whose global scale cannot be applied (rank 0's piece of the head
     weight all zeros, its update not) raises on every rank before anything changes."""
+    import torch.distributed as dist
     model = wrap(build(base="8bit"), "fsdp1")
     opt = make_optimizer(optim, model.parameters())
-    train(model, opt, 2, rank, world)
+    train(model, opt, 1, rank, world)
+    # a step's collectives: one batched all-reduce for every LAMB parameter, whatever each rank holds
+    calls, all_reduce = [], dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    try:
+        train(model, opt, 1, rank, world)
+    finally:
+        dist.all_reduce = all_reduce
     head_w = model.module.head.weight
-    res = {"piece_numel": head_w.numel()}
+    res = {"all_reduces_per_step": len(calls) - 1}      # less train()'s loss all-reduce
+    res["piece_numel"] = head_w.numel()
     if rank == 0:
         with torch.no_grad():
             head_w.zero_()                # this rank's piece of it
@@ -573,6 +582,8 @@ COMPARE = {
     "trust_error_fsdp1": ("trust_error", {}),
     "optim_fsdp1_lamb8bit_full": ("optim", {"how": "fsdp1", "optim": "LAMB8bit", "kind": "full"}),
     "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"}),
+    "optim_fsdp1_int8_full": ("optim", {"how": "fsdp1", "kind": "full", "base": "8bit"}),
+    "optim_fsdp2_int8_dcp": ("optim", {"how": "fsdp2", "kind": "dcp", "base": "8bit"}),
     # Linear8bitLt (frozen int8 base) under FSDP1 / FSDP2 / DCP
     **{f"train_{h}_int8_adamw8bit": ("train", {"how": h, "optim": "AdamW8bit", "base": "8bit"})
        for h in ("fsdp1", "fsdp2")},

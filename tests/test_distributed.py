@@ -1,7 +1,8 @@
 """bnbcy inside torch.distributed: 2 processes, gloo, on the CPU (NCCL on 2 GPUs when present).
 
-The scenarios live in ``tests/_dist_scenarios.py`` (also run against bitsandbytes for the
-comparison in docs/distributed.md); each group of them runs in one launch of 2 subprocesses
+The scenarios live in ``tests/_dist_scenarios.py`` (also run against bitsandbytes 0.50.2 for
+``bench/results/distributed_compare.json``: ``python tests/_dist_scenarios.py compare
+bench/results/distributed_compare.json``); each group of them runs in one launch of 2 subprocesses
 with a time limit, so a crash or a hang fails the tests instead of stopping the run.
 """
 import os
@@ -30,7 +31,10 @@ GROUPS = {
              **{f"optim_fsdp2_{k}": ("optim", {"how": "fsdp2", "kind": k}) for k in ("full", "sharded", "dcp")},
              "optim_fsdp2_lion8bit_dcp": ("optim", {"how": "fsdp2", "optim": "Lion8bit", "kind": "dcp"}),
              "optim_fsdp1_lamb8bit_full": ("optim", {"how": "fsdp1", "optim": "LAMB8bit", "kind": "full"}),
-             "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"})},
+             "optim_fsdp2_lamb8bit_sharded": ("optim", {"how": "fsdp2", "optim": "LAMB8bit", "kind": "sharded"}),
+             # the LLM.int8 base's float head: FSDP1 pieces of unequal size straddling the ranks
+             "optim_fsdp1_int8_full": ("optim", {"how": "fsdp1", "kind": "full", "base": "8bit"}),
+             "optim_fsdp2_int8_dcp": ("optim", {"how": "fsdp2", "kind": "dcp", "base": "8bit"})},
     "ddp": {"ddp_4bit": ("ddp", {"base": "4bit", "optim": "AdamW8bit"}),
             "ddp_8bit": ("ddp", {"base": "8bit", "optim": "AdamW"}),
             "dtensor_kernel": ("dtensor_kernel", {}),
@@ -115,7 +119,7 @@ def test_dcp_save_load_and_resharding(base, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["optim_fsdp1_full", "optim_fsdp2_full", "optim_fsdp2_sharded", "optim_fsdp2_dcp",
                                   "optim_fsdp2_lion8bit_dcp", "optim_fsdp1_lamb8bit_full",
-                                  "optim_fsdp2_lamb8bit_sharded"])
+                                  "optim_fsdp2_lamb8bit_sharded", "optim_fsdp1_int8_full", "optim_fsdp2_int8_dcp"])
 def test_8bit_optimizer_state_dict_round_trip(name, backend):
     for r in _result("ckpt", name, backend):
         assert r["n_state_tensors"] > 0 and r["state_exact"]
@@ -150,4 +154,5 @@ def test_trust_ratio_error_is_raised_on_every_rank_before_any_change(backend):
     for r in _result("ddp", "trust_error", backend):
         assert r["outcome"].startswith("RuntimeError") and "all-zero piece" in r["outcome"], r
         assert r["n_state"] > 0 and r["state_unchanged"] and r["params_unchanged"], r
+        assert r["all_reduces_per_step"] == 1, r        # the earlier, good step: one batched collective
         assert r["seconds"] < 60
