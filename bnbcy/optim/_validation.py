@@ -30,6 +30,7 @@ BLOCKSIZE = 256                       # 8-bit blockwise state: one absmax per 25
 GNORM_HISTORY = 100                   # percentile_clipping keeps the last 100 squared norms
 MAX_STEP = 2**31 - 1                  # the kernels take the step as an int32
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICE_TYPES = ("cpu", "cuda")        # where the optimizer kernels run
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 
 
@@ -355,18 +356,24 @@ def check_config(config, p, nbetas):
     if bits not in (8, 32):
         raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
     check_percentile_clipping(config["percentile_clipping"])
-    if bits == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
-        raise ValueError("block_wise=False (one absmax per tensor) was removed in bitsandbytes 0.50; "
-                         "bnbcy only implements block-wise 8-bit optimizer state (block_wise=True)")
     if not config["max_unorm"] >= 0.0:
         raise ValueError(f"Invalid max_unorm value: {config['max_unorm']}")
     for key in ("t_alpha", "t_beta3"):
         t = config.get(key)
         if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1):
             raise ValueError(f"{key} must be None or a positive int, got {t!r}")
+    check_config_for(config, p)
 
 
-def check_param(name, p, device, supported):
+def check_config_for(config, p):
+    """The part of :func:`check_config` that depends on the parameter (a config shared by a group's
+    parameters is checked whole once, this part for each)."""
+    if config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
+        raise ValueError("block_wise=False (one absmax per tensor) was removed in bitsandbytes 0.50; "
+                         "bnbcy only implements block-wise 8-bit optimizer state (block_wise=True)")
+
+
+def check_param(name, p, device):
     """A parameter and its gradient, with torch.optim's exception types; ``device``: the group's
     device so far (None for the first parameter)."""
     g = p.grad
@@ -386,13 +393,26 @@ def check_param(name, p, device, supported):
     if device is not None and p.device != device:
         raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
                            f"found {device} and {p.device}")
-    if p.device.type not in supported:
+    if p.device.type not in DEVICE_TYPES:
         raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
-                                  f"tensors yet (supported: {', '.join(supported)})")
+                                  f"tensors yet (supported: {', '.join(DEVICE_TYPES)})")
 
 
 def expected_state(shape, numel, kernel, eight, config):
     """``{key: (shape, dtype)}`` of the state tensors of a parameter (what ``init_state`` makes)."""
+    key = (tuple(shape), kernel, eight, config["max_unorm"] > 0.0, config["percentile_clipping"] < 100)
+    got = _EXPECTED.get(key)
+    if got is None:
+        if len(_EXPECTED) > 4096:              # bounded: a model has few distinct shapes
+            _EXPECTED.clear()
+        got = _EXPECTED[key] = _expected_state(shape, numel, kernel, eight, config)
+    return got
+
+
+_EXPECTED: dict = {}
+
+
+def _expected_state(shape, numel, kernel, eight, config):
     lead = kernel.state1_lead
     shape = tuple(shape)
     dtype = torch.uint8 if eight else torch.float32
@@ -432,6 +452,7 @@ def check_state(state, p, pv, kernel, config, known=None):
                          f"{getattr(s1, 'dtype', type(s1).__name__)}")
     known = {} if known is None else known
     out = {}
+    device = pv.device_type, pv.device_id
     for key, (shape, dtype) in expected_state(pv.shape, pv.numel, kernel, s1.dtype == torch.uint8, config).items():
         t = state.get(key)
         if not isinstance(t, torch.Tensor):
@@ -440,7 +461,7 @@ def check_state(state, p, pv, kernel, config, known=None):
         if v.dtype != _VIEW_DTYPES[dtype] or v.shape != shape:
             raise ValueError(f"optimizer state '{key}' must be {dtype} of shape {shape} for a parameter of "
                              f"shape {tuple(p.shape)}, got {t.dtype} of shape {tuple(t.shape)}")
-        if (v.device_type, v.device_id) != (pv.device_type, pv.device_id) and not getattr(t, "is_paged", False):
+        if (v.device_type, v.device_id) != device and not getattr(t, "is_paged", False):
             raise RuntimeError(f"optimizer state '{key}' is on {t.device} but its parameter on {p.device}")
         if not v.contiguous:
             raise ValueError(f"optimizer state '{key}' must be contiguous")

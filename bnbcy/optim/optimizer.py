@@ -33,8 +33,6 @@ from . import _validation as V
 
 __all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
 
-_BLOCKSIZE = V.BLOCKSIZE
-_GNORM_HISTORY = V.GNORM_HISTORY
 
 # Per-parameter state keys that are never dtype-cast on load (bitsandbytes' set).
 _NON_CASTABLE = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
@@ -310,28 +308,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         if bits not in (8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
         eight = bits == 8 and _dist.uses_8bit_state(p, config["min_8bit_size"])
-        dtype = torch.uint8 if eight else torch.float32
-        lead = getattr(self, "_state1_lead", None)
         state = self.state[p]
         p = _dist.local(p)                # distributed hook: state is per shard
-        s1_shape = (lead, *p.shape) if lead else tuple(p.shape)
-
         state["step"] = 0
-        state["state1"] = self.get_state_buffer(p, dtype, shape=s1_shape)
-        if self._n_states == 2:
-            state["state2"] = self.get_state_buffer(p, dtype)
-        if eight:
-            nblocks = (p.numel() + _BLOCKSIZE - 1) // _BLOCKSIZE
-            state["qmap1"] = self._qmap("dynamic", p.device)
-            state["absmax1"] = self.get_state_buffer(p, torch.float32, shape=((lead, nblocks) if lead else (nblocks,)),
-                                                     pageable=False)
-            if self._n_states == 2:
-                state["qmap2"] = self._qmap("udynamic", p.device)
-                state["absmax2"] = self.get_state_buffer(p, torch.float32, shape=(nblocks,), pageable=False)
-        if config["max_unorm"] > 0.0 and not lead:
-            state["unorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(1,), pageable=False)
-        if config["percentile_clipping"] < 100:
-            state["gnorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(_GNORM_HISTORY,), pageable=False)
+        # the layout the step's validation checks (_validation.expected_state), in its key order
+        maps = {"qmap1": "dynamic", "qmap2": "udynamic"}
+        for key, (shape, dtype) in V.expected_state(p.shape, p.numel(), self._kernel, eight, config).items():
+            if key in maps:
+                state[key] = self._qmap(maps[key], p.device)
+            else:                         # only the moments may be paged, as in bitsandbytes
+                state[key] = self.get_state_buffer(p, dtype, shape=shape, pageable=key in ("state1", "state2"))
 
     def prefetch_state(self, p):
         """Prefetch paged state of ``p`` to its device on the current stream (see optim/paged.py)."""
@@ -343,12 +329,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         """This optimizer's row of the kernel table (bnbcy/optim/_table.py)."""
         return _table.kernel(self.optimizer_name)
 
-    def _validate_config(self, config, p):
-        V.check_config(config, p, self._min_betas)
+    def _validate_config(self, config, p, shared=False):
+        """``shared``: ``config`` is the group's, already checked whole for another parameter."""
+        if shared:
+            V.check_config_for(config, p)
+        else:
+            V.check_config(config, p, self._min_betas)
         _dist.check_sharded_config(p, config)
 
     def _validate_param(self, p, device):
-        V.check_param(type(self).__name__, p, device, getattr(_F(), "SUPPORTED_DEVICE_TYPES", ("cpu", "cuda")))
+        V.check_param(type(self).__name__, p, device)
 
     def _validate_state(self, p, config, pv=None, known=None):
         """Check the existing state of ``p``; returns its step count and ``{key: (tensor, view)}``."""
@@ -366,16 +356,26 @@ class Optimizer8bit(torch.optim.Optimizer):
         """
         plan, views, outputs, inputs = [], {}, [], []
         schedules = self._n_states == 2
+        overridden = self.mng.index2config, self.mng.pid2config
         for gindex, group in enumerate(self.param_groups):
             items = []
             device = None
+            shared, hypers = None, {}     # the config of the group's parameters without overrides
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 self._validate_param(p, device)
                 device = p.device
-                config = self.get_config(gindex, pindex, group)
-                self._validate_config(config, p)
+                if (gindex, pindex) in overridden[0] or id(p) in overridden[1]:
+                    config = self.get_config(gindex, pindex, group)
+                    self._validate_config(config, p)
+                else:
+                    if shared is None:
+                        shared = config = self.get_config(gindex, pindex, group)
+                        self._validate_config(config, p)
+                    else:
+                        config = shared
+                        self._validate_config(config, p, shared=True)
                 lp, lg = _dist.local(p), _dist.local(p.grad)
                 pv = views[id(lp)] = V.view(lp, "p")
                 views[id(lg)] = gv = V.view(lg, "grad")
@@ -391,7 +391,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                         else:
                             outputs.append(v)
                         views[id(t)] = v
-                items.append((pindex, p, config, V.hyper_at(config, step + 1, schedules)))
+                if config is shared:          # its Hyper depends on the step only
+                    hyper = hypers.get(step)
+                    if hyper is None:
+                        hyper = hypers[step] = V.hyper_at(config, step + 1, schedules)
+                else:
+                    hyper = V.hyper_at(config, step + 1, schedules)
+                items.append((pindex, p, config, hyper))
             if items:
                 V.check_not_capturing(backends.on_cuda(views[id(_dist.local(items[0][1]))]))
                 plan.append((gindex, group, items))
@@ -683,7 +689,6 @@ class Optimizer2State(Optimizer8bit):
         betas = _parse_betas(betas)
         if optimizer_name == "ademamix":
             self._min_betas = 3
-            self._state1_lead = 2
         _check_ctor(lr, eps, betas, weight_decay, self._min_betas)
         V.check_percentile_clipping(percentile_clipping)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
