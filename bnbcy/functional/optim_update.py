@@ -15,6 +15,8 @@ Deliberate differences from bnb 0.50.2 (NUMERICS.md §10):
   computed in a first pass, in double precision per chunk and summed in a fixed order
   (deterministic), instead of with float atomics.
 
+Every entry validates once, in :mod:`bnbcy.optim._validation`, and hands the validated
+:class:`~bnbcy.optim._validation.Update` to :func:`run`, which checks nothing again.
 CPU arrays (torch tensors, NumPy arrays) run the Cython/OpenMP kernels; CUDA arrays run
 ``cuda_src/optim.cu`` (one multi-tensor launch per group and state kind, no host
 synchronisation), through ``_optim_cuda``.

@@ -90,6 +90,8 @@ class Update:
 # ------------------------------------------------------------------------ scalars and lists
 def real(x, name):
     """``x`` as a float; a 1-element tensor is read (``ValueError`` for anything else)."""
+    if type(x) is float or type(x) is int:     # the common case, without the ABC check (not bool)
+        return float(x)
     if isinstance(x, torch.Tensor):
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -107,6 +109,9 @@ def steps(values, count):
         out = [values] * count
     res = []
     for s in out:
+        if type(s) is int and 1 <= s <= MAX_STEP:
+            res.append(s)
+            continue
         if isinstance(s, torch.Tensor):
             s = s.item()
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= MAX_STEP:

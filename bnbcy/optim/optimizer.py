@@ -11,7 +11,7 @@ NUMERICS.md §6.2, §6.7, §6.9, §7).
   (SGD-like: ``state1``).
 
 ``step()`` validates every parameter that has a gradient *before* it allocates or changes
-anything, then issues one multi-tensor kernel call per parameter group and state kind
+anything (through the one validation layer, :mod:`bnbcy.optim._validation`), then issues one multi-tensor kernel call per parameter group and state kind
 (32-bit / 8-bit; params whose per-parameter hyper-parameters differ are split off into
 their own call) with no host synchronisation per parameter.
 """
