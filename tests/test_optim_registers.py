@@ -15,11 +15,9 @@ FULL_OCCUPANCY = 32
 
 #: kernels above FULL_OCCUPANCY registers (75% occupancy), with their pinned count
 OVER = {
-    "80": {**{f"bnbcy_optim32_adam_{d}": r for d, r in (("f32", 40), ("f16", 37), ("bf16", 37))},
-           **{f"bnbcy_optim8_{n}_{d}": 40 for n in ("adam", "ademamix") for d in ("f32", "f16", "bf16")}},
-    "90": {**{f"bnbcy_optim32_ademamix_{d}": 40 for d in ("f32", "f16", "bf16")},
-           **{f"bnbcy_optim8_adam_{d}": 39 for d in ("f32", "f16", "bf16")},
-           **{f"bnbcy_optim8_ademamix_{d}": 40 for d in ("f32", "f16", "bf16")}},
+    "80": {"bnbcy_optim32_adam_f32": 40, "bnbcy_optim32_adam_f16": 37, "bnbcy_optim32_adam_bf16": 37,
+           "bnbcy_optim8_adam_bf16": 39},
+    "90": {f"bnbcy_optim32_ademamix_{d}": 40 for d in ("f32", "f16", "bf16")},
 }
 
 

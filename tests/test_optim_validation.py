@@ -97,3 +97,23 @@ def test_cuda_launcher_validates_through_the_layer():
     with pytest.raises(ValueError, match="state1 must have 10 elements"):
         OC.launch_update_32bit("momentum", [p], [g], [torch.zeros(9)], None, None, 1, None, 0.9, 0, 0, 0, 0, 0, 0.1)
     assert not s.any()
+
+
+@pytest.mark.parametrize("per_param", [False, True])
+def test_non_contiguous_parameter_viewed_again_after_it_is_made_contiguous(per_param):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 300, generator=g)
+    grad = torch.randn(300, 40, generator=g)
+    a = torch.nn.Parameter(w.clone().t())               # non-contiguous
+    b = torch.nn.Parameter(w.clone().t().contiguous())
+    a.grad, b.grad = grad.clone(), grad.clone()
+    oa, ob = bnb.optim.Adam8bit([a], min_8bit_size=0), bnb.optim.Adam8bit([b], min_8bit_size=0)
+    for _ in range(2):
+        if per_param:
+            oa.update_step(oa.param_groups[0], a, 0, 0)
+            ob.update_step(ob.param_groups[0], b, 0, 0)
+        else:
+            oa.step()
+            ob.step()
+    assert a.is_contiguous() and torch.equal(a, b)
+    assert torch.equal(oa.state[a]["state1"], ob.state[b]["state1"])

@@ -479,7 +479,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 continue
             if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
                 for t in (_dist.local(p), _dist.local(p.grad)):   # replaced: view them again
-                    self._views.pop(id(t), None)
+                    getattr(self, "_views", {}).pop(id(t), None)
                 _dist.make_contiguous(p)
             eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
