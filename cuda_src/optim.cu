@@ -376,15 +376,19 @@ __device__ __forceinline__ void optim32(const long long *__restrict__ table, int
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
         const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
         const OptHp h = opt_hp<false, OPT>(r);
-        S *__restrict__ P = reinterpret_cast<S *>(r.p);
-        const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
-        float *__restrict__ S1 = reinterpret_cast<float *>(r.s1);
-        float *__restrict__ S2 = reinterpret_cast<float *>(r.s2);
-        const long long base = (chunk - r.first) * BNBCY_OPT32_CHUNK + threadIdx.x;
+        // pointers to the chunk and 32-bit indices within it (fewer registers than 64-bit ones)
+        const long long start = (chunk - r.first) * BNBCY_OPT32_CHUNK;
+        S *__restrict__ P = reinterpret_cast<S *>(r.p) + start;
+        const S *__restrict__ G = reinterpret_cast<const S *>(r.g) + start;
+        float *__restrict__ S1 = reinterpret_cast<float *>(r.s1) + start;
+        float *__restrict__ S2 = reinterpret_cast<float *>(r.s2) + start;
+        float *__restrict__ S3 = reinterpret_cast<float *>(r.s1) + r.n + start;  // ademamix's m2
+        const long long rest = r.n - start;
+        const int len = rest < BNBCY_OPT32_CHUNK ? (int)rest : BNBCY_OPT32_CHUNK;
 #pragma unroll
         for (int k = 0; k < BNBCY_OPT32_ITEMS; k++) {
-            const long long i = base + k * BNBCY_OPT_THREADS;
-            if (i >= r.n) break;
+            const int i = (int)threadIdx.x + k * BNBCY_OPT_THREADS;
+            if (i >= len) break;
             const float gr = Tr::to_float(G[i]);
             float p = Tr::to_float(P[i]);
             if constexpr (OPT == OPT_ADAM) {
@@ -395,10 +399,10 @@ __device__ __forceinline__ void optim32(const long long *__restrict__ table, int
                 S1[i] = s1;
                 S2[i] = s2;
             } else if constexpr (OPT == OPT_ADEMAMIX) {  // state1 = [m1 | m2]
-                float s1 = S1[i], s2 = S2[i], s3 = S1[r.n + i];
+                float s1 = S1[i], s2 = S2[i], s3 = S3[i];
                 rule_ademamix<Tr, false>(h, opt_clip<Tr, false>(h, gr), s1, s2, s3, p);
                 S1[i] = s1;
-                S1[r.n + i] = s3;
+                S3[i] = s3;
                 S2[i] = s2;
             } else {
                 float s1 = S1[i], pd;
@@ -474,7 +478,8 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
     __syncthreads();
 
     for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-        const OptRow r = opt_load_row(table, opt_find_tensor(table, num_tensors, chunk));
+        const int t = opt_find_tensor(table, num_tensors, chunk);
+        const OptRow r = opt_load_row(table, t);
         const OptHp h = opt_hp<true, OPT>(r);
         S *__restrict__ P = reinterpret_cast<S *>(r.p);
         const S *__restrict__ G = reinterpret_cast<const S *>(r.g);
@@ -520,16 +525,19 @@ __device__ __forceinline__ void optim8(const long long *__restrict__ table, int 
 #pragma unroll
             for (int k = 0; k < 3; k++) M[k] = max_ftz(-BNBCY_FLT_MAX, abs_ftz(s[k]));
             cta_max256<3>(M, sm.red);  // ends with a barrier: every absmax read above is done
+            // the stores re-read their pointers from the table row (volatile: not kept in
+            // registers across the reduction)
+            const volatile long long *w = table + (long long)t * BNBCY_OPT_ROW;
             if (threadIdx.x == 0) {
-                A1[b] = M[0];
-                A2[b] = M[1];
-                if (OPT == OPT_ADEMAMIX) A1[nblocks + b] = M[2];
+                reinterpret_cast<float *>(w[4])[b] = M[0];
+                reinterpret_cast<float *>(w[5])[b] = M[1];
+                if (OPT == OPT_ADEMAMIX) reinterpret_cast<float *>(w[4])[nblocks + b] = M[2];
             }
             if (valid) {
-                if (finite) P[i] = Tr::from_float(p);
-                C1[i] = opt_requant_signed(sm.q1, s[0], M[0]);
-                C2[i] = (u8)opt_q8_search<false>(sm.q2, div_approx(s[1], M[1]));
-                if (OPT == OPT_ADEMAMIX) C1[r.n + i] = opt_requant_signed(sm.q1, s[2], M[2]);
+                if (finite) reinterpret_cast<S *>(w[0])[i] = Tr::from_float(p);
+                reinterpret_cast<u8 *>(w[2])[i] = opt_requant_signed(sm.q1, s[0], M[0]);
+                reinterpret_cast<u8 *>(w[3])[i] = (u8)opt_q8_search<false>(sm.q2, div_approx(s[1], M[1]));
+                if (OPT == OPT_ADEMAMIX) reinterpret_cast<u8 *>(w[2])[r.n + i] = opt_requant_signed(sm.q1, s[2], M[2]);
             }
         } else {
             const u32 c1 = valid ? C1[i] : 128u;

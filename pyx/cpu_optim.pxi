@@ -108,6 +108,10 @@ cdef int _opt_code(object name) except -1:
     return OPT_RULE_IDS[row.rule]
 
 
+# bnbcy's callers reach these functions with an Update of bnbcy/optim/_validation.py, which has
+# checked everything already. The checks below stay because bnbcy._C is importable and callable
+# directly: a caller that bypasses the layer with a wrong size or dtype would otherwise make the C
+# loops read or write out of bounds.
 cdef void _opt_check_lists(int count, list lists, tuple names) except *:
     for lst, nm in zip(lists, names):
         if lst is not None and len(lst) != count:

@@ -201,16 +201,37 @@ def test_manager_holds_modules_weakly():
     assert opt.state[keep.weight]["state1"].dtype == torch.float32
 
 
-def test_captured_table_upload_keeps_its_host_buffer():
-    """The CUDA launchers' table upload under CUDA-graph capture (logic only; no GPU here: the
-    captured path itself is untested on a GPU)."""
-    import numpy as np
-    from bnbcy.functional import _optim_cuda as OC
-    OC.GRAPH_TABLES.clear()
-    table = np.arange(32, dtype=np.int64)
-    plain = OC.stage_table(table, lambda t: t.clone(), capturing=False)
-    assert OC.GRAPH_TABLES == [] and plain.tolist() == table.tolist()
-    captured = OC.stage_table(table, lambda t: t.clone(), capturing=True)
-    assert len(OC.GRAPH_TABLES) == 1 and OC.GRAPH_TABLES[0] is captured
-    assert captured.tolist() == table.tolist()
-    OC.GRAPH_TABLES.clear()
+@pytest.fixture
+def capturing(monkeypatch):
+    """torch reports a CUDA-graph capture in progress (no GPU here: the refusal is checked with the
+    CUDA path run by the SIMT emulator on CPU tensors)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("name", ["Adam8bit", "Lion32bit", "AdEMAMix8bit"])
+def test_cuda_graph_capture_is_refused_before_anything_changes(capturing, name):
+    from bnbcy import kernels
+    opt, ps = _make(name, min_8bit_size=0)
+    _grads(ps)
+    with kernels.emulate():
+        _assert_step_raises(opt, ps, RuntimeError, "CUDA graph")
+        assert len(opt.state) == 0
+    opt.step()                                   # CPU kernels: nothing to capture, the step runs
+    assert all(opt.state[p]["step"] == 1 for p in ps)
+
+
+def test_functional_update_refused_under_capture(capturing):
+    from bnbcy import kernels
+    p, g, s1, s2 = torch.randn(300), torch.randn(300), torch.zeros(300), torch.zeros(300)
+    c1, c2, a1, a2 = (torch.zeros(300, dtype=torch.uint8), torch.zeros(300, dtype=torch.uint8), torch.zeros(2),
+                      torch.zeros(2))
+    q1, q2 = F.create_dynamic_map(signed=True), F.create_dynamic_map(signed=False)
+    p0 = p.clone()
+    with kernels.emulate():
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            F.optimizer_update_32bit("adam", g, p, s1, 0.9, 1e-8, 1, 1e-3, state2=s2, beta2=0.999)
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            F.optimizer_update_8bit_blockwise("adam", g, p, c1, c2, 0.9, 0.999, 0.0, 0.0, 1e-8, 1, 1e-3, q1, q2,
+                                              a1, a2)
+    assert torch.equal(p, p0) and not s1.any() and not s2.any() and not c1.any() and not a1.any()

@@ -1,8 +1,9 @@
 """``bnbcy::optimizer_update_32bit``, ``bnbcy::optimizer_update_8bit_blockwise`` (bitsandbytes
-0.50.2's schemas): the single-parameter optimizer updates, in place. The kernel is the
-functional layer's one validation and CPU/CUDA dispatch point
-(:func:`bnbcy.functional.optim_update.optimizer_update_32bit_multi` and its 8-bit twin); the
-optimizer classes call that layer directly with a whole group per call."""
+0.50.2's schemas): the single-parameter optimizer updates, in place. The kernel validates once,
+in the optimizer validation layer (:mod:`bnbcy.optim._validation`, through
+:func:`bnbcy.functional.optim_update.optimizer_update_32bit_multi` and its 8-bit twin), and
+dispatches the validated update; the optimizer classes call that layer directly with a whole
+group per call."""
 from __future__ import annotations
 
 import torch

@@ -15,107 +15,28 @@ Deliberate differences from bnb 0.50.2 (NUMERICS.md §10):
   computed in a first pass, in double precision per chunk and summed in a fixed order
   (deterministic), instead of with float atomics.
 
+Every entry validates once, in :mod:`bnbcy.optim._validation`, and hands the validated
+:class:`~bnbcy.optim._validation.Update` to :func:`run`, which checks nothing again.
 CPU arrays (torch tensors, NumPy arrays) run the Cython/OpenMP kernels; CUDA arrays run
 ``cuda_src/optim.cu`` (one multi-tensor launch per group and state kind, no host
 synchronisation), through ``_optim_cuda``.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 import numpy as np
 import torch
 
-from .. import _C, _arrays, backends
+from .. import _C, _arrays
 from .._ops import optim as _optim_ops  # noqa: F401  (defines torch.ops.bnbcy.optimizer_update_*)
 from ..optim import _table
+from ..optim import _validation as V
+from ..optim._validation import Hyper
 from . import _optim_cuda
 
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 OPTIMIZER_NAMES = _table.OPTIMIZER_NAMES
-_TWO_STATE = tuple(k.name for k in _table.KERNELS.values() if k.states == 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class Hyper:
-    """The hyper-parameters of one update step, as the optimizer classes pass them (hashable:
-    parameters with equal records share a kernel call)."""
-    lr: float
-    beta1: float
-    beta2: float = 0.0
-    beta3: float = 0.0
-    alpha: float = 0.0
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_unorm: float = 0.0
-    skip_zeros: bool = False
-
-
-def _check_name(name):
-    _table.kernel(name)
-
-
-def _on_cuda(views):
-    """Whether the update runs the CUDA kernels: the arrays are on a GPU (then all of them must
-    be; the launcher checks devices), or CPU arrays go to the SIMT emulator
-    (:func:`bnbcy.kernels.emulating`)."""
-    views = [v for v in views if v is not None]
-    cuda = [v.is_cuda for v in views]
-    if any(cuda) and not all(cuda):
-        raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
-                         "device (got a mix of CPU and CUDA arrays)")
-    return bool(views) and backends.on_cuda(views[0])
-
-
-def _check_unorm_vecs(unorm_vecs, max_unorm):
-    """``unorm_vec`` entries, when the update writes them, must be writable float32[1] arrays."""
-    if max_unorm <= 0.0:
-        return
-    for k, u in enumerate(unorm_vecs):
-        if u is None:
-            continue
-        v = _inplace_view(u, "unorm_vec" if len(unorm_vecs) == 1 else f"unorm_vecs[{k}]", ("float32",))
-        if v.numel != 1:
-            raise ValueError(f"unorm_vec must be a float32 array of one element (receives the squared update "
-                             f"norm), got {v.numel} elements")
-
-
-def _device_norm(p):
-    """||p|| as a float32[1] array on p's device (no host synchronisation)."""
-    if isinstance(p, torch.Tensor):
-        return torch.linalg.vector_norm(p.detach().float()).reshape(1)
-    import cupy
-    return cupy.linalg.norm(p.astype(cupy.float32).ravel()).reshape(1)
-
-
-def _norm_slot(p, value):
-    """A given ||p|| as a float32[1] array on p's device."""
-    if isinstance(p, torch.Tensor):
-        return torch.full((1,), value, dtype=torch.float32, device=p.device)
-    import cupy
-    return cupy.full((1,), value, dtype=cupy.float32)
-
-
-def _unorm_slots(unorm_vecs, ps):
-    """float32[1] unorm slots for the CUDA trust-ratio pass (fresh ones where the caller gave none)."""
-    out = []
-    for u, p in zip(unorm_vecs, ps):
-        if u is None:
-            like = _C.view(p.detach() if isinstance(p, torch.Tensor) else p, "p")
-            u = _arrays.empty(like, (1,), "float32")
-        out.append(u)
-    return out
-
-
-def _inplace_view(x, name, dtypes):
-    """View of an array the kernel updates in place: it must already be contiguous."""
-    if x is None or not hasattr(x, "__dlpack__"):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    v = _arrays.input_view(x, name, dtypes, make_contiguous=False)
-    if v.readonly:
-        raise ValueError(f"{name} must be writable")
-    return v
 
 
 def _param_norm(p):
@@ -125,139 +46,54 @@ def _param_norm(p):
     return float(np.linalg.norm(np.asarray(p, dtype=np.float32).ravel()))
 
 
-def _scalar(x, name):
-    if isinstance(x, torch.Tensor):
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {x!r}")
-    return float(x)
-
-
-def _steps(steps, count):
-    if isinstance(steps, (list, tuple)):
-        if len(steps) != count:
-            raise ValueError(f"steps has {len(steps)} entries but there are {count} params")
-        out = list(steps)
-    else:
-        out = [steps] * count
-    res = []
-    for s in out:
-        if isinstance(s, torch.Tensor):
-            s = s.item()
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
-            raise ValueError(f"step must be a positive int, got {s!r}")
-        res.append(int(s))
-    return res
-
-
-def _as_list(x, count, name):
-    if x is None:
-        return [None] * count
-    x = list(x)
-    if len(x) != count:
-        raise ValueError(f"{name} has {len(x)} entries but there are {count} params")
-    return x
-
-
-def _lists(optimizer_name, ps, gs, per_param, steps, max_unorm):
-    """The checks both ``*_multi`` entry points start with: the name, one entry per parameter in
-    every list of ``per_param`` (None: all None), the steps, ``max_unorm`` and the ``unorm_vec``
-    entries. Returns ``(ps, gs, count, lists in per_param's order, steps, max_unorm)``."""
-    _check_name(optimizer_name)
-    ps, gs = list(ps), list(gs)
-    count = len(ps)
-    if len(gs) != count:
-        raise ValueError(f"gs has {len(gs)} entries but ps has {count}")
-    lists = [_as_list(v, count, k) for k, v in per_param.items()]
-    max_unorm = _scalar(max_unorm, "max_unorm")
-    _check_unorm_vecs(lists[-1], max_unorm)
-    return ps, gs, count, lists, _steps(steps, count), max_unorm
-
-
-def _write_unorm(unorm_vecs, sums, idx):
-    if sums is None:
+def run(u):
+    """Run a validated update (:class:`bnbcy.optim._validation.Update`): one kernel call per dtype,
+    on the CPU or through the CUDA launchers. Nothing is checked here."""
+    if u.cuda:
+        _optim_cuda.launch(u)
         return
-    for k, s in zip(idx, sums):
-        u = unorm_vecs[k]
-        if u is not None:
-            u[0] = float(np.float32(s))  # Σ u², as bnb's precondition kernel leaves it
-
-
-def _group_by_dtype(ps, gs):
-    """Indices of the params grouped by dtype (one kernel call per dtype), after checks."""
-    pv, gv, groups = [], [], {}
-    for k, (p, g) in enumerate(zip(ps, gs)):
-        v = _inplace_view(p, f"p[{k}]" if len(ps) > 1 else "p", FLOAT_DTYPES)
-        w = _arrays.input_view(g, f"g[{k}]" if len(ps) > 1 else "g", FLOAT_DTYPES)
-        if w.dtype != v.dtype:
-            raise ValueError(f"g must have the dtype of p ({v.dtype}), got {w.dtype}")
-        if w.numel != v.numel:
-            raise ValueError(f"g must have the {v.numel} elements of p, got {w.numel}")
-        pv.append(v)
-        gv.append(w)
-        groups.setdefault(v.dtype, []).append(k)
-    _on_cuda(pv + gv)  # mixed CPU/CUDA lists are refused before anything runs
-    return pv, gv, groups
+    h = u.hyper
+    args = (h.beta1, h.beta2, h.beta3, h.alpha, h.eps, h.weight_decay, h.lr)
+    norms = None
+    if h.max_unorm > 0:
+        norms = ([float(x) for x in u.param_norms] if u.param_norms is not None
+                 else [_param_norm(p) for p in u.ps])
+    for idx in u.groups.values():
+        sel = [norms[k] for k in idx] if norms else None
+        if u.eight:
+            sums = _C.cpu_optimizer_update_8bit_blockwise(
+                u.name, [u.p[k] for k in idx], [u.g[k] for k in idx], [u.s1[k] for k in idx],
+                [u.s2[k] for k in idx] if u.two else None, u.q1, u.q2, [u.a1[k] for k in idx],
+                [u.a2[k] for k in idx] if u.two else None, *args, [u.steps[k] for k in idx], u.gnorm_scale,
+                h.max_unorm, sel, h.skip_zeros)
+        else:
+            sums = _C.cpu_optimizer_update_32bit(
+                u.name, [u.p[k] for k in idx], [u.g[k] for k in idx], [u.s1[k] for k in idx],
+                [u.s2[k] for k in idx], *args, [u.steps[k] for k in idx], u.gnorm_scale, h.max_unorm, sel,
+                h.skip_zeros)
+        if sums is not None:
+            for k, s in zip(idx, sums):
+                if u.unorm_vecs[k] is not None:
+                    u.unorm_vecs[k][0] = float(np.float32(s))  # Σ u², as bnb's precondition kernel leaves it
 
 
 def optimizer_update_32bit_multi(optimizer_name, gs, ps, state1s, beta1, eps, steps, lr, state2s=None,
                                  beta2=0.0, beta3=0.0, alpha=0.0, weight_decay=0.0, gnorm_scale=1.0,
-                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False, param_norms=None):
+                                 unorm_vecs=None, max_unorm=0.0, skip_zeros=False, param_norms=None, *,
+                                 _checked=None):
     """In-place 32-bit update of several parameters (one kernel call per dtype).
 
     Same arguments as :func:`optimizer_update_32bit`, with lists for ``gs``, ``ps``,
     ``state1s``, ``state2s`` (None entries for 1-state optimizers), ``unorm_vecs``
     and ``steps`` (a list, or one int for all). ``param_norms``: ``norm(p)`` per parameter for
-    the trust ratio (computed here when omitted).
+    the trust ratio (computed here when omitted). ``_checked`` (internal): the
+    :class:`~bnbcy.optim._validation.Update` of exactly these arguments, from a caller that
+    validated them (the optimizer classes' step); they are not checked again.
     """
-    ps, gs, count, (state1s, state2s, unorm_vecs), steps, max_unorm = _lists(
-        optimizer_name, ps, gs, {"state1s": state1s, "state2s": state2s, "unorm_vecs": unorm_vecs}, steps,
-        max_unorm)
-    if param_norms is not None:
-        param_norms = [_scalar(x, "param_norm") for x in _as_list(param_norms, count, "param_norms")]
-    pv, gv, groups = _group_by_dtype(ps, gs)
-    s1v, s2v = [], []
-    for k in range(count):
-        if state1s[k] is None:
-            raise ValueError("state1 is required")
-        s1v.append(_inplace_view(state1s[k], "state1", ("float32",)))
-        if optimizer_name in _TWO_STATE:
-            if state2s[k] is None:
-                raise ValueError(f"{optimizer_name} needs state2")
-            s2v.append(_inplace_view(state2s[k], "state2", ("float32",)))
-            if s2v[k].numel != pv[k].numel:
-                raise ValueError(f"state2 must have the {pv[k].numel} elements of p, got {s2v[k].numel}")
-        else:
-            s2v.append(None)
-        if optimizer_name == "ademamix" and tuple(s1v[k].shape) != (2, *pv[k].shape):
-            raise ValueError(f"ademamix state1 must have shape {(2, *pv[k].shape)}, got {s1v[k].shape}")
-        if optimizer_name != "ademamix" and s1v[k].numel != pv[k].numel:
-            raise ValueError(f"state1 must have the {pv[k].numel} elements of p, got {s1v[k].numel}")
-    _arrays.check_no_overlap(*pv, *s1v, *s2v, inputs=gv)  # updated in place: no aliasing
-    args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
-            _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
-            _scalar(lr, "lr"))
-    if _on_cuda(pv + gv + s1v + s2v):
-        unorms = _unorm_slots(unorm_vecs, ps) if max_unorm > 0 else None
-        for idx in groups.values():
-            _optim_cuda.launch_update_32bit(
-                optimizer_name, [ps[k] for k in idx], [gs[k] for k in idx], [state1s[k] for k in idx],
-                [state2s[k] for k in idx] if optimizer_name in _TWO_STATE else None,
-                [unorms[k] for k in idx] if unorms else None, [steps[k] for k in idx],
-                [_device_norm(ps[k]) if param_norms is None else _norm_slot(ps[k], param_norms[k]) for k in idx]
-                if max_unorm > 0 else None, *args,
-                gnorm_scale=_scalar(gnorm_scale, "gnorm_scale"), max_unorm=max_unorm,
-                skip_zeros=bool(skip_zeros))
-        return
-    norms = None
-    if max_unorm > 0:
-        norms = param_norms if param_norms is not None else [_param_norm(ps[k]) for k in range(count)]
-    for idx in groups.values():
-        sums = _C.cpu_optimizer_update_32bit(
-            optimizer_name, [pv[k] for k in idx], [gv[k] for k in idx], [s1v[k] for k in idx],
-            [s2v[k] for k in idx], *args, [steps[k] for k in idx], _scalar(gnorm_scale, "gnorm_scale"),
-            max_unorm, [norms[k] for k in idx] if norms else None, bool(skip_zeros))
-        _write_unorm(unorm_vecs, sums, idx)
+    if _checked is not None:
+        return run(_checked)
+    run(V.update_32bit(optimizer_name, gs, ps, state1s, state2s, steps, beta1, beta2, beta3, alpha, eps,
+                       weight_decay, lr, gnorm_scale, unorm_vecs, max_unorm, skip_zeros, param_norms))
 
 
 def optimizer_update_32bit(optimizer_name, g, p, state1, beta1, eps, step, lr, state2=None, beta2=0.0,
@@ -289,101 +125,32 @@ def optimizer_update_32bit(optimizer_name, g, p, state1, beta1, eps, step, lr, s
                                      weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
                                      max_unorm=max_unorm, skip_zeros=skip_zeros)
         return
-    _check_name(optimizer_name)
-    max_unorm = _scalar(max_unorm, "max_unorm")
+    # Only the coercions the op's schema needs (floats, an int step); the op's kernel validates.
+    R = V.real
+    max_unorm = R(max_unorm, "max_unorm")
     param_norm = _param_norm(p) if max_unorm > 0 else 0.0
     for x, nm in ((p, "p"), (state1, "state1"), (state2, "state2")):  # updated in place: refuse lazy views
         _arrays.check_not_lazy(x, nm)
     torch.ops.bnbcy.optimizer_update_32bit(
-        optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, _scalar(beta1, "beta1"),
-        _scalar(beta2, "beta2"), _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"),
-        _scalar(weight_decay, "weight_decay"), _steps([step], 1)[0], _scalar(lr, "lr"),
-        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
+        optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, R(beta1, "beta1"),
+        R(beta2, "beta2"), R(beta3, "beta3"), R(alpha, "alpha"), R(eps, "eps"), R(weight_decay, "weight_decay"),
+        V.steps([step], 1)[0], R(lr, "lr"), R(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def optimizer_update_8bit_blockwise_multi(optimizer_name, gs, ps, state1s, state2s, beta1, beta2, beta3, alpha,
                                           eps, steps, lr, qmap1, qmap2, absmax1s, absmax2s, weight_decay=0.0,
-                                          gnorm_scale=1.0, skip_zeros=False, max_unorm=0.0, unorm_vecs=None):
+                                          gnorm_scale=1.0, skip_zeros=False, max_unorm=0.0, unorm_vecs=None, *,
+                                          _checked=None):
     """In-place 8-bit blockwise update of several parameters (one kernel call per dtype).
 
     Same arguments as :func:`optimizer_update_8bit_blockwise` with lists for the
-    per-parameter arrays and ``steps`` (a list, or one int for all).
+    per-parameter arrays and ``steps`` (a list, or one int for all); ``_checked`` as in
+    :func:`optimizer_update_32bit_multi`.
     """
-    ps, gs, count, (state1s, state2s, absmax1s, absmax2s, unorm_vecs), steps, max_unorm = _lists(
-        optimizer_name, ps, gs, {"state1s": state1s, "state2s": state2s, "absmax1s": absmax1s,
-                                 "absmax2s": absmax2s, "unorm_vecs": unorm_vecs}, steps, max_unorm)
-    two = optimizer_name in _TWO_STATE
-    pv, gv, groups = _group_by_dtype(ps, gs)
-    if qmap1 is None:
-        raise ValueError("qmap1 is required")
-    q1v = _arrays.input_view(qmap1, "qmap1", ("float32",))
-    q2v = None
-    if two:
-        if qmap2 is None:
-            raise ValueError(f"{optimizer_name} needs qmap2")
-        q2v = _arrays.input_view(qmap2, "qmap2", ("float32",))
-    for v, nm in ((q1v, "qmap1"), (q2v, "qmap2")):
-        if v is not None and v.numel != 256:
-            raise ValueError(f"{nm} must have 256 values, got {v.numel}")
-    s1v, s2v, a1v, a2v = [], [], [], []
-    for k in range(count):
-        n = pv[k].numel
-        nb = -(-n // 256)
-        if state1s[k] is None or absmax1s[k] is None:
-            raise ValueError("state1 and absmax1 are required")
-        s1 = _inplace_view(state1s[k], "state1", ("uint8",))
-        a1 = _inplace_view(absmax1s[k], "absmax1", ("float32",))
-        if optimizer_name == "ademamix":
-            if tuple(s1.shape) != (2, *pv[k].shape):
-                raise ValueError(f"ademamix state1 must have shape {(2, *pv[k].shape)}, got {s1.shape}")
-            if a1.numel != 2 * nb:
-                raise ValueError(f"ademamix absmax1 must have shape (2, {nb}), got {a1.shape}")
-        else:
-            if s1.numel != n:
-                raise ValueError(f"state1 must have the {n} elements of p, got {s1.numel}")
-            if a1.numel != nb:
-                raise ValueError(f"absmax1 must have {nb} values (one per 256 elements), got {a1.numel}")
-        s1v.append(s1)
-        a1v.append(a1)
-        if two:
-            if state2s[k] is None or absmax2s[k] is None:
-                raise ValueError(f"{optimizer_name} needs state2 and absmax2")
-            s2 = _inplace_view(state2s[k], "state2", ("uint8",))
-            a2 = _inplace_view(absmax2s[k], "absmax2", ("float32",))
-            if s2.numel != n:
-                raise ValueError(f"state2 must have the {n} elements of p, got {s2.numel}")
-            if a2.numel != nb:
-                raise ValueError(f"absmax2 must have {nb} values (one per 256 elements), got {a2.numel}")
-            s2v.append(s2)
-            a2v.append(a2)
-        else:
-            s2v.append(None)
-            a2v.append(None)
-    _arrays.check_no_overlap(*pv, *s1v, *s2v, *a1v, *a2v, inputs=(*gv, q1v, q2v))  # updated in place
-    args = (_scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(beta3, "beta3"),
-            _scalar(alpha, "alpha"), _scalar(eps, "eps"), _scalar(weight_decay, "weight_decay"),
-            _scalar(lr, "lr"))
-    if _on_cuda(pv + gv + s1v + s2v + a1v + a2v + [q1v, q2v]):
-        unorms = _unorm_slots(unorm_vecs, ps) if max_unorm > 0 else None
-        for idx in groups.values():
-            _optim_cuda.launch_update_8bit_blockwise(
-                optimizer_name, [ps[k] for k in idx], [gs[k] for k in idx], [state1s[k] for k in idx],
-                [state2s[k] for k in idx] if two else None, qmap1, qmap2 if two else None,
-                [absmax1s[k] for k in idx], [absmax2s[k] for k in idx] if two else None,
-                [unorms[k] for k in idx] if unorms else None, [steps[k] for k in idx],
-                [_device_norm(ps[k]) for k in idx] if max_unorm > 0 else None, *args,
-                gnorm_scale=_scalar(gnorm_scale, "gnorm_scale"), max_unorm=max_unorm,
-                skip_zeros=bool(skip_zeros))
-        return
-    norms = [_param_norm(ps[k]) for k in range(count)] if max_unorm > 0 else None
-    for idx in groups.values():
-        sums = _C.cpu_optimizer_update_8bit_blockwise(
-            optimizer_name, [pv[k] for k in idx], [gv[k] for k in idx], [s1v[k] for k in idx],
-            [s2v[k] for k in idx] if two else None, q1v, q2v, [a1v[k] for k in idx],
-            [a2v[k] for k in idx] if two else None, *args, [steps[k] for k in idx],
-            _scalar(gnorm_scale, "gnorm_scale"), max_unorm, [norms[k] for k in idx] if norms else None,
-            bool(skip_zeros))
-        _write_unorm(unorm_vecs, sums, idx)
+    if _checked is not None:
+        return run(_checked)
+    run(V.update_8bit(optimizer_name, gs, ps, state1s, state2s, beta1, beta2, beta3, alpha, eps, steps, lr, qmap1,
+                      qmap2, absmax1s, absmax2s, weight_decay, gnorm_scale, skip_zeros, max_unorm, unorm_vecs))
 
 
 def optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step,
@@ -403,14 +170,13 @@ def optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, beta1,
                                               weight_decay=weight_decay, gnorm_scale=gnorm_scale,
                                               skip_zeros=skip_zeros, max_unorm=max_unorm, unorm_vecs=[unorm_vec])
         return
-    _check_name(optimizer_name)
+    R = V.real                                # the op schema's coercions; the op's kernel validates
     for x, nm in ((p, "p"), (state1, "state1"), (state2, "state2"), (absmax1, "absmax1"), (absmax2, "absmax2")):
         _arrays.check_not_lazy(x, nm)  # updated in place: refuse lazy views before the op
     torch.ops.bnbcy.optimizer_update_8bit_blockwise(
-        optimizer_name, g, p, state1, state2, _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
-        _scalar(beta3, "beta3"), _scalar(alpha, "alpha"), _scalar(eps, "eps"), _steps([step], 1)[0],
-        _scalar(lr, "lr"), qmap1, qmap2, absmax1, absmax2, _scalar(weight_decay, "weight_decay"),
-        _scalar(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
+        optimizer_name, g, p, state1, state2, R(beta1, "beta1"), R(beta2, "beta2"), R(beta3, "beta3"),
+        R(alpha, "alpha"), R(eps, "eps"), V.steps([step], 1)[0], R(lr, "lr"), qmap1, qmap2, absmax1, absmax2,
+        R(weight_decay, "weight_decay"), R(gnorm_scale, "gnorm_scale"), bool(skip_zeros))
 
 
 def percentile_clipping(grad, gnorm_vec, step, percentile=5):
@@ -446,5 +212,5 @@ def percentile_clipping(grad, gnorm_vec, step, percentile=5):
     return current_gnorm, clip_value, gnorm_scale
 
 
-__all__ = ["Hyper", "optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
+__all__ = ["Hyper", "run", "optimizer_update_32bit", "optimizer_update_32bit_multi", "optimizer_update_8bit_blockwise",
            "optimizer_update_8bit_blockwise_multi", "percentile_clipping"]

@@ -1,7 +1,7 @@
 """The one table of bnbcy's optimizer update kernels.
 
 Every layer takes the optimizer names, their rule, state count and trust-ratio use from here:
-``bnbcy.functional.optim_update`` (names, validation), ``bnbcy.functional._optim_cuda``
+``bnbcy.optim._validation`` (names, state layout), ``bnbcy.functional._optim_cuda``
 (kernel names), the Cython layer (``_C.OPT_RULE_IDS``) and the C/CUDA rule enums, which
 ``tests/test_optim_table.py`` checks against :data:`RULE_IDS` (``pyx/include/bnbcy_cpu_optim.h``
 ``BNBCY_OPT_*``, ``cuda_src/optim.cu`` ``OPT_*``). Adding an optimizer: a row here, its rule in

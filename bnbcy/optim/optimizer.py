@@ -11,15 +11,13 @@ NUMERICS.md §6.2, §6.7, §6.9, §7).
   (SGD-like: ``state1``).
 
 ``step()`` validates every parameter that has a gradient *before* it allocates or changes
-anything, then issues one multi-tensor kernel call per parameter group and state kind
+anything (through the one validation layer, :mod:`bnbcy.optim._validation`), then issues one multi-tensor kernel call per parameter group and state kind
 (32-bit / 8-bit; params whose per-parameter hyper-parameters differ are split off into
 their own call) with no host synchronisation per parameter.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import weakref
 from collections import abc as container_abcs
 from collections import defaultdict
@@ -29,15 +27,13 @@ from typing import Optional
 
 import torch
 
+from .. import backends
 from .. import distributed as _dist
-from . import paged
+from . import _table, paged
+from . import _validation as V
 
 __all__ = ["GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer1State", "Optimizer2State"]
 
-_BLOCKSIZE = 256                      # 8-bit blockwise state: one absmax per 256 elements
-_GNORM_HISTORY = 100                  # percentile_clipping keeps the last 100 squared norms
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_STEP = 2**31 - 1                 # the kernels take the step (after += 1) as an int32
 
 # Per-parameter state keys that are never dtype-cast on load (bitsandbytes' set).
 _NON_CASTABLE = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
@@ -166,31 +162,6 @@ def _parse_betas(betas):
     return tuple(betas)
 
 
-def _check_hyper(cfg, nbetas):
-    """Range checks of bitsandbytes' constructors, applied to a group or a resolved config."""
-    lr, eps, wd = cfg["lr"], cfg["eps"], cfg["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr = float(lr)
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= wd:
-        raise ValueError(f"Invalid weight_decay value: {wd}")
-    betas = cfg["betas"]
-    try:
-        n = len(betas)
-    except TypeError:
-        raise ValueError(f"betas must be a tuple of floats, got {betas!r}") from None
-    if n < nbetas:
-        raise ValueError(f"betas needs at least {nbetas} values, got {tuple(betas)}")
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-
-
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of bitsandbytes-style optimizers with 32-bit or 8-bit blockwise state.
 
@@ -235,7 +206,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if "betas" in param_group:
             param_group["betas"] = _parse_betas(param_group["betas"])
             merged["betas"] = param_group["betas"]
-        _check_hyper(merged, self._min_betas)
+        V.check_hyper(merged, self._min_betas)
         plist = param_group["params"]
         plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
         for p in plist:
@@ -338,124 +309,42 @@ class Optimizer8bit(torch.optim.Optimizer):
         if bits not in (8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
         eight = bits == 8 and _dist.uses_8bit_state(p, config["min_8bit_size"])
-        dtype = torch.uint8 if eight else torch.float32
-        lead = getattr(self, "_state1_lead", None)
         state = self.state[p]
         p = _dist.local(p)                # distributed hook: state is per shard
-        s1_shape = (lead, *p.shape) if lead else tuple(p.shape)
-
         state["step"] = 0
-        state["state1"] = self.get_state_buffer(p, dtype, shape=s1_shape)
-        if self._n_states == 2:
-            state["state2"] = self.get_state_buffer(p, dtype)
-        if eight:
-            nblocks = (p.numel() + _BLOCKSIZE - 1) // _BLOCKSIZE
-            state["qmap1"] = self._qmap("dynamic", p.device)
-            state["absmax1"] = self.get_state_buffer(p, torch.float32, shape=((lead, nblocks) if lead else (nblocks,)),
-                                                     pageable=False)
-            if self._n_states == 2:
-                state["qmap2"] = self._qmap("udynamic", p.device)
-                state["absmax2"] = self.get_state_buffer(p, torch.float32, shape=(nblocks,), pageable=False)
-        if config["max_unorm"] > 0.0 and not lead:
-            state["unorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(1,), pageable=False)
-        if config["percentile_clipping"] < 100:
-            state["gnorm_vec"] = self.get_state_buffer(p, torch.float32, shape=(_GNORM_HISTORY,), pageable=False)
+        # the layout the step's validation checks (_validation.expected_state), in its key order
+        maps = {"qmap1": "dynamic", "qmap2": "udynamic"}
+        for key, (shape, dtype) in V.expected_state(p.shape, p.numel(), self._kernel, eight, config).items():
+            if key in maps:
+                state[key] = self._qmap(maps[key], p.device)
+            else:                         # only the moments may be paged, as in bitsandbytes
+                state[key] = self.get_state_buffer(p, dtype, shape=shape, pageable=key in ("state1", "state2"))
 
     def prefetch_state(self, p):
         """Prefetch paged state of ``p`` to its device on the current stream (see optim/paged.py)."""
         paged.prefetch_state(self, p)
 
-    # ------------------------------------------------------------------ validation
-    def _validate_config(self, config, p):
-        _check_hyper(config, self._min_betas)
-        bits = config["optim_bits"]
-        if bits not in (8, 32):
-            raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
-        pc = config["percentile_clipping"]
-        if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
-            raise ValueError(f"percentile_clipping must be an int in [0, 100], got {pc!r}")
-        if bits == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
-            raise ValueError("block_wise=False (one absmax per tensor) was removed in bitsandbytes 0.50; "
-                             "bnbcy only implements block-wise 8-bit optimizer state (block_wise=True)")
-        if not config["max_unorm"] >= 0.0:
-            raise ValueError(f"Invalid max_unorm value: {config['max_unorm']}")
-        for key in ("t_alpha", "t_beta3"):
-            t = config.get(key)
-            if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1):
-                raise ValueError(f"{key} must be None or a positive int, got {t!r}")
+    # ------------------------------------------------------------------ validation (_validation.py)
+    @property
+    def _kernel(self):
+        """This optimizer's row of the kernel table (bnbcy/optim/_table.py)."""
+        return _table.kernel(self.optimizer_name)
+
+    def _validate_config(self, config, p, shared=False):
+        """``shared``: ``config`` is the group's, already checked whole for another parameter."""
+        if shared:
+            V.check_config_for(config, p)
+        else:
+            V.check_config(config, p, self._min_betas)
         _dist.check_sharded_config(p, config)
 
     def _validate_param(self, p, device):
-        g = p.grad
-        name = type(self).__name__
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"{name} does not support sparse gradients (got layout {g.layout}); "
-                               "use a dense gradient (e.g. Embedding(sparse=False))")
-        if p.is_complex() or g.is_complex():
-            raise TypeError(f"{name} does not support complex tensors (param {p.dtype}, grad {g.dtype})")
-        if p.dtype not in _PARAM_DTYPES:
-            raise TypeError(f"{name} supports float32, float16 and bfloat16 parameters, got {p.dtype}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
-        if g.shape != p.shape:
-            raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
-        if g.device != p.device:
-            raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
-        if device is not None and p.device != device:
-            raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
-                               f"found {device} and {p.device}")
-        supported = getattr(_F(), "SUPPORTED_DEVICE_TYPES", ("cpu", "cuda"))
-        if p.device.type not in supported:
-            raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
-                                      f"tensors yet (supported: {', '.join(supported)})")
+        V.check_param(type(self).__name__, p, device)
 
-    def _expected_state(self, p, config, eight):
-        """``{key: (shape, dtype)}`` of the state tensors of ``p`` (what :meth:`init_state` makes)."""
-        lead = getattr(self, "_state1_lead", None)
-        p = _dist.local(p)                # distributed hook: state is per shard
-        shape = tuple(p.shape)
-        dtype = torch.uint8 if eight else torch.float32
-        out = {"state1": ((lead, *shape) if lead else shape, dtype)}
-        if self._n_states == 2:
-            out["state2"] = (shape, dtype)
-        if eight:
-            nblocks = (p.numel() + _BLOCKSIZE - 1) // _BLOCKSIZE
-            out["qmap1"] = ((256,), torch.float32)
-            out["absmax1"] = ((lead, nblocks) if lead else (nblocks,), torch.float32)
-            if self._n_states == 2:
-                out["qmap2"] = ((256,), torch.float32)
-                out["absmax2"] = ((nblocks,), torch.float32)
-        if config["max_unorm"] > 0.0 and not lead:
-            out["unorm_vec"] = ((1,), torch.float32)
-        if config["percentile_clipping"] < 100:
-            out["gnorm_vec"] = ((_GNORM_HISTORY,), torch.float32)
-        return out
-
-    def _validate_state(self, p, config):
-        """Check the existing state of ``p`` (e.g. from ``load_state_dict``) against what the step
-        reads and writes; returns its step count."""
-        state = self.state[p]
-        if "state1" not in state or "step" not in state:
-            raise KeyError(f"optimizer state of a parameter lacks 'state1'/'step' (keys: {sorted(state)})")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < _MAX_STEP:
-            raise ValueError(f"optimizer state 'step' must be an int in [0, {_MAX_STEP}), got {step!r}")
-        s1 = state["state1"]
-        if not isinstance(s1, torch.Tensor) or s1.dtype not in (torch.uint8, torch.float32):
-            raise ValueError(f"optimizer state 'state1' must be a float32 or uint8 tensor, got "
-                             f"{getattr(s1, 'dtype', type(s1).__name__)}")
-        for key, (shape, dtype) in self._expected_state(p, config, s1.dtype == torch.uint8).items():
-            v = state.get(key)
-            if not isinstance(v, torch.Tensor):
-                raise KeyError(f"optimizer state '{key}' is missing (a {dtype} tensor of shape {shape} expected)")
-            if v.dtype != dtype or tuple(v.shape) != shape:
-                raise ValueError(f"optimizer state '{key}' must be {dtype} of shape {shape} for a parameter of "
-                                 f"shape {tuple(p.shape)}, got {v.dtype} of shape {tuple(v.shape)}")
-            if v.device != p.device and not getattr(v, "is_paged", False):
-                raise RuntimeError(f"optimizer state '{key}' is on {v.device} but its parameter on {p.device}")
-            if not v.is_contiguous():
-                raise ValueError(f"optimizer state '{key}' must be contiguous")
-        return int(step)
+    def _validate_state(self, p, config, pv=None, known=None):
+        """Check the existing state of ``p``; returns its step count and ``{key: (tensor, view)}``."""
+        pv = V.view(_dist.local(p), "p") if pv is None else pv     # state is per shard
+        return V.check_state(self.state[p], p, pv, self._kernel, config, known)
 
     def _plan(self):
         """Validate everything this step will touch, for every group; return the work.
@@ -463,23 +352,58 @@ class Optimizer8bit(torch.optim.Optimizer):
         Nothing is allocated or modified here, so an exception leaves parameters, state tensors,
         step counters and the state dict as they were. Returns ``(gindex, group, items)`` per group
         with ``items`` a list of ``(pindex, p, config, hyper)``; ``hyper`` is the parameter's
-        :class:`~bnbcy.functional.optim_update.Hyper` for its next step.
+        :class:`~bnbcy.optim._validation.Hyper` for its next step. The views of the checked
+        tensors are kept in ``self._views`` (by ``id``) for the kernel calls.
         """
-        plan = []
+        plan, views, outputs, inputs = [], {}, [], []
+        schedules = self._n_states == 2
+        overridden = self.mng.index2config, self.mng.pid2config
         for gindex, group in enumerate(self.param_groups):
             items = []
             device = None
+            shared, hypers = None, {}     # the config of the group's parameters without overrides
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 self._validate_param(p, device)
                 device = p.device
-                config = self.get_config(gindex, pindex, group)
-                self._validate_config(config, p)
-                step = self._validate_state(p, config) if self.state.get(p) else 0
-                items.append((pindex, p, config, self._hyper(config, step + 1)))
+                if (gindex, pindex) in overridden[0] or id(p) in overridden[1]:
+                    config = self.get_config(gindex, pindex, group)
+                    self._validate_config(config, p)
+                else:
+                    if shared is None:
+                        shared = config = self.get_config(gindex, pindex, group)
+                        self._validate_config(config, p)
+                    else:
+                        config = shared
+                        self._validate_config(config, p, shared=True)
+                lp, lg = _dist.local(p), _dist.local(p.grad)
+                pv = views[id(lp)] = V.view(lp, "p")
+                views[id(lg)] = gv = V.view(lg, "grad")
+                outputs.append(pv)
+                inputs.append(gv)
+                step = 0
+                if self.state.get(p):
+                    step, tensors = self._validate_state(p, config, pv, views)
+                    for key, (t, v) in tensors.items():
+                        if key.startswith("qmap"):
+                            if id(t) not in views:          # one map tensor per device, shared
+                                inputs.append(v)
+                        else:
+                            outputs.append(v)
+                        views[id(t)] = v
+                if config is shared:          # its Hyper depends on the step only
+                    hyper = hypers.get(step)
+                    if hyper is None:
+                        hyper = hypers[step] = V.hyper_at(config, step + 1, schedules)
+                else:
+                    hyper = V.hyper_at(config, step + 1, schedules)
+                items.append((pindex, p, config, hyper))
             if items:
+                V.check_not_capturing(backends.on_cuda(views[id(_dist.local(items[0][1]))]))
                 plan.append((gindex, group, items))
+        V.check_views(outputs, inputs)
+        self._views = views
         return plan
 
     # ------------------------------------------------------------------ stepping
@@ -525,37 +449,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             for p in created:
                 self.state.pop(p, None)
             raise
-        for gindex, group, items in plan:
-            for _, p, _, _ in items:
-                self.prefetch_state(p)
-            self._update_group(group, items, ratios)
+        try:
+            for gindex, group, items in plan:
+                for _, p, _, _ in items:
+                    self.prefetch_state(p)
+                self._update_group(group, items, ratios)
+        finally:
+            self._views = {}
         return loss
-
-    def _hyper(self, config, step):
-        """The :class:`~bnbcy.functional.optim_update.Hyper` record of one parameter at ``step``,
-        with the AdEMAMix schedules (§6.7) applied; raises ``ValueError`` for a schedule that
-        cannot be evaluated."""
-        betas = config["betas"]
-        beta1 = float(betas[0])
-        beta2 = float(betas[1]) if len(betas) > 1 else 0.0
-        beta3 = float(betas[2]) if len(betas) >= 3 else 0.0
-        alpha = float(config.get("alpha", 0.0) or 0.0)
-        t_alpha, t_beta3 = config.get("t_alpha"), config.get("t_beta3")
-        if self._n_states == 2 and (t_alpha or t_beta3):         # AdEMAMix schedules (§6.7)
-            if t_alpha:
-                alpha = min(step * alpha / t_alpha, alpha)
-            if t_beta3:
-                if not (0.0 < beta1 < 1.0 and 0.0 < beta3 < 1.0):
-                    raise ValueError(f"the t_beta3 schedule needs 0 < beta1 < 1 and 0 < beta3 < 1 "
-                                     f"(it interpolates their logarithms), got beta1={beta1}, beta3={beta3}")
-                ln1, ln3 = math.log(beta1), math.log(beta3)
-                s = step / t_beta3
-                den = (1 - s) * ln3 + s * ln1
-                beta3 = min(math.exp(ln1 * ln3 / den), beta3) if den != 0.0 else beta3
-        lr = config["lr"]
-        return _F().Hyper(lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
-                          eps=float(config["eps"]), weight_decay=float(config["weight_decay"]),
-                          max_unorm=float(config["max_unorm"]), skip_zeros=bool(config["skip_zeros"]))
 
     def _update_group(self, group, items, ratios=None):
         """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
@@ -581,6 +482,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 # distributed hook: the shard's max_unorm that applies the global trust ratio
                 hyper = dataclasses.replace(hyper, max_unorm=ratios[id(p)])
             if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
+                for t in (_dist.local(p), _dist.local(p.grad)):   # replaced: view them again
+                    getattr(self, "_views", {}).pop(id(t), None)
                 _dist.make_contiguous(p)
             eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
@@ -591,30 +494,32 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _launch(self, eight, h, pc, ps, states=None):
         """One kernel call for the parameters ``ps`` (``states``: stand-ins for their
-        ``self.state`` entries, as the distributed trust-ratio pass uses)."""
+        ``self.state`` entries, as the distributed trust-ratio pass uses); everything was
+        validated by the plan (:meth:`_plan`), so the call is built with no second check."""
         F = _F()
+        views = getattr(self, "_views", None) or {}
         st = [self.state[p] for p in ps] if states is None else states
         gs = [_dist.local(p.grad) for p in ps]      # distributed hook: kernels see local shards
         ps = [_dist.local(p) for p in ps]
+        pv = [views.get(id(p)) or V.view(p, "p") for p in ps]
+        gv = [views.get(id(g)) or V.view(g, "grad") for g in gs]
         steps = [s["step"] for s in st]
-        two = self._n_states == 2
         gnorm_scale = 1.0
         if pc < 100:                                    # one parameter per bucket here
             gnorm_scale = F.percentile_clipping(gs[0], st[0]["gnorm_vec"], steps[0], pc)[2]
-        unorm = [s.get("unorm_vec") for s in st] if h.max_unorm > 0.0 else None
+        u = V.checked_update(self._kernel, eight, ps, gs, pv, gv, st, views, steps, h, gnorm_scale)
+        s1, s2, unorm = [s["state1"] for s in st], [s.get("state2") for s in st], u.unorm_vecs
         if not eight:
             F.optimizer_update_32bit_multi(
-                self.optimizer_name, gs, ps, [s["state1"] for s in st], h.beta1, h.eps, steps, h.lr,
-                state2s=[s["state2"] for s in st] if two else None, beta2=h.beta2, beta3=h.beta3, alpha=h.alpha,
-                weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=unorm, max_unorm=h.max_unorm,
-                skip_zeros=h.skip_zeros)
+                self.optimizer_name, gs, ps, s1, h.beta1, h.eps, steps, h.lr, state2s=s2, beta2=h.beta2, beta3=h.beta3,
+                alpha=h.alpha, weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=unorm,
+                max_unorm=h.max_unorm, skip_zeros=h.skip_zeros, _checked=u)
         else:
             F.optimizer_update_8bit_blockwise_multi(
-                self.optimizer_name, gs, ps, [s["state1"] for s in st], [s["state2"] for s in st] if two else None,
-                h.beta1, h.beta2, h.beta3, h.alpha, h.eps, steps, h.lr, st[0]["qmap1"], st[0]["qmap2"] if two else None,
-                [s["absmax1"] for s in st], [s["absmax2"] for s in st] if two else None,
-                weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, skip_zeros=h.skip_zeros,
-                max_unorm=h.max_unorm, unorm_vecs=unorm)
+                self.optimizer_name, gs, ps, s1, s2, h.beta1, h.beta2, h.beta3, h.alpha, h.eps, steps, h.lr,
+                st[0]["qmap1"], st[0].get("qmap2"), [s["absmax1"] for s in st], [s.get("absmax2") for s in st],
+                weight_decay=h.weight_decay, gnorm_scale=gnorm_scale, skip_zeros=h.skip_zeros, max_unorm=h.max_unorm,
+                unorm_vecs=unorm, _checked=u)
 
     @torch.no_grad()
     def update_step(self, group, p, gindex, pindex):
@@ -622,8 +527,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         config = self.get_config(gindex, pindex, group)
         self._validate_param(p, None)
         self._validate_config(config, p)
-        step = self._validate_state(p, config) if self.state.get(p) else 0
-        hyper = self._hyper(config, step + 1)
+        step = self._validate_state(p, config)[0] if self.state.get(p) else 0
+        hyper = V.hyper_at(config, step + 1, self._n_states == 2)
         items = [(pindex, p, config, hyper)]
         ratios = _dist.global_trust_ratios(self, [(gindex, group, items)])    # distributed hook
         if len(self.state[p]) == 0:
@@ -736,13 +641,7 @@ def _make_args(args, optim_bits, min_8bit_size, max_unorm, skip_zeros, percentil
 
 
 def _check_ctor(lr, eps, betas, weight_decay, nbetas):
-    _check_hyper({"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}, nbetas)
-
-
-def _check_pc(percentile_clipping):
-    if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
-            or not 0 <= percentile_clipping <= 100:
-        raise ValueError(f"percentile_clipping must be an int in [0, 100], got {percentile_clipping!r}")
+    V.check_hyper({"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}, nbetas)
 
 
 class Optimizer2State(Optimizer8bit):
@@ -797,9 +696,8 @@ class Optimizer2State(Optimizer8bit):
         betas = _parse_betas(betas)
         if optimizer_name == "ademamix":
             self._min_betas = 3
-            self._state1_lead = 2
         _check_ctor(lr, eps, betas, weight_decay, self._min_betas)
-        _check_pc(percentile_clipping)
+        V.check_percentile_clipping(percentile_clipping)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
                         t_beta3=t_beta3)
         super().__init__(params, defaults, optim_bits, is_paged)
@@ -851,7 +749,7 @@ class Optimizer1State(Optimizer8bit):
                  max_unorm=0.0, skip_zeros=False, is_paged=False):
         betas = _parse_betas(betas)
         _check_ctor(lr, eps, betas, weight_decay, 1)
-        _check_pc(percentile_clipping)
+        V.check_percentile_clipping(percentile_clipping)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, max_unorm, skip_zeros, percentile_clipping,
