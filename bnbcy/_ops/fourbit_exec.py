@@ -58,10 +58,15 @@ class ExecPlan:
     measured: bool = True
 
 
-#: The avx2 row comes from single-thread fused-vs-tiled timings at 4096x4096, 1-64 rows, on a
-#: 2-core AMD EPYC Zen 3 (AVX2+FMA) shared with other jobs (load 10-17): provisional until
-#: ``bench/bench_fourbit.py --calibrate`` runs on a quiet machine. AVX-512 CPUs run the AVX2
-#: kernel: their row is the AVX2 one, not measured there; the scalar row is an estimate.
+#: The avx2 row: fused_max_rows from the quiet-machine module bench of the previous kernel (2-core
+#: AMD EPYC Zen 3, 16 rows fused 8.75 ms, 64 rows tiled 19.9 ms at 4096x4096). The calibration of
+#: the present kernels (``bench/bench_fourbit.py --calibrate``,
+#: ``bench/results/fourbit-exec-calibrate-20261201T231850Z.json``) ran under load average 4.6-9.5
+#: on the 2 shared cores: fused beat tiled at every row count up to 48 and 2 threads lost to 1 at
+#: every size by 20-40x -- both artifacts of threads stalled by the other jobs, so the row was
+#: left as it was; it stays provisional until the calibration runs on a quiet machine. AVX-512
+#: CPUs: their row is the AVX2 one, not measured there (their kernels were never run); the
+#: scalar row is an estimate.
 PLANS = {
     "avx2": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18),
     "avx512": ExecPlan(fused_max_rows=16, tile_bytes=4 << 20, weights_per_thread=1 << 18, measured=False),
