@@ -12,9 +12,10 @@ from bnbcy.nn._exec_layout import build
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (N, K): K % 32 == 0 (the group path: A in the width's group order); K a multiple of 8 but not
-# of the block; K even, not of 8 (tails); odd K (rows start at odd nibbles); one row; more rows
-# than a row block of the kernel, without and with the group path
-SHAPES = ((24, 128), (9, 160), (33, 72), (10, 70), (7, 129), (1, 257), (130, 1032), (130, 1024))
+# of the block; K even, not of 8 (tails); odd K (rows start at odd nibbles); one row; odd K > 256
+# (several rows: K chunks that start at odd nibbles); more rows than a row block of the kernel,
+# without and with the group path (both with K chunks)
+SHAPES = ((24, 128), (9, 160), (33, 72), (10, 70), (7, 129), (1, 257), (5, 777), (130, 1032), (130, 1024))
 _HAS = {"scalar": True, "avx2": _C.cpu_isa() in ("avx2", "avx512"), "avx512": _C.cpu_isa() == "avx512"}
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(not _HAS[isa], reason=f"this CPU has no {isa} (hardware)"))
         for isa in FE.ISA_NAMES]

@@ -153,6 +153,14 @@ static int64_t bnbcy_q4x_row_block(int64_t N, int64_t K) {
     return nb > N ? N : nb;
 }
 
+/* Columns of A per K chunk for `rows` rows: rows * kc floats in 16 KB (half of L1), a multiple
+ * of 32 (whole groups of the group path), at least 256. */
+static int64_t bnbcy_q4x_k_chunk(int rows, int64_t K) {
+    int64_t kc = ((int64_t)4096 / rows) & ~(int64_t)31;
+    if (kc < 256) kc = 256;
+    return kc < K ? kc : K;
+}
+
 /* out[m, n] = T(sum_k A[m, k] * W[n, k] + bias[n]) (float32 accumulation, one rounding to T).
  * Threads split the weight into row blocks; per block the scales are decoded once, then each
  * group of up to BNBCY_Q4X_ROWS_PER_PASS rows of A takes every weight row of the block, decoding
@@ -202,14 +210,24 @@ static int bnbcy_q4x_gemm_fused(const bnbcy_q4x_weight *W, const void *A, int dt
             bnbcy_q4x_block_scales(W, b0, b1, sbuf, width);
             for (int64_t m = 0; m < M; m += per_pass) {
                 const int rows = M - m < per_pass ? (int)(M - m) : (int)per_pass;
-                for (int64_t n = n0; n < n1; n++) {
-                    const float *a = af + m * K;
-                    float *y = acc + n * M + m;
-                    if (group && width == 2) bnbcy_q4x_rows_group_avx512(a, K, rows, W, n * K, K, sbuf, b0, y);
-                    else if (group) bnbcy_q4x_rows_group_avx2(a, K, rows, W, n * K, K, sbuf, b0, y);
-                    else if (width == 2) bnbcy_q4x_rows_avx512(a, K, rows, W, n * K, K, sbuf, b0, y);
-                    else if (width == 1) bnbcy_q4x_rows_avx2(a, K, rows, W, n * K, K, sbuf, b0, y);
-                    else bnbcy_q4x_rows_scalar(a, K, rows, W, n * K, K, sbuf, b0, y);
+                /* several rows: K in chunks whose rows of A stay in L1 while the block's weight rows
+                 * pass (unchunked, each weight row streams all rows of A from L2 again) */
+                const int64_t kc = rows == 1 ? K : bnbcy_q4x_k_chunk(rows, K);
+                for (int64_t k0 = 0; k0 < K; k0 += kc) {
+                    const int64_t len = K - k0 < kc ? K - k0 : kc;
+                    for (int64_t n = n0; n < n1; n++) {
+                        const float *a = af + m * K + k0;
+                        const int64_t e = n * K + k0;
+                        float part[BNBCY_Q4X_ROWS_PER_PASS];
+                        float *y = k0 ? part : acc + n * M + m;
+                        if (group && width == 2) bnbcy_q4x_rows_group_avx512(a, K, rows, W, e, len, sbuf, b0, y);
+                        else if (group) bnbcy_q4x_rows_group_avx2(a, K, rows, W, e, len, sbuf, b0, y);
+                        else if (width == 2) bnbcy_q4x_rows_avx512(a, K, rows, W, e, len, sbuf, b0, y);
+                        else if (width == 1) bnbcy_q4x_rows_avx2(a, K, rows, W, e, len, sbuf, b0, y);
+                        else bnbcy_q4x_rows_scalar(a, K, rows, W, e, len, sbuf, b0, y);
+                        if (k0)
+                            for (int r = 0; r < rows; r++) acc[n * M + m + r] += part[r];
+                    }
                 }
             }
             /* row by row of out: its rows lie N values apart, and writing a column of 16 of them per
