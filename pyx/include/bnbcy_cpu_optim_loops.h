@@ -129,7 +129,8 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
 }
 
 /* Requantizes one block of new states with its absmax M: through the requantization table when
- * it applies (a full block, 0 < M <= FLT_MAX: every state finite), else bnbcy_opt_requant. */
+ * it applies (a full block, 0 < M <= FLT_MAX, rq given only when every state is finite), else
+ * bnbcy_opt_requant. s is scratch: the table path overwrites it. */
 L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
                                                   const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
                                                   uint8_t *q) {
