@@ -74,9 +74,10 @@ def test_simd_width_equals_scalar(name, bits, monkeypatch):
 
 @pytest.mark.parametrize("name", _table.OPTIMIZER_NAMES)
 def test_simd_8bit_block_edges_equal_scalar(name, monkeypatch):
-    """8-bit blocks whose new absmax or states are not finite (an inf/NaN/0/denormal absmax, a
-    gradient whose square overflows): the SIMD widths take the requantization table only for
-    all-finite blocks, and give the scalar path's codes, absmax and parameters."""
+    """8-bit blocks whose new absmax or states are not finite (an inf/NaN/0/denormal/tiny absmax,
+    a gradient whose square overflows): the SIMD widths take the requantization table only for
+    all-finite blocks, flush only where it can act, and give the scalar path's codes, absmax,
+    parameters and trust-ratio sums."""
     rng = np.random.default_rng(11)
     n = 256 * 8
     base = _inputs(name, 8, torch.float32, n, rng)
@@ -84,15 +85,17 @@ def test_simd_8bit_block_edges_equal_scalar(name, monkeypatch):
     a1[1], a1[2], a1[3], a1[4] = float("inf"), float("nan"), 0.0, 1e-40
     if base[5] is not None:
         base[5][5], base[5][6] = float("nan"), float("inf")
+    a1[5] = 1e-38  # normal, but its products with the smallest codes are denormal
     base[1][256 * 7 + 3] = 3e38  # finite gradient, g*g overflows
     base[1][256 * 6 + 9] = -3e38
+    mu = 0.01 if _table.kernel(name).trust_ratio else 0.0
     for skip in (False, True):
         res = []
         for isa in ("", "scalar"):
             monkeypatch.setenv("BNBCY_CPU_ISA", isa)
             t = [None if x is None else x.clone() for x in base]
-            _step(name, 8, t, skip, 0.0, 0.0)
-            res.append(t)
+            u = _step(name, 8, t, skip, 0.0, mu)
+            res.append(t + (u or []))
         for a, b in zip(*res):
             if a is not None:
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, skip)

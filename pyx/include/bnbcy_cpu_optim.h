@@ -116,8 +116,9 @@ static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const
 
 /* ------------------------------------------------ requantization tables --- */
 
-/* The AVX-512 requantization reads one table entry per element, indexed by the top 16 bits u >> 16
- * of the normalized state x (sign, exponent, 7 mantissa bits): rq[u >> 16] = T << 16 | A << 8 | B
+/* The SIMD requantization (AVX2, AVX-512) reads one table entry per element, indexed by the top
+ * 16 bits u >> 16 of the normalized state x (sign, exponent, 7 mantissa bits):
+ * rq[u >> 16] = T << 16 | A << 8 | B
  * and the code is (u & 0xFFFF) <= T ? A : B. A bucket holds values of one sign and at most one
  * midpoint (the map's `packed` table), so the code steps at most once along the low bits in
  * either direction, and the exact-tie rule and the sign fix of §6.5 fold into A, B and T.

@@ -129,7 +129,8 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
 }
 
 /* Requantizes one block of new states with its absmax M: through the requantization table when
- * it applies (a full block, 0 < M <= FLT_MAX: every state finite), else bnbcy_opt_requant. */
+ * it applies (a full block, 0 < M <= FLT_MAX, rq given only when every state is finite), else
+ * bnbcy_opt_requant. s is scratch: the table path overwrites it. */
 L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
                                                   const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
                                                   uint8_t *q) {
@@ -276,7 +277,7 @@ L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_opt_unorm_vec
 
 L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_chunk_k)(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int f8, const int opt) {
-    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
     const int dt = a->dtype, two = opt == BNBCY_OPT_ADAM;
     double acc[BNBCY_OPT_LANES] __attribute__((aligned(64))) = {0.0};
     int64_t i = start;
@@ -284,8 +285,13 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
         float d1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), d2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
         for (; i + BNBCY_OPT_BLOCK <= start + len; i += BNBCY_OPT_BLOCK) {
             const int64_t b = i / BNBCY_OPT_BLOCK;
-            L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(t->absmax1[b]), 1, d1);
-            if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(t->absmax2[b]), 1, d2);
+            const float am1 = t->absmax1[b], am2 = two ? t->absmax2[b] : 0.0f;
+            /* the flushes of the dequantized states and of adam's products with the betas act only
+             * where bnbcy_opt_may_flush says (a raw denormal or NaN absmax: always flush) */
+            h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1);
+            h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
+            L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(am1), h.fz1, d1);
+            if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(am2), h.fz2, d2);
             for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
                 for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
                     const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
@@ -294,6 +300,7 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
                 }
         }
     }
+    h.fz1 = h.fz2 = 1;
     for (; i + L_W <= start + len; i += L_W) {
         const L_T gr = L_LOADT(t->g, dt, i);
         L_T s1, s2 = L_SET1(0.0f);
