@@ -98,7 +98,10 @@ def bench_layers(shapes, rows, repeats, bnb, with_dtypes=True):
         for M in rows:
             x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
             inputs = {"bnbcy_f16": x.half(), "bnbcy_f32": x.float()}
-            fns = {name: rotating_call(layers, inputs.get(name, x)) for name, layers in impls.items()}
+            # the dtype variants share bnbcy's layers: each starts a third of the rotation further on
+            starts = {"bnbcy_f16": len(impls["bnbcy"]) // 3, "bnbcy_f32": 2 * len(impls["bnbcy"]) // 3}
+            fns = {name: rotating_call(layers, inputs.get(name, x), starts.get(name, 0))
+                   for name, layers in impls.items()}
             times = interleaved(fns, repeats)
             entry = {"K": K, "N": N, "rows": M, "layers": {n: len(v) for n, v in impls.items()},
                      "weight_bytes": q_bytes, "raw_s": times,

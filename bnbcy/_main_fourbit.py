@@ -58,9 +58,11 @@ def with_compute_dtype(layers, dtype):
     return out
 
 
-def rotating_call(layers, x) -> Callable[[], torch.Tensor]:
-    """A callable running ``layers[i](x)`` for the next ``i`` on every call."""
-    state = {"i": 0}
+def rotating_call(layers, x, start: int = 0) -> Callable[[], torch.Tensor]:
+    """A callable running ``layers[i](x)`` for the next ``i`` on every call, from ``start``
+    (callables sharing layers start apart, so that one never reads weights another just left
+    in the cache)."""
+    state = {"i": start % len(layers)}
 
     def call():
         i = state["i"]
@@ -71,15 +73,20 @@ def rotating_call(layers, x) -> Callable[[], torch.Tensor]:
 
 @torch.inference_mode()
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, List[float]]:
-    """Seconds per call of each callable, timed round by round (one call of each per round)."""
+    """Seconds per call of each callable, timed round by round (one call of each per round).
+
+    Each round starts one callable further on, so that none always runs after the same one (a
+    fixed order let a call always follow, e.g., a dense layer that had just evicted the cache)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
