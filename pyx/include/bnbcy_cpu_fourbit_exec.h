@@ -75,7 +75,8 @@ static int bnbcy_q4x_has_fma(void) {
 }
 /* float16 A to float32 with F16C (exact, as bnbcy_f16_to_f32): A is converted before the threads
  * start, and value by value the software conversion kept float16 inputs ~5-20% behind bfloat16
- * at one row. Returns 0 where the CPU has no F16C (the caller converts value by value). */
+ * at one row. Returns 0 where the CPU has no F16C (the caller converts value by value); n = 0
+ * only asks. */
 __attribute__((target("avx,f16c"))) static int bnbcy_q4x_f16_to_f32(const uint16_t *h, float *f, int64_t n) {
     static int has = -1;
     if (has < 0) {
@@ -198,26 +199,25 @@ static int bnbcy_q4x_gemm_fused(const bnbcy_q4x_weight *W, const void *A, int dt
     const int width = bnbcy_q4x_width(isa);
     /* the group path: whole 32-weight groups in blocks, A laid out in the width's group order */
     const int group = width && K % 32 == 0 && W->lg >= 5;
-    const void *As = A; /* A, or float16 A already converted (F16C) */
-    int adt = dtype;
-    float *a32 = NULL;
-    if (dtype == BNBCY_F16) {
-        if (!group) {
-            if (bnbcy_q4x_f16_to_f32((const uint16_t *)A, af, M * K)) As = af, adt = BNBCY_F32;
-        } else if ((a32 = (float *)malloc((size_t)(M * K) * sizeof(float) + 64)) != NULL &&
-                   bnbcy_q4x_f16_to_f32((const uint16_t *)A, a32, M * K)) {
-            As = a32, adt = BNBCY_F32;
-        }
-    }
+    /* float16 A goes through F16C where the CPU has it, 32 values (one group) at a time */
+    const int f16c = dtype == BNBCY_F16 && bnbcy_q4x_f16_to_f32((const uint16_t *)A, af, 0);
     if (group) {
         int src[32];
+        float g32[32];
         for (int j = 0; j < 32; j++) src[j] = width == 2 ? bnbcy_q4x_group_src_avx512(j) : bnbcy_q4x_group_src_avx2(j);
-        for (int64_t g = 0; g < M * K; g += 32)
-            for (int j = 0; j < 32; j++) af[g + j] = bnbcy_load_any(As, adt, g + src[j]);
-    } else if (As != af) {
+        for (int64_t g = 0; g < M * K; g += 32) {
+            if (f16c) {
+                bnbcy_q4x_f16_to_f32((const uint16_t *)A + g, g32, 32);
+                for (int j = 0; j < 32; j++) af[g + j] = g32[src[j]];
+            } else {
+                for (int j = 0; j < 32; j++) af[g + j] = bnbcy_load_any(A, dtype, g + src[j]);
+            }
+        }
+    } else if (f16c) {
+        bnbcy_q4x_f16_to_f32((const uint16_t *)A, af, M * K);
+    } else {
         for (int64_t i = 0; i < M * K; i++) af[i] = bnbcy_load_any(A, dtype, i);
     }
-    free(a32);
     /* equal passes (9 rows: 5 + 4, not 8 + 1: a lone row runs the slower one-row loop) */
     const int64_t passes = (M + BNBCY_Q4X_ROWS_PER_PASS - 1) / BNBCY_Q4X_ROWS_PER_PASS;
     const int64_t per_pass = (M + passes - 1) / passes;
