@@ -99,3 +99,40 @@ def test_simd_8bit_block_edges_equal_scalar(name, monkeypatch):
         for a, b in zip(*res):
             if a is not None:
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, skip)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", _table.OPTIMIZER_NAMES)
+def test_simd_specialized_loops_equal_scalar(name, bits, monkeypatch):
+    """The loops specialized for float32 parameters without skip_zeros (with and without weight
+    decay), and the 8-bit fast blocks (no flush can act, finite absmax): gradients whose squares
+    and products with the betas are subnormal or zero (the flushes the fast blocks do with fewer
+    operations), signed zeros, and states at the smallest codes, bit for bit against the scalar width."""
+    rng = np.random.default_rng(23)
+    n = 256 * 6 + 40
+    mu = 0.01 if _table.kernel(name).trust_ratio else 0.0
+    tiny = torch.tensor([1e-20, -3e-21, 1e-30, 1e-40, -1e-42, 0.0, -0.0, 2e-19, -1e-19, 1e-23])
+    for wd in (0.0, 0.1):
+        base = _inputs(name, bits, torch.float32, n, rng)
+        g = base[1]
+        g[~torch.isfinite(g)] = 0.5
+        base[0][~torch.isfinite(base[0])] = 0.25
+        idx = torch.from_numpy(rng.integers(0, n, 300))
+        g[idx] = tiny[torch.arange(300) % len(tiny)]
+        g[256 * 2: 256 * 3] = tiny.repeat(26)[:256]  # a whole block of tiny gradients
+        if bits == 8:
+            base[2].view(-1)[: 256 * 3 : 3] = 127  # the zero code and its neighbours
+            base[2].view(-1)[1: 256 * 3 : 3] = 128
+            if base[3] is not None:
+                base[3][: 256 * 3 : 2] = 0
+                base[3][1: 256 * 3 : 2] = 1
+                base[5][2] = 0.0  # block 2: second moment g*g*(1-beta2), all subnormal, flushed
+        res = []
+        for isa in ("", "scalar"):
+            monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+            t = [None if x is None else x.clone() for x in base]
+            u = _step(name, bits, t, False, wd, mu)
+            res.append(t + (u or []))
+        for a, b in zip(*res):
+            if a is not None:
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, bits, wd)

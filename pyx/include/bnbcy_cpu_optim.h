@@ -52,8 +52,10 @@ typedef struct {
     /* 8-bit */
     const float *qmap1, *qmap2;
     const bnbcy_q8_table *t1, *t2; /* NULL: literal search */
-    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal) */
+    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal), and
+     * whether every entry of qmap2 is >= 0 or -0 */
     float qmin1, qmin2;
+    int q2nn;
     /* requantization tables of qmap1 (sign fix included) and qmap2 for the SIMD widths
      * (bnbcy_opt_build_rq), or NULL */
     const uint32_t *rq1, *rq2;
@@ -100,7 +102,7 @@ static inline uint8_t bnbcy_opt_code(float xn, const float *code, const bnbcy_q8
 /* 1/M for the requantization, flushed: xn = ftz(s * ftz(1/M)) has the shape of CUDA's
  * div.approx.ftz (a multiplication by an approximate reciprocal, 0 for |M| > 2^126) and costs a
  * multiplication per element instead of a division. */
-static inline float bnbcy_opt_recip(float M) { return bnbcy_ftz(1.0f / M); }
+static inline __attribute__((always_inline)) float bnbcy_opt_recip(float M) { return bnbcy_ftz(1.0f / M); }
 
 /* Requantize one block of new states with its new absmax M (§6.5), sign fix if signed. */
 static inline void bnbcy_opt_requant(const float *s, int64_t len, float M, const float *code,
@@ -178,7 +180,7 @@ static int bnbcy_opt_build_rq(const float *code, const bnbcy_q8_table *t, int si
 
 /* Whether the flushes of a dequantized state (absmax am) and of its product with beta can act:
  * only when the smallest nonzero product is subnormal, which it almost never is. */
-static inline int bnbcy_opt_may_flush(float am, float qmin, float beta) {
+static inline __attribute__((always_inline)) int bnbcy_opt_may_flush(float am, float qmin, float beta) {
     return !(am == 0.0f || (am * qmin >= FLT_MIN && (beta == 0.0f || am * qmin * beta >= FLT_MIN)));
 }
 
@@ -188,7 +190,7 @@ static inline float bnbcy_opt_absmax_acc(float m, float s) {
 }
 
 /* The running max of the bits of |s| (L_MAXABSU): unsigned order is the order of |s|, NaN last. */
-static inline uint32_t bnbcy_opt_maxabsu(uint32_t m, float s) {
+static inline __attribute__((always_inline)) uint32_t bnbcy_opt_maxabsu(uint32_t m, float s) {
     const uint32_t u = bnbcy_f2u(s) & 0x7FFFFFFFu;
     return u > m ? u : m;
 }
@@ -196,7 +198,7 @@ static inline uint32_t bnbcy_opt_maxabsu(uint32_t m, float s) {
 /* A block's absmax from mu, the max of the bits of |state| over its lanes: the float of mu
  * while no state is NaN, else the max that skips NaN (bnbcy_opt_absmax_acc) of the states
  * n[0..len) and of pad (the padding lanes' absmax, -FLT_MAX if none). */
-static inline float bnbcy_opt_block_absmax(uint32_t mu, const float *n, int64_t len, float pad) {
+static inline __attribute__((always_inline)) float bnbcy_opt_block_absmax(uint32_t mu, const float *n, int64_t len, float pad) {
     if (mu <= 0x7F800000u) return bnbcy_u2f(mu);
     for (int64_t i = 0; i < len; i++) pad = bnbcy_opt_absmax_acc(pad, n[i]);
     return pad;
@@ -271,7 +273,9 @@ static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, in
                             int nthreads) {
     bnbcy_opt_args local = *args;
     local.qmin1 = local.qmin2 = 0.0f;
+    local.q2nn = local.qmap2 != NULL;
     for (int c = 0; bits8 && c < 256; c++) {
+        if (local.qmap2 && !(local.qmap2[c] >= 0.0f)) local.q2nn = 0; /* -0 >= 0; NaN is not */
         const float v1 = local.qmap1 ? fabsf(local.qmap1[c]) : 0.0f, v2 = local.qmap2 ? fabsf(local.qmap2[c]) : 0.0f;
         if (v1 > 0.0f && (local.qmin1 == 0.0f || v1 < local.qmin1)) local.qmin1 = v1;
         if (v2 > 0.0f && (local.qmin2 == 0.0f || v2 < local.qmin2)) local.qmin2 = v2;

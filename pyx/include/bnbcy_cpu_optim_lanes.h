@@ -7,6 +7,7 @@
  *   L_T, L_W, L_FN(x), L_ATTR      lane type, width, per-width name, target attribute
  *   L_SET1 L_ADD L_SUB L_MUL L_DIV L_SQRT L_FMA(a, b, c) = a*b + c
  *   L_FTZ (denormal -> signed 0), L_FTZ_IF(f, x) (L_FTZ when f), L_ROUND(x, dt) (the value x takes stored as dt), L_SGN
+ *   L_FTZ_NN(x)                    L_FTZ for x >= +0 or NaN (never -0): x where x >= FLT_MIN or NaN, else +0
  *   L_LOADT/L_STORET(base, dt, i)  W elements of a float32/float16/bfloat16 array at index i
  *   L_LOADF/L_STOREF(ptr)          W float32
  *   L_DEQ(q, qmap, absmax)         qmap[q[0..W)] * absmax
@@ -15,6 +16,7 @@
  *                                  float of M is max |x|; a NaN makes M > the bits of inf
  *   L_HMAXU(M)                     the largest lane of M
  *   L_BAD(x)                       lanes where x is NaN/inf, as an int bit mask
+ *   L_BAD2(x, y)                   lanes where x or y is NaN/inf (nonzero iff any; the mask may differ)
  *   L_ZERO(x)                      lanes where x == 0, as an int bit mask
  *   L_ACCU(acc, u)                 acc[k] += (double)(u*u) for lane k (u*u rounded to float)
  *   L_RQ(s, r, rq, q)              the codes of the block s[0..256) * r through the requantization
@@ -33,6 +35,7 @@
 #undef L_FMA
 #undef L_FTZ
 #undef L_FTZ_IF
+#undef L_FTZ_NN
 #undef L_ROUND
 #undef L_SGN
 #undef L_LOADT
@@ -45,6 +48,7 @@
 #undef L_MAXABSU
 #undef L_HMAXU
 #undef L_BAD
+#undef L_BAD2
 #undef L_ZERO
 #undef L_RQ
 #undef L_PREFETCH
@@ -64,6 +68,7 @@
 #define L_SQRT(a) sqrtf(a)
 #define L_FMA(a, b, c) fmaf(a, b, c)
 #define L_FTZ(a) bnbcy_ftz(a)
+#define L_FTZ_NN(a) bnbcy_ftz(a)
 #define L_ROUND(x, dt) bnbcy_opt_round(x, dt)
 #define L_SGN(d) bnbcy_opt_sgn(d)
 #define L_LOADT(base, dt, i) bnbcy_load_any(base, dt, i)
@@ -76,6 +81,7 @@
 #define L_MAXABSU(M, x) bnbcy_opt_maxabsu(M, x)
 #define L_HMAXU(M) (M)
 #define L_BAD(x) (!isfinite(x))
+#define L_BAD2(x, y) (!isfinite(x) || !isfinite(y))
 #define L_ZERO(x) ((x) == 0.0f)
 #define L_RQ(s, r, rq, q) \
     for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_++) (q)[i_] = (uint8_t)bnbcy_opt_rq_lookup(rq, (s)[i_] * (r))
@@ -95,6 +101,7 @@
 #define L_SQRT(a) _mm256_sqrt_ps(a)
 #define L_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define L_FTZ(a) bnbcy_ftz8(a)
+#define L_FTZ_NN(a) _mm256_and_ps(a, _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MIN), _CMP_NLT_UQ))
 #define L_ROUND(x, dt) bnbcy_opt_round8(x, dt)
 #define L_SGN(d) bnbcy_opt_sgn8(d)
 #define L_LOADT(base, dt, i) bnbcy_load8((const char *)(base) + (i) * ((dt) == BNBCY_F32 ? 4 : 2), dt)
@@ -107,6 +114,10 @@
 #define L_MAXABSU(M, x) _mm256_max_epu32(M, _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF)))
 #define L_HMAXU(M) bnbcy_opt_hmaxu8(M)
 #define L_BAD(x) _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_UNORD_Q))
+/* x * 0 + y * 0 is NaN exactly where x or y is not finite: one test for both */
+#define L_BAD2(x, y)                                                                                  \
+    _mm256_movemask_ps(_mm256_cmp_ps(_mm256_fmadd_ps(x, _mm256_setzero_ps(), _mm256_mul_ps(y, _mm256_setzero_ps())), \
+                                     _mm256_setzero_ps(), _CMP_UNORD_Q))
 #define L_ZERO(x) _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ))
 #define L_RQ(s, r, rq, q) bnbcy_opt_rq8(s, r, rq, q)
 #define L_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
@@ -115,7 +126,7 @@
 #ifndef BNBCY_OPT_LANES_AVX2_HELPERS
 #define BNBCY_OPT_LANES_AVX2_HELPERS
 /* bnbcy_opt_round, 8 lanes (F16C for float16; bfloat16 as bnbcy_f32_to_bf16). */
-L_ATTR static inline __m256 bnbcy_opt_round8(__m256 x, int dtype) {
+L_ATTR static inline __attribute__((always_inline)) __m256 bnbcy_opt_round8(__m256 x, int dtype) {
     if (dtype == BNBCY_F32) return x;
     if (dtype == BNBCY_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     const __m256i u = _mm256_castps_si256(x);
@@ -127,14 +138,14 @@ L_ATTR static inline __m256 bnbcy_opt_round8(__m256 x, int dtype) {
 }
 
 /* bnbcy_opt_sgn, 8 lanes: +1, -1, or +0 (zero and NaN). */
-L_ATTR static inline __m256 bnbcy_opt_sgn8(__m256 d) {
+L_ATTR static inline __attribute__((always_inline)) __m256 bnbcy_opt_sgn8(__m256 d) {
     const __m256 z = _mm256_setzero_ps();
     return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(d, z, _CMP_GT_OQ), _mm256_set1_ps(1.0f)),
                         _mm256_and_ps(_mm256_cmp_ps(d, z, _CMP_LT_OQ), _mm256_set1_ps(-1.0f)));
 }
 
 /* 8 float32 lanes stored as dtype (bnbcy_store_any, lane by lane). */
-L_ATTR static inline void bnbcy_opt_store8(void *out, int dtype, __m256 y) {
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_store8(void *out, int dtype, __m256 y) {
     if (dtype == BNBCY_F32) {
         _mm256_storeu_ps((float *)out, y);
     } else if (dtype == BNBCY_F16) {
@@ -149,7 +160,7 @@ L_ATTR static inline void bnbcy_opt_store8(void *out, int dtype, __m256 y) {
     }
 }
 
-L_ATTR static inline void bnbcy_opt_accu8(double *acc, __m256 u) {
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_accu8(double *acc, __m256 u) {
     const __m256 uu = _mm256_mul_ps(u, u);
     _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(uu))));
     _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(uu, 1))));
@@ -172,7 +183,7 @@ L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_lut8_epi32
                              (int)base[k[4]], (int)base[k[5]], (int)base[k[6]], (int)base[k[7]]);
 }
 
-L_ATTR static inline uint32_t bnbcy_opt_hmaxu8(__m256i M) {
+L_ATTR static inline __attribute__((always_inline)) uint32_t bnbcy_opt_hmaxu8(__m256i M) {
     __m128i m = _mm_max_epu32(_mm256_castsi256_si128(M), _mm256_extracti128_si256(M, 1));
     m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
     m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
@@ -185,7 +196,9 @@ L_ATTR static inline uint32_t bnbcy_opt_hmaxu8(__m256i M) {
 L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) _mm256_store_ps(s + i, _mm256_mul_ps(_mm256_load_ps(s + i), r));
     const uint16_t *hw = (const uint16_t *)s + 1; /* the top half of product i is hw[2 i] */
-    const __m256i low16 = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) {
         const uint16_t *k = hw + 2 * i;
         const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
@@ -193,8 +206,8 @@ L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s,
         const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)(s + i));
         /* both sides below 2^16: the signed compare is exact */
         const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
-        const __m256i c = _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), byte);
-        const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
+        /* the code is the low byte of each lane: one byte shuffle gathers them per 128-bit half */
+        const __m256i w = _mm256_shuffle_epi8(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), low_bytes);
         const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
         const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
         memcpy(q + i, &lo4, 4);
@@ -216,6 +229,7 @@ L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s,
 #define L_SQRT(a) _mm512_sqrt_ps(a)
 #define L_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define L_FTZ(a) bnbcy_ftz16(a)
+#define L_FTZ_NN(a) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MIN), _CMP_NLT_UQ), a)
 #define L_ROUND(x, dt) bnbcy_opt_round16(x, dt)
 #define L_SGN(d) bnbcy_opt_sgn16(d)
 #define L_LOADT(base, dt, i) bnbcy_load16((const char *)(base) + (i) * ((dt) == BNBCY_F32 ? 4 : 2), dt, 0xFFFF)
@@ -229,6 +243,7 @@ L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s,
 #define L_MAXABSU(M, x) _mm512_max_epu32(M, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)))
 #define L_HMAXU(M) _mm512_reduce_max_epu32(M)
 #define L_BAD(x) ((int)_mm512_fpclass_ps_mask(x, 0x99))
+#define L_BAD2(x, y) ((int)(_mm512_fpclass_ps_mask(x, 0x99) | _mm512_fpclass_ps_mask(y, 0x99)))
 #define L_ZERO(x) ((int)_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ))
 #define L_RQ(s, r, rq, q) \
     for (int i_ = 0; i_ < BNBCY_OPT_BLOCK; i_ += 16) bnbcy_opt_rq16((s) + i_, r, rq, (q) + i_)
@@ -238,7 +253,7 @@ L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s,
 #ifndef BNBCY_OPT_LANES_AVX512_HELPERS
 #define BNBCY_OPT_LANES_AVX512_HELPERS
 /* bnbcy_opt_round, 16 lanes. */
-L_ATTR static inline __m512 bnbcy_opt_round16(__m512 x, int dtype) {
+L_ATTR static inline __attribute__((always_inline)) __m512 bnbcy_opt_round16(__m512 x, int dtype) {
     if (dtype == BNBCY_F32) return x;
     if (dtype == BNBCY_F16)
         return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -250,14 +265,14 @@ L_ATTR static inline __m512 bnbcy_opt_round16(__m512 x, int dtype) {
     return _mm512_castsi512_ps(b);
 }
 
-L_ATTR static inline __m512 bnbcy_opt_sgn16(__m512 d) {
+L_ATTR static inline __attribute__((always_inline)) __m512 bnbcy_opt_sgn16(__m512 d) {
     const __mmask16 pos = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);
     const __mmask16 neg = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_LT_OQ);
     __m512 r = _mm512_mask_mov_ps(_mm512_setzero_ps(), pos, _mm512_set1_ps(1.0f));
     return _mm512_mask_mov_ps(r, neg, _mm512_set1_ps(-1.0f));
 }
 
-L_ATTR static inline void bnbcy_opt_accu16(double *acc, __m512 u) {
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_accu16(double *acc, __m512 u) {
     const __m512 uu = _mm512_mul_ps(u, u);
     _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(_mm512_castps512_ps256(uu))));
     _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8),
@@ -265,7 +280,7 @@ L_ATTR static inline void bnbcy_opt_accu16(double *acc, __m512 u) {
 }
 
 /* bnbcy_opt_rq_lookup of s[0..16) * r. */
-L_ATTR static inline void bnbcy_opt_rq16(const float *s, __m512 r, const uint32_t *rq, uint8_t *q) {
+L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq16(const float *s, __m512 r, const uint32_t *rq, uint8_t *q) {
     const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(s), r));
     const __m512i e = bnbcy_gather_epi32(_mm512_srli_epi32(u, 16), rq);
     /* (u & 0xFFFF) <= T  <=>  e >= u << 16, as the low 16 bits of e are below 1 << 16 */

@@ -29,7 +29,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt32_vec)(
             L_FN(bnbcy_rule_ademamix)(h, 0, g, &s1, &s2, &s3, &p);
         }
         if (skip) return L_W == 1;
-        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        if (L_W > 1 && L_BAD2(gr, p)) return 0;
         L_STOREF(s1p, s1);
         L_STOREF(s2p, s2);
         if (opt == BNBCY_OPT_ADEMAMIX) L_STOREF(s3p, s3);
@@ -37,35 +37,99 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt32_vec)(
         L_T pd;
         const int skip = L_FN(bnbcy_rule_1state)(h, 0, opt, gr, &s1, &p, &pd);
         if (skip) return L_W == 1;
-        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        if (L_W > 1 && L_BAD2(gr, p)) return 0;
         L_STOREF(s1p, s1);
     }
     L_STORET(t->p, dt, i, p);
     return 1;
 }
 
+#ifndef BNBCY_OPT_LOOPS_ONCE
+#define BNBCY_OPT_LOOPS_ONCE
+/* Elements ahead that the 32-bit SIMD loop prefetches, every 16 elements (one line of each float32
+ * stream): 2-3% off the two-core step out of cache on Zen 3 (bench_optim.py, 16M elements). */
+#define BNBCY_OPT32_PREFETCH 512
+/* The per-call flags a loop can be specialized on (SIMD widths): BNBCY_OPT_SPEC_GENERIC reads them at
+ * run time; the others fix float32 parameters and no skip_zeros, without / with weight decay, so
+ * that the loop carries neither the dtype branches nor the skip test. */
+enum { BNBCY_OPT_SPEC_GENERIC = 0, BNBCY_OPT_SPEC_F32 = 1, BNBCY_OPT_SPEC_F32_WD = 2 };
+
+static inline int bnbcy_opt_spec(const bnbcy_opt_args *a) {
+    if (a->dtype != BNBCY_F32 || a->skip_zeros) return BNBCY_OPT_SPEC_GENERIC;
+    return a->wd > 0.0f ? BNBCY_OPT_SPEC_F32_WD : BNBCY_OPT_SPEC_F32;
+}
+
+/* One switch over the optimizer (and, above the scalar width W, the specialization) of a loop
+ * FN(a, t, start, len, opt, spec). */
+#define BNBCY_OPT_DISPATCH(W, FN, a, t, start, len)                                                  \
+    do {                                                                                              \
+        const int spec_ = (W) > 1 ? bnbcy_opt_spec(a) : BNBCY_OPT_SPEC_GENERIC;                       \
+        switch ((a)->opt * 3 + spec_) {                                                               \
+        case BNBCY_OPT_ADAM * 3: FN(a, t, start, len, BNBCY_OPT_ADAM, 0); break;                      \
+        case BNBCY_OPT_ADAM * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADAM, 1); break;                  \
+        case BNBCY_OPT_ADAM * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADAM, 2); break;                  \
+        case BNBCY_OPT_ADEMAMIX * 3: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 0); break;              \
+        case BNBCY_OPT_ADEMAMIX * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 1); break;          \
+        case BNBCY_OPT_ADEMAMIX * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 2); break;          \
+        case BNBCY_OPT_MOMENTUM * 3: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 0); break;              \
+        case BNBCY_OPT_MOMENTUM * 3 + 1: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 1); break;          \
+        case BNBCY_OPT_MOMENTUM * 3 + 2: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 2); break;          \
+        case BNBCY_OPT_RMSPROP * 3: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 0); break;                \
+        case BNBCY_OPT_RMSPROP * 3 + 1: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 1); break;            \
+        case BNBCY_OPT_RMSPROP * 3 + 2: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 2); break;            \
+        case BNBCY_OPT_ADAGRAD * 3: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 0); break;                \
+        case BNBCY_OPT_ADAGRAD * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 1); break;            \
+        case BNBCY_OPT_ADAGRAD * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 2); break;            \
+        case BNBCY_OPT_LION * 3 + 1: FN(a, t, start, len, BNBCY_OPT_LION, 1); break;                  \
+        case BNBCY_OPT_LION * 3 + 2: FN(a, t, start, len, BNBCY_OPT_LION, 2); break;                  \
+        default: FN(a, t, start, len, BNBCY_OPT_LION, 0);                                             \
+        }                                                                                             \
+    } while (0)
+#endif
+
+/* The rule scalars of a call, with the flags of spec made compile-time constants. */
+L_ATTR static inline __attribute__((always_inline)) L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_spec)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, const int spec) {
+    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    if (spec != BNBCY_OPT_SPEC_GENERIC) {
+        h.dt = BNBCY_F32;
+        h.skip = 0;
+        h.has_wd = spec == BNBCY_OPT_SPEC_F32_WD;
+    }
+    return h;
+}
+
+/* Prefetches element i of every stream of a 32-bit update (prefetching past the end is harmless). */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_prefetch)(const bnbcy_opt_tensor *t, int dt,
+                                                                                 int64_t i, const int opt) {
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    L_PREFETCH((const char *)t->p + i * isz);
+    L_PREFETCH((const char *)t->g + i * isz);
+    L_PREFETCH((const float *)t->s1 + i);
+    if (opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX) L_PREFETCH((const float *)t->s2 + i);
+    if (opt == BNBCY_OPT_ADEMAMIX) L_PREFETCH((const float *)t->s1 + t->n + i);
+}
+
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_chunk_k)(
-    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int opt) {
-    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t0, int64_t start, int64_t len, const int opt, const int spec) {
+    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_spec)(a, t0, spec);
+    /* a local copy: the stores (may_alias vector types) cannot change its pointers, which then
+     * stay in registers instead of being reloaded every vector */
+    const bnbcy_opt_tensor tl = *t0, *t = &tl;
     int64_t i = start;
     /* until a vector needs the scalar path, a loop without calls (a call clobbers its registers) */
-    for (; i + L_W <= start + len; i += L_W)
+    for (; i + L_W <= start + len; i += L_W) {
+        if (L_W > 1 && (i & 15) == 0) L_FN(bnbcy_opt32_prefetch)(t, h.dt, i + BNBCY_OPT32_PREFETCH, opt);
         if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) break;
+    }
     for (; i + L_W <= start + len; i += L_W)
-        if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) bnbcy_opt32_chunk_scalar(a, t, i, L_W);
-    if (i < start + len) bnbcy_opt32_chunk_scalar(a, t, i, start + len - i);
+        if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) bnbcy_opt32_chunk_scalar(a, t0, i, L_W);
+    if (i < start + len) bnbcy_opt32_chunk_scalar(a, t0, i, start + len - i);
 }
 
 L_ATTR static void L_FN(bnbcy_opt32_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
                                            int64_t len) {
-    switch (a->opt) {
-    case BNBCY_OPT_ADAM: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADAM); break;
-    case BNBCY_OPT_ADEMAMIX: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADEMAMIX); break;
-    case BNBCY_OPT_MOMENTUM: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_MOMENTUM); break;
-    case BNBCY_OPT_RMSPROP: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_RMSPROP); break;
-    case BNBCY_OPT_ADAGRAD: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_ADAGRAD); break;
-    default: L_FN(bnbcy_opt32_chunk_k)(a, t, start, len, BNBCY_OPT_LION);
-    }
+    BNBCY_OPT_DISPATCH(L_W, L_FN(bnbcy_opt32_chunk_k), a, t, start, len);
 }
 
 /* ----------------------------------------------------------------- 8-bit --- */
@@ -84,7 +148,7 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_deq)(co
  * writing nothing, when the vector needs the scalar path (above the scalar width). */
 L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
     const L_FN(bnbcy_opt_lhp) *h, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int i,
-    const L_T *am, float *n1, float *n2, float *n3, L_TI *M, const int opt) {
+    const L_T *am, float *n1, float *n2, float *n3, L_TI *M0, L_TI *M1, L_TI *M2, const int opt) {
     const int dt = h->dt, two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
     const uint8_t *q1 = (const uint8_t *)t->s1 + start + i;
     const L_T gr = L_LOADT(t->g, dt, start + i), p0 = L_LOADT(t->p, dt, start + i);
@@ -103,18 +167,18 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
             s1 = s2 = s3 = L_SET1(0.0f);
             p = p0;
         }
-        if (L_W > 1 && (L_BAD(gr) | L_BAD(p))) return 0;
+        if (L_W > 1 && L_BAD2(gr, h->fin ? p0 : p)) return 0;
         L_STOREF(n2 + i, s2);
-        M[1] = L_MAXABSU(M[1], s2);
+        *M1 = L_MAXABSU(*M1, s2);
         if (opt == BNBCY_OPT_ADEMAMIX) {
             L_STOREF(n3 + i, s3);
-            M[2] = L_MAXABSU(M[2], s3);
+            *M2 = L_MAXABSU(*M2, s3);
         }
     } else {
         const L_T d1 = s1;
         L_T pd;
         const int skip = L_FN(bnbcy_rule_1state)(h, 1, opt, gr, &s1, &p, &pd);
-        if (L_W > 1 && (skip | L_BAD(gr) | L_BAD(p))) return 0;
+        if (L_W > 1 && (skip | L_BAD2(gr, p))) return 0;
         if (L_W == 1 && (skip & 1)) { /* zero gradient: the old p and (dequantized) state */
             s1 = d1;
             p = p0;
@@ -123,7 +187,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
         }
     }
     L_STOREF(n1 + i, s1);
-    M[0] = L_MAXABSU(M[0], s1);
+    *M0 = L_MAXABSU(*M0, s1);
     L_STORET(t->p, dt, start + i, p);
     return 1;
 }
@@ -131,7 +195,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
 /* Requantizes one block of new states with its absmax M: through the requantization table when
  * it applies (a full block, 0 < M <= FLT_MAX, rq given only when every state is finite), else
  * bnbcy_opt_requant. s is scratch: the table path overwrites it. */
-L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
+L_ATTR static void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const float *code,
                                                   const bnbcy_q8_table *t, const uint32_t *rq, int sign_fix,
                                                   uint8_t *q) {
     if (L_W > 1 && rq != NULL && len == BNBCY_OPT_BLOCK && M > 0.0f && M <= FLT_MAX) {
@@ -147,23 +211,24 @@ L_ATTR static inline void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M
 #define BNBCY_OPT_PREFETCH 4
 
 /* One 256-block [start, start+len) of an 8-bit update (above the scalar width len is 256). */
+/* fzc = 0: the fast variant (bnbcy_opt8_block_params): none of the block's flushes can act, so the
+ * loop carries none of their tests, and h.nn2, h.fin hold; 1: the flags fz, read at run time. */
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k)(
-    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, int64_t start, int64_t len, const int opt) {
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, const L_FN(bnbcy_opt_lhp) *h0, int64_t b, int64_t start,
+    int64_t len, const float *amv, const int *fz, const int opt, const int fzc) {
     float n1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), n2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
     float n3[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
-    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
+    L_FN(bnbcy_opt_lhp) h = *h0;
     const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX, ademamix = opt == BNBCY_OPT_ADEMAMIX;
     const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
-    const float am1 = bnbcy_ftz(t->absmax1[b]), am2 = two ? bnbcy_ftz(t->absmax2[b]) : 0.0f;
-    const float am3 = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
-    if (L_W > 1) {
-        h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1) ||
-                (opt == BNBCY_OPT_LION && bnbcy_opt_may_flush(am1, a->qmin1, a->b2));
-        h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
-        h.fz3 = bnbcy_opt_may_flush(am3, a->qmin1, a->b3);
-    }
+    const float am1 = amv[0], am2 = amv[1], am3 = amv[2];
+    h.fz1 = fzc ? fz[0] : 0;
+    h.fz2 = fzc ? fz[1] : 0;
+    h.fz3 = fzc ? fz[2] : 0;
+    h.nn2 = h.fin = !fzc;
     const L_T am[3] = {L_SET1(am1), L_SET1(am2), L_SET1(am3)};
-    L_TI M[3] = {L_ZEROI, L_ZEROI, L_ZEROI};
+    /* three variables, not an array: GCC kept an array in memory, a store-to-load chain per vector */
+    L_TI M0 = L_ZEROI, M1 = L_ZEROI, M2 = L_ZEROI;
     uint32_t Ms[3] = {0u, 0u, 0u}; /* lanes redone by the scalar path, and the padding lanes */
     float pad[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* the padding lanes' absmax */
     if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
@@ -189,14 +254,14 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
      * lanes): no call inside the loop, whose registers a call would clobber */
     uint32_t redo = 0;
     for (int i = 0; i + L_W <= len; i += L_W)
-        if (!L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, M, opt)) redo |= 1u << (i / L_W % 32);
+        if (!L_FN(bnbcy_opt8_vec)(&h, a, t, start, i, am, n1, n2, n3, &M0, &M1, &M2, opt)) redo |= 1u << (i / L_W % 32);
     if (L_W > 1 && redo) {
         const bnbcy_opt_lhp_scalar hs = bnbcy_opt_lhp_make_scalar(a, t);
         const float ams[3] = {am1, am2, am3};
         for (int v = 0; v < BNBCY_OPT_BLOCK / L_W; v++)
             if (redo >> v & 1)
                 for (int k = v * L_W; k < (v + 1) * L_W; k++)
-                    bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, Ms, opt);
+                    bnbcy_opt8_vec_scalar(&hs, a, t, start, k, ams, n1, n2, n3, &Ms[0], &Ms[1], &Ms[2], opt);
     }
     if (len < BNBCY_OPT_BLOCK) { /* padding lanes (scalar width only): code 128 / 0, g = 0, p = 0 */
         const float d1 = bnbcy_ftz(a->qmap1[128] * am1);
@@ -218,7 +283,7 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
                             (uint8_t *)t->s1 + t->n + start};
     float *const ams_out[3] = {t->absmax1 + b, two ? t->absmax2 + b : NULL, t->absmax1 + nblocks + b};
     float *const ns[3] = {n1, n2, n3};
-    const uint32_t Mv[3] = {L_HMAXU(M[0]), L_HMAXU(M[1]), L_HMAXU(M[2])}; /* M indexed by constants only */
+    const uint32_t Mv[3] = {L_HMAXU(M0), L_HMAXU(M1), L_HMAXU(M2)};
     for (int k = 0; k < (ademamix ? 3 : two ? 2 : 1); k++) {
         const uint32_t mu = Mv[k] > Ms[k] ? Mv[k] : Ms[k];
         const float m = bnbcy_opt_block_absmax(mu, ns[k], len, pad[k]);
@@ -230,24 +295,46 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
     }
 }
 
-L_ATTR static void L_FN(bnbcy_opt8_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
-                                          int64_t len) {
+/* The absmaxes (flushed) and flush flags of block b; returns whether the block may take the fast
+ * variant of bnbcy_opt8_block_k: no flush can act, the absmaxes are finite (h.fin), and the
+ * second moment is nonnegative (h.nn2: a nonnegative map, absmax and beta2 in [0, 1]). */
+L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_block_params)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, float *amv, int *fz, const int opt) {
+    const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX, ademamix = opt == BNBCY_OPT_ADEMAMIX;
+    const int64_t nblocks = (t->n + BNBCY_OPT_BLOCK - 1) / BNBCY_OPT_BLOCK;
+    amv[0] = bnbcy_ftz(t->absmax1[b]);
+    amv[1] = two ? bnbcy_ftz(t->absmax2[b]) : 0.0f;
+    amv[2] = ademamix ? bnbcy_ftz(t->absmax1[nblocks + b]) : 0.0f;
+    /* the scalar width always flushes (exact); above it, only where a flush can act */
+    fz[0] = L_W == 1 || bnbcy_opt_may_flush(amv[0], a->qmin1, a->b1) ||
+            (opt == BNBCY_OPT_LION && bnbcy_opt_may_flush(amv[0], a->qmin1, a->b2));
+    fz[1] = L_W == 1 || bnbcy_opt_may_flush(amv[1], a->qmin2, a->b2);
+    fz[2] = L_W == 1 || bnbcy_opt_may_flush(amv[2], a->qmin1, a->b3);
+    return L_W > 1 && !(fz[0] | fz[1] | fz[2]) && isfinite(amv[0]) && isfinite(amv[1]) && isfinite(amv[2]) &&
+           (!two || (a->q2nn && !(amv[1] < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f));
+}
+
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_chunk_k)(
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t0, int64_t start, int64_t len, const int opt, const int spec) {
+    const L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_spec)(a, t0, spec);
+    const bnbcy_opt_tensor tl = *t0, *t = &tl; /* see bnbcy_opt32_chunk_k */
     for (int64_t s = start; s < start + len; s += BNBCY_OPT_BLOCK) {
         const int64_t l = start + len - s < BNBCY_OPT_BLOCK ? start + len - s : BNBCY_OPT_BLOCK;
         const int64_t b = s / BNBCY_OPT_BLOCK;
         if (L_W > 1 && l < BNBCY_OPT_BLOCK) {
-            bnbcy_opt8_chunk_scalar(a, t, s, l);
+            bnbcy_opt8_chunk_scalar(a, t0, s, l);
             continue;
         }
-        switch (a->opt) {
-        case BNBCY_OPT_ADAM: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADAM); break;
-        case BNBCY_OPT_ADEMAMIX: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADEMAMIX); break;
-        case BNBCY_OPT_MOMENTUM: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_MOMENTUM); break;
-        case BNBCY_OPT_RMSPROP: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_RMSPROP); break;
-        case BNBCY_OPT_ADAGRAD: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_ADAGRAD); break;
-        default: L_FN(bnbcy_opt8_block_k)(a, t, b, s, l, BNBCY_OPT_LION);
-        }
+        float amv[3];
+        int fz[3];
+        if (L_FN(bnbcy_opt8_block_params)(a, t, b, amv, fz, opt)) L_FN(bnbcy_opt8_block_k)(a, t, &h, b, s, l, amv, fz, opt, 0);
+        else L_FN(bnbcy_opt8_block_k)(a, t, &h, b, s, l, amv, fz, opt, 1);
     }
+}
+
+L_ATTR static void L_FN(bnbcy_opt8_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
+                                          int64_t len) {
+    BNBCY_OPT_DISPATCH(L_W, L_FN(bnbcy_opt8_chunk_k), a, t, start, len);
 }
 
 /* ------------------------------------------------------- trust ratio pass --- */

@@ -21,9 +21,16 @@ typedef struct {
     /* 8-bit: whether the flushes of the dequantized states 1, 2, 3 and of their products with the
      * betas can act (bnbcy_opt_may_flush; set per block, 1 = always flush, which is exact) */
     int fz1, fz2, fz3;
+    /* 8-bit: the old second moment is >= 0, -0 or NaN in every lane (a nonnegative map and
+     * absmax), so the new one is too and L_FTZ_NN flushes it exactly */
+    int nn2;
+    /* 8-bit SIMD: the block's absmaxes are finite, so its old states are; a vector whose gradient
+     * and old parameter are finite then has no NaN operand but the ones it makes (default NaNs),
+     * and gives the scalar path's bits without testing its results */
+    int fin;
 } L_FN(bnbcy_opt_lhp);
 
-L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_opt_args *a,
+L_ATTR static inline __attribute__((always_inline)) L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_opt_args *a,
                                                                   const bnbcy_opt_tensor *t) {
     L_FN(bnbcy_opt_lhp) h;
     h.b1 = L_SET1(a->b1); h.b2 = L_SET1(a->b2); h.b3 = L_SET1(a->b3);
@@ -34,6 +41,7 @@ L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_op
     h.alpha = L_SET1(a->alpha); h.r1 = L_SET1(t->r1); h.r2 = L_SET1(t->r2);
     h.dt = a->dtype; h.skip = a->skip_zeros; h.has_wd = a->wd > 0.0f; h.first = t->step == 1;
     h.fz1 = h.fz2 = h.fz3 = 1;
+    h.nn2 = h.fin = 0;
     return h;
 }
 
@@ -43,7 +51,8 @@ L_ATTR static inline L_FN(bnbcy_opt_lhp) L_FN(bnbcy_opt_lhp_make)(const bnbcy_op
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_ema_adam)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T g, L_T *s1, L_T *s2) {
     if (f8) {
-        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2))));
+        const L_T v = L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2)));
+        *s2 = h->nn2 ? L_FTZ_NN(v) : L_FTZ(v);
         *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ_IF(h->fz1, L_MUL(*s1, h->b1))));
     } else {
         *s1 = L_FMA(*s1, h->b1, L_MUL(h->omb1, g));
@@ -63,7 +72,8 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_adam)(
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_rule_ademamix)(
     const L_FN(bnbcy_opt_lhp) *h, const int f8, L_T g, L_T *s1, L_T *s2, L_T *s3, L_T *p) {
     if (f8) {
-        *s2 = L_FTZ(L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2))));
+        const L_T v = L_FMA(g, L_MUL(h->omb2, g), L_FTZ_IF(h->fz2, L_MUL(*s2, h->b2)));
+        *s2 = h->nn2 ? L_FTZ_NN(v) : L_FTZ(v);
         *s1 = L_FTZ(L_FMA(h->omb1, g, L_FTZ_IF(h->fz1, L_MUL(*s1, h->b1))));
         *s3 = L_FTZ(L_FMA(h->omb3, g, L_FTZ_IF(h->fz3, L_MUL(*s3, h->b3))));
     } else {

@@ -60,7 +60,7 @@ BNBCY_AVX512 static inline __m512 bnbcy_load16(const void *p, int dtype, __mmask
 }
 
 /* Denormals to signed zeros, as CUDA's .ftz does to inputs and results. */
-BNBCY_AVX512 static inline __m512 bnbcy_ftz16(__m512 v) {
+BNBCY_AVX512 static inline __attribute__((always_inline)) __m512 bnbcy_ftz16(__m512 v) {
     const __mmask16 sub = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
     return _mm512_mask_and_ps(v, sub, v, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)));
 }
@@ -205,7 +205,7 @@ BNBCY_AVX2_TARGET static inline __m256 bnbcy_load8(const void *p, int dtype) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-BNBCY_AVX2_TARGET static inline __m256 bnbcy_ftz8(__m256 v) {
+BNBCY_AVX2_TARGET static inline __attribute__((always_inline)) __m256 bnbcy_ftz8(__m256 v) {
     const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
     const __m256 sub = _mm256_cmp_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ);
     return _mm256_blendv_ps(v, _mm256_and_ps(v, sign), sub);
