@@ -2,7 +2,8 @@
  * bnbcy_opt_update (pyx/include/bnbcy_cpu_optim.h, the code the extension runs) on a tensor small
  * enough for the cache level asked for, many times, and reports the fastest and the median pass in
  * TSC ticks and ns per element. Built and driven by bench/bench_optim_cycles.py, which passes the
- * two dynamic maps (signed, unsigned) in a file: argv = maps_file n reps opt bits8 [isa].
+ * two dynamic maps (signed, unsigned) in a file: argv = maps_file n reps opt bits8 [max_unorm]
+ * (max_unorm > 0: the trust-ratio pass of LAMB/LARS runs first).
  * Cycles are TSC ticks (constant rate), not core clocks. */
 #define _GNU_SOURCE
 #include "bnbcy_cpu_optim.h"
@@ -31,6 +32,7 @@ int main(int argc, char **argv) {
     fclose(f);
     const int64_t n = atoll(argv[2]);
     const int reps = atoi(argv[3]), opt = atoi(argv[4]), bits8 = atoi(argv[5]);
+    const float max_unorm = argc > 6 ? (float)atof(argv[6]) : 0.0f;
     const int ademamix = opt == BNBCY_OPT_ADEMAMIX, two = opt == BNBCY_OPT_ADAM || ademamix;
     const int64_t nb = (n + 255) / 256;
     float *p = aligned_alloc(64, n * 4), *g = aligned_alloc(64, n * 4);
@@ -53,7 +55,7 @@ int main(int argc, char **argv) {
     memset(&a, 0, sizeof a);
     a.opt = opt; a.dtype = BNBCY_F32; a.skip_zeros = 0;
     a.b1 = 0.9f; a.b2 = 0.999f; a.b3 = 0.9999f; a.alpha = 5.0f; a.eps = 1e-8f; a.wd = 0.0f; a.lr = 1e-4f;
-    a.gnorm_scale = 1.0f; a.max_unorm = 0.0f;
+    a.gnorm_scale = 1.0f; a.max_unorm = max_unorm;
     if (bits8) {
         if (bnbcy_q8_build_table(maps, &t1) != 0 || bnbcy_q8_build_table(maps + 256, &t2) != 0) return 3;
         a.qmap1 = maps; a.qmap2 = maps + 256; a.t1 = &t1; a.t2 = &t2;
@@ -63,6 +65,7 @@ int main(int argc, char **argv) {
     bnbcy_opt_tensor t;
     memset(&t, 0, sizeof t);
     t.p = p; t.g = g; t.s1 = s1; t.s2 = two ? s2 : NULL; t.absmax1 = am1; t.absmax2 = two ? am2 : NULL; t.n = n;
+    t.param_norm = 1.0f;
     double *ns = malloc(sizeof(double) * reps), *tk = malloc(sizeof(double) * reps);
     for (int r = -5; r < reps; r++) { /* 5 warm-up steps fill the states */
         t.step = r + 10;
@@ -76,7 +79,7 @@ int main(int argc, char **argv) {
     qsort(ns, reps, sizeof(double), cmp_d);
     qsort(tk, reps, sizeof(double), cmp_d);
     printf("{\"n\": %lld, \"opt\": %d, \"bits8\": %d, \"ns_min\": %.4f, \"ns_median\": %.4f, \"tsc_min\": %.4f, "
-           "\"tsc_median\": %.4f, \"rq\": %d}\n",
-           (long long)n, opt, bits8, ns[0], ns[reps / 2], tk[0], tk[reps / 2], a.rq1 != NULL);
+           "\"tsc_median\": %.4f, \"rq\": %d, \"max_unorm\": %g}\n",
+           (long long)n, opt, bits8, ns[0], ns[reps / 2], tk[0], tk[reps / 2], a.rq1 != NULL, max_unorm);
     return 0;
 }

@@ -362,13 +362,36 @@ L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_opt_unorm_vec
     return u;
 }
 
+/* One full 8-bit block of the trust-ratio pass (SIMD widths): the states dequantized first, off the
+ * rule's dependency chain. fzc = 0: neither flush can act and the second moment is nonnegative
+ * (h.nn2), so the loop carries no flush tests; 1: the flags of h, read at run time. */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt_unorm_block_k)(
+    const L_FN(bnbcy_opt_lhp) *h0, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t i, int64_t start,
+    double *acc, float *d1, float *d2, const int opt, const int fzc) {
+    L_FN(bnbcy_opt_lhp) h = *h0;
+    const int64_t b = i / BNBCY_OPT_BLOCK;
+    const int two = opt == BNBCY_OPT_ADAM, dt = h.dt;
+    const float am1 = t->absmax1[b], am2 = two ? t->absmax2[b] : 0.0f;
+    if (!fzc) h.fz1 = h.fz2 = 0, h.nn2 = 1;
+    L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(am1), h.fz1, d1);
+    if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(am2), h.fz2, d2);
+    (void)start;
+    for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
+        for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
+            const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
+            L_ACCU(acc + l, L_FN(bnbcy_opt_unorm_vec)(&h, 1, opt, L_LOADT(t->g, dt, i + j + l), L_LOADF(d1 + j + l), s2));
+        }
+}
+
 L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_chunk_k)(
-    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start, int64_t len, const int f8, const int opt) {
-    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_make)(a, t);
-    const int dt = a->dtype, two = opt == BNBCY_OPT_ADAM;
+    const bnbcy_opt_args *a, const bnbcy_opt_tensor *t0, int64_t start, int64_t len, const int f8, const int opt,
+    const int spec) {
+    L_FN(bnbcy_opt_lhp) h = L_FN(bnbcy_opt_lhp_spec)(a, t0, spec);
+    const bnbcy_opt_tensor tl = *t0, *t = &tl; /* see bnbcy_opt32_chunk_k */
+    const int dt = h.dt, two = opt == BNBCY_OPT_ADAM;
     double acc[BNBCY_OPT_LANES] __attribute__((aligned(64))) = {0.0};
     int64_t i = start;
-    if (f8 && L_W > 1) { /* full blocks: the states dequantized first, off the rule's dependency chain */
+    if (f8 && L_W > 1) {
         float d1[BNBCY_OPT_BLOCK] __attribute__((aligned(64))), d2[BNBCY_OPT_BLOCK] __attribute__((aligned(64)));
         for (; i + BNBCY_OPT_BLOCK <= start + len; i += BNBCY_OPT_BLOCK) {
             const int64_t b = i / BNBCY_OPT_BLOCK;
@@ -377,14 +400,9 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
              * where bnbcy_opt_may_flush says (a raw denormal or NaN absmax: always flush) */
             h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1);
             h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
-            L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(am1), h.fz1, d1);
-            if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(am2), h.fz2, d2);
-            for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
-                for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
-                    const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
-                    L_ACCU(acc + l, L_FN(bnbcy_opt_unorm_vec)(&h, 1, opt, L_LOADT(t->g, dt, i + j + l),
-                                                              L_LOADF(d1 + j + l), s2));
-                }
+            const int nn2 = !two || (a->q2nn && !(am2 < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f);
+            if (!h.fz1 && !h.fz2 && nn2) L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, start, acc, d1, d2, opt, 0);
+            else L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, start, acc, d1, d2, opt, 1);
         }
     }
     h.fz1 = h.fz2 = 1;
@@ -424,10 +442,14 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
 
 L_ATTR static double L_FN(bnbcy_opt_unorm_chunk)(const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t start,
                                                  int64_t len, int f8) {
+    /* the pass has no weight decay: one specialization (float32, no skip_zeros) serves both */
+    const int spec = L_W > 1 && bnbcy_opt_spec(a) != BNBCY_OPT_SPEC_GENERIC;
 #define BNBCY_OPT_UNORM_CASE(OPT)                                                              \
     case OPT:                                                                                   \
-        return f8 ? L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 1, OPT)                     \
-                  : L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 0, OPT);
+        if (spec) return f8 ? L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 1, OPT, BNBCY_OPT_SPEC_F32) \
+                            : L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 0, OPT, BNBCY_OPT_SPEC_F32); \
+        return f8 ? L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 1, OPT, BNBCY_OPT_SPEC_GENERIC)  \
+                  : L_FN(bnbcy_opt_unorm_chunk_k)(a, t, start, len, 0, OPT, BNBCY_OPT_SPEC_GENERIC);
     switch (a->opt) {
         BNBCY_OPT_UNORM_CASE(BNBCY_OPT_ADAM)
         BNBCY_OPT_UNORM_CASE(BNBCY_OPT_MOMENTUM)
