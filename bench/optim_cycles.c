@@ -21,7 +21,23 @@ static int cmp_d(const void *x, const void *y) {
     return a < b ? -1 : a > b;
 }
 
+/* The core clock in GHz: a chain of dependent 1-cycle adds, timed by the monotonic clock. */
+static double core_ghz(void) {
+    unsigned long x = 1;
+    const long iters = 100000000;
+    const double t0 = now_ns();
+    for (long i = 0; i < iters; i++) __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    return 4.0 * iters / (now_ns() - t0);
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "clock") == 0) {
+        const uint64_t c0 = __rdtsc();
+        const double t0 = now_ns();
+        const double ghz = core_ghz();
+        printf("{\"core_ghz\": %.3f, \"tsc_ghz\": %.3f}\n", ghz, (double)(__rdtsc() - c0) / (now_ns() - t0));
+        return 0;
+    }
     if (argc < 6) {
         fprintf(stderr, "usage: %s maps_file n reps opt bits8\n", argv[0]);
         return 2;
