@@ -53,6 +53,20 @@ def _step(name, bits, t, skip, wd, max_unorm):
     return u
 
 
+def _assert_widths_agree(name, bits, base, skip, wd, mu, monkeypatch, what):
+    """One update from copies of base at the default width and at the scalar width: every array
+    (parameter, states, absmax, trust-ratio sum) must agree bit for bit."""
+    res = []
+    for isa in ("", "scalar"):
+        monkeypatch.setenv("BNBCY_CPU_ISA", isa)
+        t = [None if x is None else x.clone() for x in base]
+        u = _step(name, bits, t, skip, wd, mu)
+        res.append(t + (u or []))
+    for a, b in zip(*res):
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), what
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("name", _table.OPTIMIZER_NAMES)
 def test_simd_width_equals_scalar(name, bits, monkeypatch):
@@ -61,15 +75,7 @@ def test_simd_width_equals_scalar(name, bits, monkeypatch):
     for dtype in DTYPES:
         for n, skip, wd in ((256 * 5 + 77, True, 0.1), (1000, False, 0.0)):
             base = _inputs(name, bits, dtype, n, rng)
-            res = []
-            for isa in ("", "scalar"):
-                monkeypatch.setenv("BNBCY_CPU_ISA", isa)
-                t = [None if x is None else x.clone() for x in base]
-                u = _step(name, bits, t, skip, wd, mu)
-                res.append(t + (u or []))
-            for a, b in zip(*res):
-                if a is not None:
-                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, bits, dtype, n, skip)
+            _assert_widths_agree(name, bits, base, skip, wd, mu, monkeypatch, (name, bits, dtype, n, skip))
 
 
 @pytest.mark.parametrize("name", _table.OPTIMIZER_NAMES)
@@ -90,15 +96,7 @@ def test_simd_8bit_block_edges_equal_scalar(name, monkeypatch):
     base[1][256 * 6 + 9] = -3e38
     mu = 0.01 if _table.kernel(name).trust_ratio else 0.0
     for skip in (False, True):
-        res = []
-        for isa in ("", "scalar"):
-            monkeypatch.setenv("BNBCY_CPU_ISA", isa)
-            t = [None if x is None else x.clone() for x in base]
-            u = _step(name, 8, t, skip, 0.0, mu)
-            res.append(t + (u or []))
-        for a, b in zip(*res):
-            if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, skip)
+        _assert_widths_agree(name, 8, base, skip, 0.0, mu, monkeypatch, (name, skip))
 
 
 @pytest.mark.parametrize("bits", [32, 8])
@@ -127,12 +125,4 @@ def test_simd_specialized_loops_equal_scalar(name, bits, monkeypatch):
                 base[3][: 256 * 3 : 2] = 0
                 base[3][1: 256 * 3 : 2] = 1
                 base[5][2] = 0.0  # block 2: second moment g*g*(1-beta2), all subnormal, flushed
-        res = []
-        for isa in ("", "scalar"):
-            monkeypatch.setenv("BNBCY_CPU_ISA", isa)
-            t = [None if x is None else x.clone() for x in base]
-            u = _step(name, bits, t, False, wd, mu)
-            res.append(t + (u or []))
-        for a, b in zip(*res):
-            if a is not None:
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, bits, wd)
+        _assert_widths_agree(name, bits, base, False, wd, mu, monkeypatch, (name, bits, wd))

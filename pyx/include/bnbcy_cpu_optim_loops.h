@@ -61,29 +61,22 @@ static inline int bnbcy_opt_spec(const bnbcy_opt_args *a) {
 
 /* One switch over the optimizer (and, above the scalar width W, the specialization) of a loop
  * FN(a, t, start, len, opt, spec). */
-#define BNBCY_OPT_DISPATCH(W, FN, a, t, start, len)                                                  \
-    do {                                                                                              \
-        const int spec_ = (W) > 1 ? bnbcy_opt_spec(a) : BNBCY_OPT_SPEC_GENERIC;                       \
-        switch ((a)->opt * 3 + spec_) {                                                               \
-        case BNBCY_OPT_ADAM * 3: FN(a, t, start, len, BNBCY_OPT_ADAM, 0); break;                      \
-        case BNBCY_OPT_ADAM * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADAM, 1); break;                  \
-        case BNBCY_OPT_ADAM * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADAM, 2); break;                  \
-        case BNBCY_OPT_ADEMAMIX * 3: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 0); break;              \
-        case BNBCY_OPT_ADEMAMIX * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 1); break;          \
-        case BNBCY_OPT_ADEMAMIX * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADEMAMIX, 2); break;          \
-        case BNBCY_OPT_MOMENTUM * 3: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 0); break;              \
-        case BNBCY_OPT_MOMENTUM * 3 + 1: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 1); break;          \
-        case BNBCY_OPT_MOMENTUM * 3 + 2: FN(a, t, start, len, BNBCY_OPT_MOMENTUM, 2); break;          \
-        case BNBCY_OPT_RMSPROP * 3: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 0); break;                \
-        case BNBCY_OPT_RMSPROP * 3 + 1: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 1); break;            \
-        case BNBCY_OPT_RMSPROP * 3 + 2: FN(a, t, start, len, BNBCY_OPT_RMSPROP, 2); break;            \
-        case BNBCY_OPT_ADAGRAD * 3: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 0); break;                \
-        case BNBCY_OPT_ADAGRAD * 3 + 1: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 1); break;            \
-        case BNBCY_OPT_ADAGRAD * 3 + 2: FN(a, t, start, len, BNBCY_OPT_ADAGRAD, 2); break;            \
-        case BNBCY_OPT_LION * 3 + 1: FN(a, t, start, len, BNBCY_OPT_LION, 1); break;                  \
-        case BNBCY_OPT_LION * 3 + 2: FN(a, t, start, len, BNBCY_OPT_LION, 2); break;                  \
-        default: FN(a, t, start, len, BNBCY_OPT_LION, 0);                                             \
-        }                                                                                             \
+#define BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, OPT)                                                \
+    case (OPT) * 3: FN(a, t, start, len, OPT, BNBCY_OPT_SPEC_GENERIC); break;                          \
+    case (OPT) * 3 + 1: FN(a, t, start, len, OPT, BNBCY_OPT_SPEC_F32); break;                          \
+    case (OPT) * 3 + 2: FN(a, t, start, len, OPT, BNBCY_OPT_SPEC_F32_WD); break;
+#define BNBCY_OPT_DISPATCH(W, FN, a, t, start, len)                                                    \
+    do {                                                                                                \
+        const int spec_ = (W) > 1 ? bnbcy_opt_spec(a) : BNBCY_OPT_SPEC_GENERIC;                         \
+        switch ((a)->opt * 3 + spec_) {                                                                 \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_ADAM)                                  \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_ADEMAMIX)                              \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_MOMENTUM)                              \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_RMSPROP)                               \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_ADAGRAD)                               \
+            BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, BNBCY_OPT_LION)                                  \
+        default: break; /* the rule ids are validated before the kernels run */                        \
+        }                                                                                               \
     } while (0)
 #endif
 
