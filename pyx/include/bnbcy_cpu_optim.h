@@ -52,10 +52,10 @@ typedef struct {
     /* 8-bit */
     const float *qmap1, *qmap2;
     const bnbcy_q8_table *t1, *t2; /* NULL: literal search */
-    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal), and
-     * whether every entry of qmap2 is >= 0 or -0 */
+    /* set by bnbcy_opt_update: smallest nonzero |qmap1|, |qmap2| (proves products normal),
+     * whether every entry of qmap2 is >= 0 or -0, and whether every entry of both is finite */
     float qmin1, qmin2;
-    int q2nn;
+    int q2nn, qfin;
     /* requantization tables of qmap1 (sign fix included) and qmap2 for the SIMD widths
      * (bnbcy_opt_build_rq), or NULL */
     const uint32_t *rq1, *rq2;
@@ -274,8 +274,10 @@ static int bnbcy_opt_update(const bnbcy_opt_args *args, bnbcy_opt_tensor *ts, in
     bnbcy_opt_args local = *args;
     local.qmin1 = local.qmin2 = 0.0f;
     local.q2nn = local.qmap2 != NULL;
+    local.qfin = 1;
     for (int c = 0; bits8 && c < 256; c++) {
         if (local.qmap2 && !(local.qmap2[c] >= 0.0f)) local.q2nn = 0; /* -0 >= 0; NaN is not */
+        if ((local.qmap1 && !isfinite(local.qmap1[c])) || (local.qmap2 && !isfinite(local.qmap2[c]))) local.qfin = 0;
         const float v1 = local.qmap1 ? fabsf(local.qmap1[c]) : 0.0f, v2 = local.qmap2 ? fabsf(local.qmap2[c]) : 0.0f;
         if (v1 > 0.0f && (local.qmin1 == 0.0f || v1 < local.qmin1)) local.qmin1 = v1;
         if (v2 > 0.0f && (local.qmin2 == 0.0f || v2 < local.qmin2)) local.qmin2 = v2;

@@ -289,8 +289,8 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
 }
 
 /* The absmaxes (flushed) and flush flags of block b; returns whether the block may take the fast
- * variant of bnbcy_opt8_block_k: no flush can act, the absmaxes are finite (h.fin), and the
- * second moment is nonnegative (h.nn2: a nonnegative map, absmax and beta2 in [0, 1]). */
+ * variant of bnbcy_opt8_block_k: no flush can act, the maps and absmaxes are finite (h.fin), and
+ * the second moment is nonnegative (h.nn2: a nonnegative map, absmax and beta2 in [0, 1]). */
 L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_block_params)(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t b, float *amv, int *fz, const int opt) {
     const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX, ademamix = opt == BNBCY_OPT_ADEMAMIX;
@@ -303,7 +303,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_block_pa
             (opt == BNBCY_OPT_LION && bnbcy_opt_may_flush(amv[0], a->qmin1, a->b2));
     fz[1] = L_W == 1 || bnbcy_opt_may_flush(amv[1], a->qmin2, a->b2);
     fz[2] = L_W == 1 || bnbcy_opt_may_flush(amv[2], a->qmin1, a->b3);
-    return L_W > 1 && !(fz[0] | fz[1] | fz[2]) && isfinite(amv[0]) && isfinite(amv[1]) && isfinite(amv[2]) &&
+    return L_W > 1 && a->qfin && !(fz[0] | fz[1] | fz[2]) && isfinite(amv[0]) && isfinite(amv[1]) && isfinite(amv[2]) &&
            (!two || (a->q2nn && !(amv[1] < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f));
 }
 

@@ -24,7 +24,7 @@ typedef struct {
     /* 8-bit: the old second moment is >= 0, -0 or NaN in every lane (a nonnegative map and
      * absmax), so the new one is too and L_FTZ_NN flushes it exactly */
     int nn2;
-    /* 8-bit SIMD: the block's absmaxes are finite, so its old states are; a vector whose gradient
+    /* 8-bit SIMD: the maps and the block's absmaxes are finite, so its old states are; a vector whose gradient
      * and old parameter are finite then has no NaN operand but the ones it makes (default NaNs),
      * and gives the scalar path's bits without testing its results */
     int fin;
