@@ -176,13 +176,6 @@ L_ATTR static inline __attribute__((always_inline)) __m256 bnbcy_opt_lut8(const 
     return _mm256_set_m128(hi, lo);
 }
 
-L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_lut8_epi32(__m256i idx, const uint32_t *base) {
-    uint32_t k[8] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)k, idx);
-    return _mm256_setr_epi32((int)base[k[0]], (int)base[k[1]], (int)base[k[2]], (int)base[k[3]],
-                             (int)base[k[4]], (int)base[k[5]], (int)base[k[6]], (int)base[k[7]]);
-}
-
 L_ATTR static inline __attribute__((always_inline)) uint32_t bnbcy_opt_hmaxu8(__m256i M) {
     __m128i m = _mm_max_epu32(_mm256_castsi256_si128(M), _mm256_extracti128_si256(M, 1));
     m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
