@@ -92,7 +92,7 @@ L_ATTR static inline __attribute__((always_inline)) L_FN(bnbcy_opt_lhp) L_FN(bnb
     return h;
 }
 
-/* Prefetches element i of every stream of a 32-bit update (prefetching past the end is harmless). */
+/* Prefetches element i of every stream of a 32-bit update. */
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_prefetch)(const bnbcy_opt_tensor *t, int dt,
                                                                                  int64_t i, const int opt) {
     const size_t isz = dt == BNBCY_F32 ? 4 : 2;
@@ -112,7 +112,8 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt32_chunk_
     int64_t i = start;
     /* until a vector needs the scalar path, a loop without calls (a call clobbers its registers) */
     for (; i + L_W <= start + len; i += L_W) {
-        if (L_W > 1 && (i & 15) == 0) L_FN(bnbcy_opt32_prefetch)(t, h.dt, i + BNBCY_OPT32_PREFETCH, opt);
+        if (L_W > 1 && (i & 15) == 0 && i + BNBCY_OPT32_PREFETCH < t->n)
+            L_FN(bnbcy_opt32_prefetch)(t, h.dt, i + BNBCY_OPT32_PREFETCH, opt);
         if (!L_FN(bnbcy_opt32_vec)(&h, t, i, opt)) break;
     }
     for (; i + L_W <= start + len; i += L_W)
@@ -203,9 +204,10 @@ L_ATTR static void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const
  * alone left the two-core step about 5% short of its compute time (AVX-512 measurements). */
 #define BNBCY_OPT_PREFETCH 4
 
-/* One 256-block [start, start+len) of an 8-bit update (above the scalar width len is 256). */
-/* fzc = 0: the fast variant (bnbcy_opt8_block_params): none of the block's flushes can act, so the
- * loop carries none of their tests, and h.nn2, h.fin hold; 1: the flags fz, read at run time. */
+/* One 256-block [start, start+len) of an 8-bit update (above the scalar width len is 256), with the
+ * block's absmaxes amv and flush flags fz (bnbcy_opt8_block_params). fzc = 0: the fast variant, in
+ * which no flush can act (the loop carries none of their tests) and h.nn2, h.fin hold; 1: the
+ * flags fz, read at run time. */
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k)(
     const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, const L_FN(bnbcy_opt_lhp) *h0, int64_t b, int64_t start,
     int64_t len, const float *amv, const int *fz, const int opt, const int fzc) {
@@ -359,8 +361,8 @@ L_ATTR static inline __attribute__((always_inline)) L_T L_FN(bnbcy_opt_unorm_vec
  * rule's dependency chain. fzc = 0: neither flush can act and the second moment is nonnegative
  * (h.nn2), so the loop carries no flush tests; 1: the flags of h, read at run time. */
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt_unorm_block_k)(
-    const L_FN(bnbcy_opt_lhp) *h0, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t i, int64_t start,
-    double *acc, float *d1, float *d2, const int opt, const int fzc) {
+    const L_FN(bnbcy_opt_lhp) *h0, const bnbcy_opt_args *a, const bnbcy_opt_tensor *t, int64_t i, double *acc,
+    float *d1, float *d2, const int opt, const int fzc) {
     L_FN(bnbcy_opt_lhp) h = *h0;
     const int64_t b = i / BNBCY_OPT_BLOCK;
     const int two = opt == BNBCY_OPT_ADAM, dt = h.dt;
@@ -368,8 +370,7 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt_unorm_bl
     if (!fzc) h.fz1 = h.fz2 = 0, h.nn2 = 1;
     L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(am1), h.fz1, d1);
     if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(am2), h.fz2, d2);
-    (void)start;
-    for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - start: a multiple of 16 */
+    for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - chunk start: a multiple of 16 */
         for (int l = 0; l < BNBCY_OPT_LANES; l += L_W) {
             const L_T s2 = two ? L_LOADF(d2 + j + l) : L_SET1(0.0f);
             L_ACCU(acc + l, L_FN(bnbcy_opt_unorm_vec)(&h, 1, opt, L_LOADT(t->g, dt, i + j + l), L_LOADF(d1 + j + l), s2));
@@ -394,8 +395,8 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
             h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1);
             h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
             const int nn2 = !two || (a->q2nn && !(am2 < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f);
-            if (!h.fz1 && !h.fz2 && nn2) L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, start, acc, d1, d2, opt, 0);
-            else L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, start, acc, d1, d2, opt, 1);
+            if (!h.fz1 && !h.fz2 && nn2) L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, acc, d1, d2, opt, 0);
+            else L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, acc, d1, d2, opt, 1);
         }
     }
     h.fz1 = h.fz2 = 1;
