@@ -172,7 +172,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_vec)(
         const L_T d1 = s1;
         L_T pd;
         const int skip = L_FN(bnbcy_rule_1state)(h, 1, opt, gr, &s1, &p, &pd);
-        if (L_W > 1 && (skip | L_BAD2(gr, p))) return 0;
+        if (L_W > 1 && (skip | L_BAD2(gr, h->fin ? p0 : p))) return 0;
         if (L_W == 1 && (skip & 1)) { /* zero gradient: the old p and (dequantized) state */
             s1 = d1;
             p = p0;
