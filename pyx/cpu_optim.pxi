@@ -288,3 +288,60 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         return _opt_result(&a, ts, count)
     finally:
         free(ts)
+
+
+# Fingerprints of torch tensors for the optimizer step's cached layouts (bnbcy/optim/_validation.py,
+# Layout). Built and compared here: a step compares several per parameter, and most of their cost is
+# torch's accessors, which Python bytecode around them only adds to.
+cdef object _strided = None
+
+
+cdef inline bint _fp_equal(object t, tuple fp) except -1:
+    return t.data_ptr() == fp[0] and t.shape == fp[1] and t.stride() == fp[2] and t.dtype is fp[3]
+
+
+cdef inline bint _state_fp_equal(object t, tuple fp) except -1:
+    return t.data_ptr() == fp[0] and t.numel() == fp[1] and t.dtype is fp[2]
+
+
+def tensor_fingerprint(t):
+    """``(data_ptr, shape, strides, dtype)`` of a strided torch tensor, what a view of it is made
+    of; None for another layout (sparse). Tensors with equal fingerprints have equal views (the
+    address also tells the device: CPU and CUDA memory never share addresses)."""
+    global _strided
+    if _strided is None:
+        import torch
+        _strided = torch.strided
+    if t.layout is not _strided:
+        return None
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def state_fingerprint(t):
+    """``(data_ptr, numel, dtype)`` of an optimizer state tensor: what can change in place
+    without replacing the tensor object and move its memory or its extent (``resize_``, ``set_``,
+    ``.data`` re-pointed elsewhere, a reallocated storage)."""
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
+def layout_matches(object p, tuple pfp, dict state, tuple entries, tuple maps, dict seen):
+    """Whether ``p`` still has the fingerprint ``pfp`` and, for every ``(key, tensor,
+    state_fingerprint)`` of ``entries`` and ``maps``, ``state[key]`` is still ``tensor`` with that
+    fingerprint. ``maps`` are shared by many parameters: each is fingerprinted once per ``seen``
+    (by id)."""
+    if not _fp_equal(p, pfp):
+        return False
+    cdef tuple e
+    for e in entries:
+        t = state.get(e[0])
+        if t is not e[1] or not _state_fp_equal(t, <tuple>e[2]):
+            return False
+    for e in maps:
+        t = state.get(e[0])
+        if t is not e[1]:
+            return False
+        if id(t) not in seen:
+            if not _state_fp_equal(t, <tuple>e[2]):
+                return False
+            seen[id(t)] = True
+    return True

@@ -47,6 +47,15 @@ class Hyper:
     weight_decay: float = 0.0
     max_unorm: float = 0.0
     skip_zeros: bool = False
+    # the step hashes one record per parameter (its kernel-call key): hashed once, when made
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.lr, self.beta1, self.beta2, self.beta3, self.alpha, self.eps,
+                                                self.weight_decay, self.max_unorm, self.skip_zeros)))
+
+    def __hash__(self):
+        return self._hash
 
 
 @dataclasses.dataclass(eq=False)
@@ -505,31 +514,100 @@ def view(t, name):
     return _C.view(t.detach() if t.requires_grad else t, name)
 
 
+# ------------------------------------------------------------------------ layouts checked at an earlier step
+fingerprint = _C.tensor_fingerprint     # address, shape, strides, dtype: what a view is made of
+state_fingerprint = _C.state_fingerprint
+
+
+_PLAIN = (float, int, bool, str, type(None))
+
+
+def plain_config(config):
+    """Whether a config holds only numbers, strings and tuples of them: then equal configs
+    mean equal hyper-parameters (a tensor value can change in place and still compare equal)."""
+    for v in config.values():
+        if type(v) not in _PLAIN and not (type(v) is tuple and all(type(x) in _PLAIN for x in v)):
+            return False
+    return True
+
+
+class Layout:
+    """One parameter as the optimizer's step found it valid (:func:`check_param`,
+    :func:`check_config`, :func:`check_state`), with the views made then, so that a later step
+    checks only that nothing it read has changed (:meth:`step_if_current`).
+
+    What it relies on, and why each cannot change unnoticed: the parameter's fingerprint
+    (:func:`fingerprint`: a re-assigned ``.data``, a reshape, a dtype change alter it); the state
+    dict and each state tensor are the same objects (``load_state_dict`` and re-assignment replace
+    them) with the same address, size and dtype (:func:`state_fingerprint`: ``resize_``, ``set_``,
+    ``.data`` re-pointed at other memory, a reallocated storage alter it; what it does not see,
+    a state tensor re-shaped over the same memory from the same address, leaves the cached view
+    valid: it is still that memory, kept alive by the view); the config is the same object (the
+    optimizer keeps a group's config object only while a freshly resolved one compares equal to
+    it). Only parameters that are not sharded, not empty, contiguous and have a state get one.
+
+    The gradient is not held (that would keep alive the memory ``zero_grad`` frees): its
+    fingerprint at the last check (``gfp``) tells the step whether it is the checked one again.
+    ``stamp``: the optimizer's count of overlap checks when this layout last took part in one.
+    """
+    __slots__ = ("p", "pfp", "pv", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
+                 "inputs", "eight", "kernel_views", "qid", "gfp", "stamp")
+
+    def __init__(self, kernel, p, pv, device, config, state, tensors):
+        self.p, self.pfp, self.device, self.config, self.state = p, fingerprint(p), device, config, state
+        self.nkeys = len(state)
+        fps = [(key, t, state_fingerprint(t)) for key, (t, _) in tensors.items()]
+        self.tensors = tuple(f for f in fps if not f[0].startswith("qmap"))
+        self.maps = tuple(f for f in fps if f[0].startswith("qmap"))      # shared by the group
+        self.outputs = [pv] + [v for key, (_, v) in tensors.items() if not key.startswith("qmap")]
+        self.inputs = [v for key, (_, v) in tensors.items() if key.startswith("qmap")]
+        self.eight = tensors["state1"][0].dtype == torch.uint8
+        self.pv = pv
+        self.kernel_views = state_views(kernel, self.eight, state, {id(t): v for t, v in tensors.values()})
+        self.qid = id(tensors["qmap1"][0]) if self.eight else None      # one kernel call per map
+        self.gfp = None
+        self.stamp = -1
+
+    def step_if_current(self, config, state, seen):
+        """The state's step count if this layout still describes the parameter, its ``config``
+        and ``state``; -1 if anything changed (the step then checks the parameter again).
+        ``seen``: the ids of the shared maps already fingerprinted by this step."""
+        if (config is not self.config or state is not self.state or len(state) != self.nkeys
+                or not _C.layout_matches(self.p, self.pfp, state, self.tensors, self.maps, seen)):
+            return -1
+        step = state["step"]
+        return step if type(step) is int and 0 <= step < MAX_STEP else -1
+
+
 def check_views(outputs, inputs):
     """The step's in-place tensors must not share memory with each other or with an input."""
     _arrays.check_no_overlap(*outputs, inputs=inputs)
 
 
-def checked_update(kernel, eight, ps, gs, pv, gv, states, views, steps_, hyper, gnorm_scale):
-    """The :class:`Update` of tensors the optimizer's plan checked (``views``: their views by
-    ``id``; a tensor without one, a state just made by ``init_state``, is viewed here)."""
-    def v(t, name):
-        if t is None:
-            return None
-        got = views.get(id(t))
-        return got if got is not None else view(t, name)
+_STATE_VIEWS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 
+
+def state_views(kernel, eight, state, views):
+    """The views of one parameter's state tensors that a kernel call takes, in the order
+    ``state1, state2, absmax1, absmax2, qmap1, qmap2`` (None for those the optimizer does not
+    keep), from ``views`` (by ``id``; a tensor without one, a state just made by ``init_state``,
+    is viewed here)."""
     two = kernel.states == 2
-    s1 = [v(s["state1"], "state1") for s in states]
-    s2 = [v(s["state2"], "state2") if two else None for s in states]
-    a1 = [v(s.get("absmax1"), "absmax1") for s in states] if eight else [None] * len(states)
-    a2 = [v(s.get("absmax2"), "absmax2") if two else None for s in states] if eight else [None] * len(states)
-    q1 = v(states[0]["qmap1"], "qmap1") if eight else None
-    q2 = v(states[0]["qmap2"], "qmap2") if eight and two else None
+    takes = (True, two, eight, eight and two, eight, eight and two)
+    out = []
+    for key, wanted in zip(_STATE_VIEWS, takes):
+        t = state.get(key) if wanted else None
+        out.append(None if t is None else views.get(id(t)) or view(t, key))
+    return tuple(out)
+
+
+def checked_update(kernel, eight, ps, gs, pv, gv, sv, q1, q2, states, steps_, hyper, gnorm_scale):
+    """The :class:`Update` of tensors the optimizer's plan checked: ``pv``/``gv`` and ``sv`` (the
+    lists of :func:`state_views`) their views, ``states`` their state dicts."""
     unorm = [s.get("unorm_vec") for s in states] if hyper.max_unorm > 0.0 else [None] * len(states)
     groups = {}
     for k, x in enumerate(pv):
         if x.numel:
             groups.setdefault(x.dtype, []).append(k)
-    return Update(kernel, eight, ps, gs, pv, gv, s1, s2, a1, a2, q1, q2, unorm, steps_, None, hyper,
+    return Update(kernel, eight, ps, gs, pv, gv, *sv, q1, q2, unorm, steps_, None, hyper,
                   float(gnorm_scale), groups, backends.on_cuda(pv[0]))
