@@ -540,9 +540,10 @@ class Layout:
     (:func:`fingerprint`: a re-assigned ``.data``, a reshape, a dtype change alter it); the state
     dict and each state tensor are the same objects (``load_state_dict`` and re-assignment replace
     them) with the same address, size and dtype (:func:`state_fingerprint`: ``resize_``, ``set_``,
-    ``.data`` re-pointed at other memory, a reallocated storage alter it; what it does not see,
-    a state tensor re-shaped over the same memory from the same address, leaves the cached view
-    valid: it is still that memory, kept alive by the view); the config is the same object (the
+    ``.data`` re-pointed at other memory, a reallocated storage alter it -- the memory a cached
+    view points at may be freed then; what it does not see, a state tensor re-shaped over memory
+    it already had, from the same address, leaves the cached view pointing at that memory, which
+    the tensor still holds); the config is the same object (the
     optimizer keeps a group's config object only while a freshly resolved one compares equal to
     it). Only parameters that are not sharded, not empty, contiguous and have a state get one.
 
