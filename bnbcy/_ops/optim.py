@@ -21,10 +21,21 @@ def _check_fake(g, p):
                  lambda: f"Expected all tensors to have the same dtype, got g.dtype={g.dtype}, p.dtype={p.dtype}")
 
 
+def _functional():
+    """bnbcy.functional.optim_update (imported at the first call: it imports this module)."""
+    global _optim_update
+    if _optim_update is None:
+        from ..functional import optim_update
+        _optim_update = optim_update
+    return _optim_update
+
+
+_optim_update = None
+
+
 def _update_32bit(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, beta1, beta2, beta3,
                   alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros=False):
-    from ..functional import optim_update
-    optim_update.optimizer_update_32bit_multi(
+    _functional().optimizer_update_32bit_multi(
         optimizer_name, [g], [p], [state1], beta1, eps, [step], lr, state2s=[state2], beta2=beta2, beta3=beta3,
         alpha=alpha, weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
         max_unorm=max_unorm, skip_zeros=skip_zeros, param_norms=[param_norm])
@@ -37,8 +48,7 @@ def _update_32bit_fake(optimizer_name, g, p, state1, state2, unorm_vec, max_unor
 
 def _update_8bit(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2,
                  absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros=False):
-    from ..functional import optim_update
-    optim_update.optimizer_update_8bit_blockwise_multi(
+    _functional().optimizer_update_8bit_blockwise_multi(
         optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3, alpha, eps, [step], lr, qmap1, qmap2,
         [absmax1], [absmax2], weight_decay=weight_decay, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros)
 

@@ -34,7 +34,7 @@ DEVICE_TYPES = ("cpu", "cuda")        # where the optimizer kernels run
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Hyper:
     """The hyper-parameters of one update step (hashable: parameters with equal records share a
     kernel call)."""
@@ -47,12 +47,16 @@ class Hyper:
     weight_decay: float = 0.0
     max_unorm: float = 0.0
     skip_zeros: bool = False
-    # the step hashes one record per parameter (its kernel-call key): hashed once, when made
-    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        object.__setattr__(self, "_hash", hash((self.lr, self.beta1, self.beta2, self.beta3, self.alpha, self.eps,
-                                                self.weight_decay, self.max_unorm, self.skip_zeros)))
+    # Written out instead of the frozen dataclass's (one object.__setattr__ per field): every
+    # functional update makes one. The hash is taken once, here: the step hashes one record per
+    # parameter (its kernel-call key).
+    def __init__(self, lr, beta1, beta2=0.0, beta3=0.0, alpha=0.0, eps=1e-8, weight_decay=0.0, max_unorm=0.0,
+                 skip_zeros=False):
+        d = self.__dict__
+        d["lr"], d["beta1"], d["beta2"], d["beta3"], d["alpha"] = lr, beta1, beta2, beta3, alpha
+        d["eps"], d["weight_decay"], d["max_unorm"], d["skip_zeros"] = eps, weight_decay, max_unorm, skip_zeros
+        d["_hash"] = hash((lr, beta1, beta2, beta3, alpha, eps, weight_decay, max_unorm, skip_zeros))
 
     def __hash__(self):
         return self._hash
@@ -204,11 +208,11 @@ def _on_cuda(views):
     first one's device and framework), or CPU arrays go to the SIMT emulator
     (:func:`bnbcy.kernels.emulating`)."""
     views = [v for v in views if v is not None]
-    cuda = [v.is_cuda for v in views]
-    if any(cuda) and not all(cuda):
+    ncuda = sum([v.is_cuda for v in views])
+    if ncuda and ncuda != len(views):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
-    if any(cuda):
+    if ncuda:
         for v in views:
             _arrays.check_same_device(v, views[0], v.name)
     return bool(views) and backends.on_cuda(views[0])
