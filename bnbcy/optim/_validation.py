@@ -394,7 +394,18 @@ def check_config_for(config, p):
 def check_param(name, p, device):
     """A parameter and its gradient, with torch.optim's exception types; ``device``: the group's
     device so far (None for the first parameter)."""
-    g = p.grad
+    check_grad(name, p, p.grad)
+    if device is not None and p.device != device:
+        raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
+                           f"found {device} and {p.device}")
+    if p.device.type not in DEVICE_TYPES:
+        raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
+                                  f"tensors yet (supported: {', '.join(DEVICE_TYPES)})")
+
+
+def check_grad(name, p, g):
+    """The gradient ``g`` of ``p`` and the dtypes (the part of :func:`check_param` that a new
+    gradient of a parameter checked at an earlier step needs)."""
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(f"{name} does not support sparse gradients (got layout {g.layout}); "
                            "use a dense gradient (e.g. Embedding(sparse=False))")
@@ -408,12 +419,6 @@ def check_param(name, p, device):
         raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
     if g.device != p.device:
         raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
-    if device is not None and p.device != device:
-        raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
-                           f"found {device} and {p.device}")
-    if p.device.type not in DEVICE_TYPES:
-        raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
-                                  f"tensors yet (supported: {', '.join(DEVICE_TYPES)})")
 
 
 def expected_state(shape, numel, kernel, eight, config):

@@ -373,6 +373,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         plan, views, outputs, inputs = [], {}, [], []
         schedules = self._n_states == 2
         overridden = self.mng.index2config, self.mng.pid2config
+        any_own = bool(overridden[0] or overridden[1])
         layouts, hits, checked, configs, seen = self._layouts, {}, [], {}, {}
         known = True                  # every parameter a layout of the last overlap check, same gradient
         for gindex, group in enumerate(self.param_groups):
@@ -383,7 +384,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                own = (gindex, pindex) in overridden[0] or id(p) in overridden[1]
+                own = any_own and ((gindex, pindex) in overridden[0] or id(p) in overridden[1])
                 if own:
                     config = self.get_config(gindex, pindex, group)
                 elif shared is None:
@@ -396,8 +397,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 gv = None
                 if step >= 0:
                     gfp = V.fingerprint(g)
-                    if gfp != e.gfp or (device is not None and e.device != device):
-                        self._validate_param(p, device)              # a gradient not checked yet
+                    if device is not None and e.device != device:
+                        self._validate_param(p, device)              # raises: two devices in a group
+                    if gfp != e.gfp:
+                        V.check_grad(type(self).__name__, p, g)      # a gradient not checked yet
                         known = False
                     gv = V.view(g, "grad")
                     if not gv.contiguous:                            # made contiguous by the slow path
@@ -510,26 +513,39 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.initialized = True
 
         plan = self._plan()
-        ratios = _dist.global_trust_ratios(self, plan)   # distributed hook: collective, changes nothing
-        created = []
+        ratios = {}
+        if self._may_scale_updates():           # distributed hook: collective, changes nothing
+            ratios = _dist.global_trust_ratios(self, plan)
+        created, hits = [], self._hits
         try:
             for gindex, group, items in plan:
                 for pindex, p, _, _ in items:
-                    if len(self.state[p]) == 0:
+                    if id(p) not in hits and len(self.state[p]) == 0:     # a layout has a state
                         created.append(p)
                         self.init_state(group, p, gindex, pindex)
         except BaseException:                    # e.g. out of memory: no new state stays behind
             for p in created:
                 self.state.pop(p, None)
             raise
+        prefetch = self.is_paged or type(self).prefetch_state is not Optimizer8bit.prefetch_state
         try:
             for gindex, group, items in plan:
-                for _, p, _, _ in items:
-                    self.prefetch_state(p)
+                if prefetch:                     # (a no-op without paged state)
+                    for _, p, _, _ in items:
+                        self.prefetch_state(p)
                 self._update_group(group, items, ratios)
         finally:
             self._views, self._hits = {}, {}
         return loss
+
+    def _may_scale_updates(self):
+        """Whether some parameter's config may have ``max_unorm > 0`` (the trust ratio): without
+        one, :func:`bnbcy.distributed.global_trust_ratios` finds nothing to do on any rank (the
+        configs are the same on every rank) and is not called."""
+        def off(v):
+            return type(v) in (int, float) and v <= 0.0
+        configs = chain(self.mng.pid2config.values(), self.mng.index2config.values())
+        return not off(getattr(self.args, "max_unorm", 0.0)) or not all(off(c.get("max_unorm", 0.0)) for c in configs)
 
     def _update_group(self, group, items, ratios=None):
         """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
