@@ -20,11 +20,11 @@ CLASSES = [(bnb.optim.Adam32bit, {}), (bnb.optim.Adam8bit, {"min_8bit_size": 0})
 SHAPES = [(300,), (16, 20), (17,)]
 
 
-def _params(seed=0):
+def _params(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in SHAPES]
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(device)
     return ps
 
 
@@ -39,8 +39,8 @@ class _Fresh:
         return self.opt.step()
 
 
-def _pair(cls, kw, steps=3):
-    pa, pb = _params(), _params()
+def _pair(cls, kw, steps=3, device="cpu"):
+    pa, pb = _params(device=device), _params(device=device)
     a, b = cls(pa, **kw), cls(pb, **kw)
     for _ in range(steps):
         a.step()
@@ -85,10 +85,10 @@ def _step_both(a, pa, b, pb):
     return errors[0]
 
 
-def _both(change):
+def _both(change, device="cpu"):
     """Apply ``change(opt, ps)`` to both optimizers of a pair."""
     def run(cls, kw):
-        (a, pa), (b, pb) = _pair(cls, kw)
+        (a, pa), (b, pb) = _pair(cls, kw, device=device)
         change(a, pa)
         change(b, pb)
         err = _step_both(a, pa, b, pb)
@@ -190,7 +190,7 @@ def _state_key_dropped(opt, ps):
 
 
 def _load_state_dict(opt, ps):
-    other = type(opt)(_params(seed=5), **{k: getattr(opt.args, k) for k in ("min_8bit_size",)})
+    other = type(opt)(_params(seed=5, device=ps[0].device), min_8bit_size=opt.args.min_8bit_size)
     for _ in range(2):
         other.step()
     opt.load_state_dict(copy.deepcopy(other.state_dict()))
