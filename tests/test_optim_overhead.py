@@ -254,3 +254,25 @@ def test_layouts_reused_and_released():
     assert list(a._layouts) == [id(pa[0])]         # layouts of parameters that left the groups go
     a.load_state_dict(a.state_dict())
     assert not a._layouts                          # a loaded state is checked in full
+
+
+def _two_groups(cls, kw):
+    pa, pb = _params(), _params()
+    opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 1e-2}], **kw) for ps in (pa, pb)]
+    for _ in range(3):
+        opts[0].step()
+        _Fresh(opts[1]).step()
+    return (opts[0], pa), (opts[1], pb)
+
+
+@pytest.mark.parametrize("cls,kw", CLASSES[:2], ids=lambda x: getattr(x, "__name__", ""))
+def test_two_groups(cls, kw):
+    """Hyper-parameters edited in one group only; a gradient of one group in the memory of the
+    other group's parameter (the overlap check spans the groups)."""
+    (a, pa), (b, pb) = _two_groups(cls, kw)
+    for opt in (a, b):
+        opt.param_groups[1]["lr"] = 0.3
+    assert _step_both(a, pa, b, pb) is None
+    for ps in (pa, pb):
+        ps[2].grad = ps[0].detach().view(-1)[:ps[2].numel()].view(ps[2].shape)
+    assert _step_both(a, pa, b, pb) is not None
