@@ -239,14 +239,16 @@ def test_lr_tensor_edited_in_place(cls, kw):
 
 def test_layouts_reused_and_released():
     (a, pa), _ = _pair(bnb.optim.Adam8bit, {"min_8bit_size": 0})
-    made = []
-    orig = V.Layout
+    made, viewed = [], []
+    orig, orig_view = V.Layout, V.view
     try:
         V.Layout = lambda *args: made.append(1) or orig(*args)
+        V.view = lambda t, name: viewed.append(id(t)) or orig_view(t, name)
         a.step()
     finally:
-        V.Layout = orig
+        V.Layout, V.view = orig, orig_view
     assert not made                                # nothing checked again
+    assert sorted(viewed) == sorted(id(p.grad) for p in pa)   # only the gradients are viewed again
     a.param_groups[0]["params"] = pa[:1]
     for p in pa[1:]:
         del a.state[p]

@@ -479,7 +479,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             views[id(t)] = v
         if (not own and lp is p and pv.numel and pv.contiguous and gv.contiguous and not _dist.is_sharded(p)
                 and V.plain_config(config)):
-            checked.append((V.Layout(self._kernel, p, pv, p.device, config, state, tensors), V.fingerprint(g), gv, False))
+            layout = V.Layout(self._kernel, p, pv, p.device, config, state, tensors)
+            checked.append((layout, V.fingerprint(g), gv, False))
         return step
 
     # ------------------------------------------------------------------ stepping
