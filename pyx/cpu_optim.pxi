@@ -118,12 +118,20 @@ cdef void _opt_check_lists(int count, list lists, tuple names) except *:
             raise ValueError(f"{nm} has {len(lst)} entries but params has {count}")
 
 
-cdef void _opt_require_state(object v, str name, str dtype, int64_t numel) except *:
+cdef inline void _opt_require(TensorView v, str what, int k, str dtype, int64_t numel) except *:
+    # _require's conditions (a CPU view is not is_cuda), so that the name ``what[k]`` is formatted
+    # only for its error: a group's call checks several arrays per tensor
+    if not (v.device_type == BNBCY_DL_CPU and v.contiguous and (dtype is None or v.dtype == dtype)
+            and (numel < 0 or v.numel == numel)):
+        _require(v, f"{what}[{k}]", dtype, numel)
+
+
+cdef void _opt_require_state(object v, str what, int k, str dtype, int64_t numel) except *:
     if not isinstance(v, TensorView):
-        raise ValueError(f"{name} must be a TensorView, got {type(v).__name__}")
-    _require(<TensorView>v, name, dtype, numel)
+        raise ValueError(f"{what}[{k}] must be a TensorView, got {type(v).__name__}")
+    _opt_require(<TensorView>v, what, k, dtype, numel)
     if (<TensorView>v).readonly:
-        raise ValueError(f"{name} must be writable")
+        raise ValueError(f"{what}[{k}] must be writable")
 
 
 cdef int _opt_fill(bnbcy_opt_args *a, bnbcy_opt_tensor *ts, list params, list grads, list steps,
@@ -136,11 +144,11 @@ cdef int _opt_fill(bnbcy_opt_args *a, bnbcy_opt_tensor *ts, list params, list gr
             raise ValueError(f"params[{k}] and grads[{k}] must be TensorViews")
         p = params[k]
         g = grads[k]
-        _require(p, f"params[{k}]", None, -1)
-        _require(g, f"grads[{k}]", None, p.numel)
+        _opt_require(p, "params", k, None, -1)
+        _opt_require(g, "grads", k, None, p.numel)
         if p.readonly:
             raise ValueError(f"params[{k}] must be writable")
-        d = _float_code(p, f"params[{k}]")
+        d = 0 if p.dtype == "float32" else _float_code(p, f"params[{k}]")
         if g.dtype != p.dtype:
             raise ValueError(f"grads[{k}] must have the dtype of params[{k}] ({p.dtype}), got {g.dtype}")
         if dtype == -1:
@@ -197,11 +205,11 @@ def cpu_optimizer_update_32bit(str name, list params, list grads, list state1, l
     try:
         a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
         for k in range(count):
-            _opt_require_state(state1[k], f"state1[{k}]", "float32",
+            _opt_require_state(state1[k], "state1", k, "float32",
                                2 * ts[k].n if a.opt == BNBCY_OPT_ADEMAMIX else ts[k].n)
             ts[k].s1 = (<TensorView>state1[k]).data
             if two:
-                _opt_require_state(state2[k], f"state2[{k}]", "float32", ts[k].n)
+                _opt_require_state(state2[k], "state2", k, "float32", ts[k].n)
                 ts[k].s2 = (<TensorView>state2[k]).data
         a.skip_zeros = skip_zeros
         a.b1, a.b2, a.b3, a.alpha, a.eps = beta1, beta2, beta3, alpha, eps
@@ -262,13 +270,13 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
         for k in range(count):
             nb = (ts[k].n + 255) // 256
-            _opt_require_state(state1[k], f"state1[{k}]", "uint8", 2 * ts[k].n if ademamix else ts[k].n)
-            _opt_require_state(absmax1[k], f"absmax1[{k}]", "float32", 2 * nb if ademamix else nb)
+            _opt_require_state(state1[k], "state1", k, "uint8", 2 * ts[k].n if ademamix else ts[k].n)
+            _opt_require_state(absmax1[k], "absmax1", k, "float32", 2 * nb if ademamix else nb)
             ts[k].s1 = (<TensorView>state1[k]).data
             ts[k].absmax1 = <float *>(<TensorView>absmax1[k]).data
             if two:
-                _opt_require_state(state2[k], f"state2[{k}]", "uint8", ts[k].n)
-                _opt_require_state(absmax2[k], f"absmax2[{k}]", "float32", nb)
+                _opt_require_state(state2[k], "state2", k, "uint8", ts[k].n)
+                _opt_require_state(absmax2[k], "absmax2", k, "float32", nb)
                 ts[k].s2 = (<TensorView>state2[k]).data
                 ts[k].absmax2 = <float *>(<TensorView>absmax2[k]).data
         a.skip_zeros = skip_zeros

@@ -560,8 +560,8 @@ class Layout:
     fingerprint at the last check (``gfp``) tells the step whether it is the checked one again.
     ``stamp``: the optimizer's count of overlap checks when this layout last took part in one.
     """
-    __slots__ = ("p", "pfp", "pv", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
-                 "inputs", "eight", "kernel_views", "qid", "gfp", "stamp")
+    __slots__ = ("p", "pfp", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
+                 "inputs", "eight", "row", "qid", "gfp", "stamp")
 
     def __init__(self, kernel, p, pv, device, config, state, tensors):
         self.p, self.pfp, self.device, self.config, self.state = p, fingerprint(p), device, config, state
@@ -572,8 +572,8 @@ class Layout:
         self.outputs = [pv] + [v for key, (_, v) in tensors.items() if not key.startswith("qmap")]
         self.inputs = [v for key, (_, v) in tensors.items() if key.startswith("qmap")]
         self.eight = tensors["state1"][0].dtype == torch.uint8
-        self.pv = pv
-        self.kernel_views = state_views(kernel, self.eight, state, {id(t): v for t, v in tensors.values()})
+        # what a kernel call takes: the parameter's view, then state_views'
+        self.row = (pv, *state_views(kernel, self.eight, state, {id(t): v for t, v in tensors.values()}))
         self.qid = id(tensors["qmap1"][0]) if self.eight else None      # one kernel call per map
         self.gfp = None
         self.stamp = -1

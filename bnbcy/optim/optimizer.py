@@ -407,7 +407,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                         step = -1
                 if step >= 0:
                     device = e.device
-                    views[id(p)] = e.pv
+                    views[id(p)] = e.row[0]
                     views[id(g)] = gv
                     checked.append((e, gfp, gv, True))
                     hits[id(p)] = e
@@ -603,16 +603,22 @@ class Optimizer8bit(torch.optim.Optimizer):
         F = _F()
         views = self._views
         st = [self.state[p] for p in ps] if states is None else states
-        if layouts is None:
-            layouts = [None] * len(ps)
-        kernel, local = self._kernel, _dist.local   # distributed hook: kernels see local shards
-        gs = [p.grad if e is not None else local(p.grad) for p, e in zip(ps, layouts)]
-        ps = [p if e is not None else local(p) for p, e in zip(ps, layouts)]
-        pv = [e.pv if e is not None else views.get(id(p)) or V.view(p, "p") for p, e in zip(ps, layouts)]
-        gv = [views.get(id(g)) or V.view(g, "grad") for g in gs]
-        rows = [e.kernel_views if e is not None else V.state_views(kernel, eight, s, views)
-                for s, e in zip(st, layouts)]
-        sv, (q1, q2) = [[r[i] for r in rows] for i in range(4)], rows[0][4:]
+        kernel = self._kernel
+        if layouts is not None and None not in layouts:     # the common case: one row per layout
+            gs = [p.grad for p in ps]
+            gv = [views[id(g)] for g in gs]
+            pv, s1v, s2v, a1v, a2v, q1s, q2s = map(list, zip(*[e.row for e in layouts]))
+        else:
+            layouts = layouts or [None] * len(ps)
+            local = _dist.local                         # distributed hook: kernels see local shards
+            gs = [p.grad if e is not None else local(p.grad) for p, e in zip(ps, layouts)]
+            ps = [p if e is not None else local(p) for p, e in zip(ps, layouts)]
+            gv = [views.get(id(g)) or V.view(g, "grad") for g in gs]
+            rows = [e.row if e is not None else
+                    (views.get(id(p)) or V.view(p, "p"), *V.state_views(kernel, eight, s, views))
+                    for p, s, e in zip(ps, st, layouts)]
+            pv, s1v, s2v, a1v, a2v, q1s, q2s = map(list, zip(*rows))
+        sv, q1, q2 = [s1v, s2v, a1v, a2v], q1s[0], q2s[0]
         steps = [s["step"] for s in st]
         gnorm_scale = 1.0
         if pc < 100:                                    # one parameter per bucket here
