@@ -332,24 +332,29 @@ def state_fingerprint(t):
     return (t.data_ptr(), t.numel(), t.dtype)
 
 
-def layout_matches(object p, tuple pfp, dict state, tuple entries, tuple maps, dict seen):
+def layout_matches(object p, tuple pfp, dict state, tuple entries, tuple maps, dict seen, object g, object gfp):
     """Whether ``p`` still has the fingerprint ``pfp`` and, for every ``(key, tensor,
     state_fingerprint)`` of ``entries`` and ``maps``, ``state[key]`` is still ``tensor`` with that
-    fingerprint. ``maps`` are shared by many parameters: each is fingerprinted once per ``seen``
-    (by id)."""
+    fingerprint: 0 if not; 2 if also the gradient ``g`` has the fingerprint ``gfp``, else 1.
+    ``maps`` are shared by many parameters: each is fingerprinted once per ``seen`` (by id)."""
     if not _fp_equal(p, pfp):
-        return False
+        return 0
     cdef tuple e
     for e in entries:
         t = state.get(e[0])
         if t is not e[1] or not _state_fp_equal(t, <tuple>e[2]):
-            return False
+            return 0
     for e in maps:
         t = state.get(e[0])
         if t is not e[1]:
-            return False
+            return 0
         if id(t) not in seen:
             if not _state_fp_equal(t, <tuple>e[2]):
-                return False
+                return 0
             seen[id(t)] = True
-    return True
+    if gfp is None:
+        return 1
+    try:
+        return 2 if _fp_equal(g, <tuple>gfp) else 1
+    except RuntimeError:              # a gradient without strided memory (sparse): checked again
+        return 1

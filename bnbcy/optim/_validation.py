@@ -561,7 +561,7 @@ class Layout:
     ``stamp``: the optimizer's count of overlap checks when this layout last took part in one.
     """
     __slots__ = ("p", "pfp", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
-                 "inputs", "eight", "row", "qid", "gfp", "stamp")
+                 "inputs", "eight", "row", "qid", "gfp", "same_grad", "stamp")
 
     def __init__(self, kernel, p, pv, device, config, state, tensors):
         self.p, self.pfp, self.device, self.config, self.state = p, fingerprint(p), device, config, state
@@ -575,18 +575,22 @@ class Layout:
         # what a kernel call takes: the parameter's view, then state_views'
         self.row = (pv, *state_views(kernel, self.eight, state, {id(t): v for t, v in tensors.values()}))
         self.qid = id(tensors["qmap1"][0]) if self.eight else None      # one kernel call per map
-        self.gfp = None
+        self.gfp, self.same_grad = None, False
         self.stamp = -1
 
-    def step_if_current(self, config, state, seen):
+    def step_if_current(self, config, state, seen, g):
         """The state's step count if this layout still describes the parameter, its ``config``
         and ``state``; -1 if anything changed (the step then checks the parameter again).
-        ``seen``: the ids of the shared maps already fingerprinted by this step."""
-        if (config is not self.config or state is not self.state or len(state) != self.nkeys
-                or not _C.layout_matches(self.p, self.pfp, state, self.tensors, self.maps, seen)):
+        ``seen``: the ids of the shared maps already fingerprinted by this step. Sets
+        ``same_grad``: whether the gradient ``g`` has the fingerprint checked last time."""
+        if config is not self.config or state is not self.state or len(state) != self.nkeys:
             return -1
+        match = _C.layout_matches(self.p, self.pfp, state, self.tensors, self.maps, seen, g, self.gfp)
         step = state["step"]
-        return step if type(step) is int and 0 <= step < MAX_STEP else -1
+        if not match or type(step) is not int or not 0 <= step < MAX_STEP:
+            return -1
+        self.same_grad = match == 2
+        return step
 
 
 def check_views(outputs, inputs):

@@ -393,14 +393,15 @@ class Optimizer8bit(torch.optim.Optimizer):
                 else:
                     config = shared
                 e = None if own else layouts.get(id(p))
-                step = -1 if e is None or e.p is not p else e.step_if_current(config, self.state.get(p), seen)
+                step = -1 if e is None or e.p is not p else e.step_if_current(config, self.state.get(p), seen, g)
                 gv = None
                 if step >= 0:
-                    gfp = V.fingerprint(g)
                     if device is not None and e.device != device:
                         self._validate_param(p, device)              # raises: two devices in a group
-                    if gfp != e.gfp:
+                    gfp = e.gfp
+                    if not e.same_grad:
                         V.check_grad(type(self).__name__, p, g)      # a gradient not checked yet
+                        gfp = V.fingerprint(g)
                         known = False
                     gv = V.view(g, "grad")
                     if not gv.contiguous:                            # made contiguous by the slow path
