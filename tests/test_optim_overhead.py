@@ -278,3 +278,14 @@ def test_two_groups(cls, kw):
     for ps in (pa, pb):
         ps[2].grad = ps[0].detach().view(-1)[:ps[2].numel()].view(ps[2].shape)
     assert _step_both(a, pa, b, pb) is not None
+
+
+def test_stale_layout_let_go():
+    """A layout that no longer holds gives up what it references (the replaced state) at once."""
+    (a, pa), _ = _pair(bnb.optim.Adam32bit, {})
+    old = a._layouts[id(pa[0])]
+    a.state[pa[0]] = {}                            # a reset of that parameter's state
+    a.step()
+    assert id(pa[0]) not in a._layouts or a._layouts[id(pa[0])] is not old
+    a.step()
+    assert a._layouts[id(pa[0])] is not old and a._layouts[id(pa[0])].state is a.state[pa[0]]

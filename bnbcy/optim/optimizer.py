@@ -367,8 +367,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         A parameter checked at an earlier step is not checked again while its
         :class:`~bnbcy.optim._validation.Layout` still holds (the same parameter, config and state
         objects with the same fingerprints): only a gradient that is not the one checked then is
-        (:func:`~bnbcy.optim._validation.check_param`), and the overlap check runs unless every
-        parameter is a layout that took part in the last one with the same gradient.
+        (:func:`~bnbcy.optim._validation.check_grad`), and the overlap check runs unless every
+        parameter is a layout that took part in the last one with the same gradient. A layout
+        that no longer holds is dropped.
         """
         plan, views, outputs, inputs = [], {}, [], []
         schedules = self._n_states == 2
@@ -392,8 +393,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                     whole = config is self._configs.get(gindex)       # kept: checked whole at an earlier step
                 else:
                     config = shared
-                e = None if own else layouts.get(id(p))
-                step = -1 if e is None or e.p is not p else e.step_if_current(config, self.state.get(p), seen, g)
+                e = layouts.get(id(p))
+                step = -1
+                if e is not None and not own and e.p is p:
+                    step = e.step_if_current(config, self.state.get(p), seen, g)
                 gv = None
                 if step >= 0:
                     if device is not None and e.device != device:
@@ -415,6 +418,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     known = known and e.stamp == self._stamp
                 else:
                     known = False
+                    if e is not None:         # stale: let go of what it holds (old state, views)
+                        del layouts[id(p)]
                     step = self._check_one(p, g, config, own, whole, device, views, outputs, inputs, checked)
                     device = p.device
                     whole = whole or (config is shared)
