@@ -181,6 +181,12 @@ def _step_bad(opt, ps):
     opt.state[ps[0]]["step"] = -1
 
 
+def _step_removed(opt, ps):
+    st = opt.state[ps[0]]
+    del st["step"]
+    st["other"] = 1                                # as many keys as before
+
+
 def _state_dropped(opt, ps):
     opt.state[ps[2]].clear()                       # starts again from a fresh state
 
@@ -202,9 +208,9 @@ def _no_grad(opt, ps):
 
 CHANGES = [_new_grads, _reassign, _reshape, _half, _grad_dtype, _grad_shape, _grad_aliases_state, _lr,
            _bad_betas, _args, _override, _state_replaced, _state_wrong_shape, _state_resized, _state_moved,
-           _step_edited, _step_bad, _state_dropped, _state_key_dropped, _load_state_dict, _no_grad]
+           _step_edited, _step_bad, _step_removed, _state_dropped, _state_key_dropped, _load_state_dict, _no_grad]
 RAISES = {_reshape, _grad_dtype, _grad_shape, _grad_aliases_state, _bad_betas, _state_wrong_shape, _state_resized,
-          _step_bad, _state_key_dropped}
+          _step_bad, _step_removed, _state_key_dropped}
 
 
 @pytest.fixture(autouse=True)

@@ -552,13 +552,14 @@ class Layout:
     ``.data`` re-pointed at other memory, a reallocated storage alter it -- the memory a cached
     view points at may be freed then; what it does not see, a state tensor re-shaped over memory
     it already had, from the same address, leaves the cached view pointing at that memory, which
-    the tensor still holds); the config is the same object (the
-    optimizer keeps a group's config object only while a freshly resolved one compares equal to
-    it). Only parameters that are not sharded, not empty, contiguous and have a state get one.
+    the tensor still holds); the config is the same object (the optimizer keeps a group's config
+    object only while a freshly resolved one compares equal to it). Only parameters that are not
+    sharded, not empty, contiguous and have a state get one.
 
     The gradient is not held (that would keep alive the memory ``zero_grad`` frees): its
-    fingerprint at the last check (``gfp``) tells the step whether it is the checked one again.
-    ``stamp``: the optimizer's count of overlap checks when this layout last took part in one.
+    fingerprint at the last check (``gfp``) tells the step whether it is the checked one again
+    (``same_grad``). ``stamp``: the optimizer's count of overlap checks when this layout last took
+    part in one.
     """
     __slots__ = ("p", "pfp", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
                  "inputs", "eight", "row", "qid", "gfp", "same_grad", "stamp")
@@ -586,7 +587,7 @@ class Layout:
         if config is not self.config or state is not self.state or len(state) != self.nkeys:
             return -1
         match = _C.layout_matches(self.p, self.pfp, state, self.tensors, self.maps, seen, g, self.gfp)
-        step = state["step"]
+        step = state.get("step")
         if not match or type(step) is not int or not 0 <= step < MAX_STEP:
             return -1
         self.same_grad = match == 2
