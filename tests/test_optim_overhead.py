@@ -50,7 +50,8 @@ def _pair(cls, kw, steps=3, device="cpu"):
 
 
 def _snapshot(opt, ps):
-    out = [p.detach().clone() for p in ps] + [p.grad.clone() for p in ps if p.grad is not None]
+    out = [p.detach().clone() for p in ps]
+    out += [p.grad.to_dense() if p.grad.is_sparse else p.grad.clone() for p in ps if p.grad is not None]
     for p in ps:
         for k, v in sorted(opt.state[p].items()):
             out.append((k, v.clone() if isinstance(v, torch.Tensor) else v))
@@ -295,3 +296,18 @@ def test_stale_layout_let_go():
     assert id(pa[0]) not in a._layouts or a._layouts[id(pa[0])] is not old
     a.step()
     assert a._layouts[id(pa[0])] is not old and a._layouts[id(pa[0])].state is a.state[pa[0]]
+
+
+@pytest.mark.parametrize("grad", ["sparse", "complex", "float64"])
+def test_new_gradient_refused_as_by_the_full_check(grad):
+    """A new gradient of a parameter with a layout is refused with the full check's error."""
+    (a, pa), (b, pb) = _pair(bnb.optim.Adam32bit, {})
+    for ps in (pa, pb):
+        g = ps[2].grad
+        if grad == "sparse":
+            ps[2].grad = g.to_sparse()
+        elif grad == "complex":
+            g.data = g.data.to(torch.complex64)
+        else:
+            g.data = g.data.double()
+    assert _step_both(a, pa, b, pb) is not None

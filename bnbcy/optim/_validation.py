@@ -594,6 +594,20 @@ class Layout:
         return step
 
 
+    def check_new_grad(self, name, g):
+        """:func:`check_grad` of a gradient other than the one checked last time; returns its
+        fingerprint. The parameter is the valid one of this layout, so the gradient fits when it
+        is strided with the parameter's dtype, shape and device; otherwise :func:`check_grad`
+        says why."""
+        try:
+            gfp = fingerprint(g)
+        except RuntimeError:              # no memory to point at (a tensor subclass): as check_grad finds
+            gfp = None
+        if gfp is None or gfp[3] is not self.pfp[3] or gfp[1] != self.pfp[1] or g.device != self.device:
+            check_grad(name, self.p, g)
+        return gfp
+
+
 def check_views(outputs, inputs):
     """The step's in-place tensors must not share memory with each other or with an input."""
     _arrays.check_no_overlap(*outputs, inputs=inputs)

@@ -402,9 +402,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     if device is not None and e.device != device:
                         self._validate_param(p, device)              # raises: two devices in a group
                     gfp = e.gfp
-                    if not e.same_grad:
-                        V.check_grad(type(self).__name__, p, g)      # a gradient not checked yet
-                        gfp = V.fingerprint(g)
+                    if not e.same_grad:                              # a gradient not checked yet
+                        gfp = e.check_new_grad(type(self).__name__, g)
                         known = False
                     gv = V.view(g, "grad")
                     if not gv.contiguous:                            # made contiguous by the slow path
