@@ -118,12 +118,20 @@ cdef void _opt_check_lists(int count, list lists, tuple names) except *:
             raise ValueError(f"{nm} has {len(lst)} entries but params has {count}")
 
 
-cdef void _opt_require_state(object v, str name, str dtype, int64_t numel) except *:
+cdef inline void _opt_require(TensorView v, str what, int k, str dtype, int64_t numel) except *:
+    # _require's conditions (a CPU view is not is_cuda), so that the name ``what[k]`` is formatted
+    # only for its error: a group's call checks several arrays per tensor
+    if not (v.device_type == BNBCY_DL_CPU and v.contiguous and (dtype is None or v.dtype == dtype)
+            and (numel < 0 or v.numel == numel)):
+        _require(v, f"{what}[{k}]", dtype, numel)
+
+
+cdef void _opt_require_state(object v, str what, int k, str dtype, int64_t numel) except *:
     if not isinstance(v, TensorView):
-        raise ValueError(f"{name} must be a TensorView, got {type(v).__name__}")
-    _require(<TensorView>v, name, dtype, numel)
+        raise ValueError(f"{what}[{k}] must be a TensorView, got {type(v).__name__}")
+    _opt_require(<TensorView>v, what, k, dtype, numel)
     if (<TensorView>v).readonly:
-        raise ValueError(f"{name} must be writable")
+        raise ValueError(f"{what}[{k}] must be writable")
 
 
 cdef int _opt_fill(bnbcy_opt_args *a, bnbcy_opt_tensor *ts, list params, list grads, list steps,
@@ -136,11 +144,11 @@ cdef int _opt_fill(bnbcy_opt_args *a, bnbcy_opt_tensor *ts, list params, list gr
             raise ValueError(f"params[{k}] and grads[{k}] must be TensorViews")
         p = params[k]
         g = grads[k]
-        _require(p, f"params[{k}]", None, -1)
-        _require(g, f"grads[{k}]", None, p.numel)
+        _opt_require(p, "params", k, None, -1)
+        _opt_require(g, "grads", k, None, p.numel)
         if p.readonly:
             raise ValueError(f"params[{k}] must be writable")
-        d = _float_code(p, f"params[{k}]")
+        d = 0 if p.dtype == "float32" else _float_code(p, f"params[{k}]")
         if g.dtype != p.dtype:
             raise ValueError(f"grads[{k}] must have the dtype of params[{k}] ({p.dtype}), got {g.dtype}")
         if dtype == -1:
@@ -197,11 +205,11 @@ def cpu_optimizer_update_32bit(str name, list params, list grads, list state1, l
     try:
         a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
         for k in range(count):
-            _opt_require_state(state1[k], f"state1[{k}]", "float32",
+            _opt_require_state(state1[k], "state1", k, "float32",
                                2 * ts[k].n if a.opt == BNBCY_OPT_ADEMAMIX else ts[k].n)
             ts[k].s1 = (<TensorView>state1[k]).data
             if two:
-                _opt_require_state(state2[k], f"state2[{k}]", "float32", ts[k].n)
+                _opt_require_state(state2[k], "state2", k, "float32", ts[k].n)
                 ts[k].s2 = (<TensorView>state2[k]).data
         a.skip_zeros = skip_zeros
         a.b1, a.b2, a.b3, a.alpha, a.eps = beta1, beta2, beta3, alpha, eps
@@ -262,13 +270,13 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         a.dtype = _opt_fill(&a, ts, params, grads, steps, param_norms)
         for k in range(count):
             nb = (ts[k].n + 255) // 256
-            _opt_require_state(state1[k], f"state1[{k}]", "uint8", 2 * ts[k].n if ademamix else ts[k].n)
-            _opt_require_state(absmax1[k], f"absmax1[{k}]", "float32", 2 * nb if ademamix else nb)
+            _opt_require_state(state1[k], "state1", k, "uint8", 2 * ts[k].n if ademamix else ts[k].n)
+            _opt_require_state(absmax1[k], "absmax1", k, "float32", 2 * nb if ademamix else nb)
             ts[k].s1 = (<TensorView>state1[k]).data
             ts[k].absmax1 = <float *>(<TensorView>absmax1[k]).data
             if two:
-                _opt_require_state(state2[k], f"state2[{k}]", "uint8", ts[k].n)
-                _opt_require_state(absmax2[k], f"absmax2[{k}]", "float32", nb)
+                _opt_require_state(state2[k], "state2", k, "uint8", ts[k].n)
+                _opt_require_state(absmax2[k], "absmax2", k, "float32", nb)
                 ts[k].s2 = (<TensorView>state2[k]).data
                 ts[k].absmax2 = <float *>(<TensorView>absmax2[k]).data
         a.skip_zeros = skip_zeros
@@ -288,3 +296,65 @@ def cpu_optimizer_update_8bit_blockwise(str name, list params, list grads, list 
         return _opt_result(&a, ts, count)
     finally:
         free(ts)
+
+
+# Fingerprints of torch tensors for the optimizer step's cached layouts (bnbcy/optim/_validation.py,
+# Layout). Built and compared here: a step compares several per parameter, and most of their cost is
+# torch's accessors, which Python bytecode around them only adds to.
+cdef object _strided = None
+
+
+cdef inline bint _fp_equal(object t, tuple fp) except -1:
+    return t.data_ptr() == fp[0] and t.shape == fp[1] and t.stride() == fp[2] and t.dtype is fp[3]
+
+
+cdef inline bint _state_fp_equal(object t, tuple fp) except -1:
+    return t.data_ptr() == fp[0] and t.numel() == fp[1] and t.dtype is fp[2]
+
+
+def tensor_fingerprint(t):
+    """``(data_ptr, shape, strides, dtype)`` of a strided torch tensor, what a view of it is made
+    of; None for another layout (sparse). Tensors with equal fingerprints have equal views (the
+    address also tells the device: CPU and CUDA memory never share addresses)."""
+    global _strided
+    if _strided is None:
+        import torch
+        _strided = torch.strided
+    if t.layout is not _strided:
+        return None
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def state_fingerprint(t):
+    """``(data_ptr, numel, dtype)`` of an optimizer state tensor: what can change in place
+    without replacing the tensor object and move its memory or its extent (``resize_``, ``set_``,
+    ``.data`` re-pointed elsewhere, a reallocated storage)."""
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
+def layout_matches(object p, tuple pfp, dict state, tuple entries, tuple maps, dict seen, object g, object gfp):
+    """Whether ``p`` still has the fingerprint ``pfp`` and, for every ``(key, tensor,
+    state_fingerprint)`` of ``entries`` and ``maps``, ``state[key]`` is still ``tensor`` with that
+    fingerprint: 0 if not; 2 if also the gradient ``g`` has the fingerprint ``gfp``, else 1.
+    ``maps`` are shared by many parameters: each is fingerprinted once per ``seen`` (by id)."""
+    if not _fp_equal(p, pfp):
+        return 0
+    cdef tuple e
+    for e in entries:
+        t = state.get(e[0])
+        if t is not e[1] or not _state_fp_equal(t, <tuple>e[2]):
+            return 0
+    for e in maps:
+        t = state.get(e[0])
+        if t is not e[1]:
+            return 0
+        if id(t) not in seen:
+            if not _state_fp_equal(t, <tuple>e[2]):
+                return 0
+            seen[id(t)] = True
+    if gfp is None:
+        return 1
+    try:
+        return 2 if _fp_equal(g, <tuple>gfp) else 1
+    except RuntimeError:              # a gradient without strided memory (sparse): checked again
+        return 1

@@ -1,13 +1,14 @@
 """``bnbcy::optimizer_update_32bit``, ``bnbcy::optimizer_update_8bit_blockwise`` (bitsandbytes
 0.50.2's schemas): the single-parameter optimizer updates, in place. The kernel validates once,
-in the optimizer validation layer (:mod:`bnbcy.optim._validation`, through
-:func:`bnbcy.functional.optim_update.optimizer_update_32bit_multi` and its 8-bit twin), and
-dispatches the validated update; the optimizer classes call that layer directly with a whole
-group per call."""
+in the optimizer validation layer (:mod:`bnbcy.optim._validation`: ``update_32bit`` /
+``update_8bit``, what :func:`bnbcy.functional.optim_update.optimizer_update_32bit_multi` and its
+8-bit twin call), and runs the validated update (``optim_update.run``); the optimizer classes call
+that layer directly with a whole group per call."""
 from __future__ import annotations
 
 import torch
 
+from ..optim import _validation as V
 from ._lib import op
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -21,13 +22,23 @@ def _check_fake(g, p):
                  lambda: f"Expected all tensors to have the same dtype, got g.dtype={g.dtype}, p.dtype={p.dtype}")
 
 
+def _functional():
+    """bnbcy.functional.optim_update (imported at the first call: it imports this module)."""
+    global _optim_update
+    if _optim_update is None:
+        from ..functional import optim_update
+        _optim_update = optim_update
+    return _optim_update
+
+
+_optim_update = None
+
+
 def _update_32bit(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, beta1, beta2, beta3,
                   alpha, eps, weight_decay, step, lr, gnorm_scale, skip_zeros=False):
-    from ..functional import optim_update
-    optim_update.optimizer_update_32bit_multi(
-        optimizer_name, [g], [p], [state1], beta1, eps, [step], lr, state2s=[state2], beta2=beta2, beta3=beta3,
-        alpha=alpha, weight_decay=weight_decay, gnorm_scale=gnorm_scale, unorm_vecs=[unorm_vec],
-        max_unorm=max_unorm, skip_zeros=skip_zeros, param_norms=[param_norm])
+    _functional().run(V.update_32bit(optimizer_name, [g], [p], [state1], [state2], [step], beta1, beta2, beta3, alpha,
+                                     eps, weight_decay, lr, gnorm_scale, [unorm_vec], max_unorm, skip_zeros,
+                                     [param_norm]))
 
 
 def _update_32bit_fake(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm, param_norm, beta1, beta2, beta3,
@@ -37,10 +48,9 @@ def _update_32bit_fake(optimizer_name, g, p, state1, state2, unorm_vec, max_unor
 
 def _update_8bit(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2,
                  absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros=False):
-    from ..functional import optim_update
-    optim_update.optimizer_update_8bit_blockwise_multi(
-        optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3, alpha, eps, [step], lr, qmap1, qmap2,
-        [absmax1], [absmax2], weight_decay=weight_decay, gnorm_scale=gnorm_scale, skip_zeros=skip_zeros)
+    _functional().run(V.update_8bit(optimizer_name, [g], [p], [state1], [state2], beta1, beta2, beta3, alpha, eps,
+                                    [step], lr, qmap1, qmap2, [absmax1], [absmax2], weight_decay, gnorm_scale,
+                                    skip_zeros))
 
 
 def _update_8bit_fake(optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1, qmap2,

@@ -58,19 +58,19 @@ def run(u):
     if h.max_unorm > 0:
         norms = ([float(x) for x in u.param_norms] if u.param_norms is not None
                  else [_param_norm(p) for p in u.ps])
+    count = len(u.p)
     for idx in u.groups.values():
-        sel = [norms[k] for k in idx] if norms else None
+        # the entries of this dtype (all of them, the common case, without copying the lists)
+        pick = (lambda xs: xs) if len(idx) == count else (lambda xs: [xs[k] for k in idx])  # noqa: E731
+        sel = pick(norms) if norms else None
         if u.eight:
             sums = _C.cpu_optimizer_update_8bit_blockwise(
-                u.name, [u.p[k] for k in idx], [u.g[k] for k in idx], [u.s1[k] for k in idx],
-                [u.s2[k] for k in idx] if u.two else None, u.q1, u.q2, [u.a1[k] for k in idx],
-                [u.a2[k] for k in idx] if u.two else None, *args, [u.steps[k] for k in idx], u.gnorm_scale,
-                h.max_unorm, sel, h.skip_zeros)
+                u.name, pick(u.p), pick(u.g), pick(u.s1), pick(u.s2) if u.two else None, u.q1, u.q2, pick(u.a1),
+                pick(u.a2) if u.two else None, *args, pick(u.steps), u.gnorm_scale, h.max_unorm, sel, h.skip_zeros)
         else:
             sums = _C.cpu_optimizer_update_32bit(
-                u.name, [u.p[k] for k in idx], [u.g[k] for k in idx], [u.s1[k] for k in idx],
-                [u.s2[k] for k in idx], *args, [u.steps[k] for k in idx], u.gnorm_scale, h.max_unorm, sel,
-                h.skip_zeros)
+                u.name, pick(u.p), pick(u.g), pick(u.s1), pick(u.s2), *args, pick(u.steps), u.gnorm_scale,
+                h.max_unorm, sel, h.skip_zeros)
         if sums is not None:
             for k, s in zip(idx, sums):
                 if u.unorm_vecs[k] is not None:

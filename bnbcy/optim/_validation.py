@@ -34,7 +34,7 @@ DEVICE_TYPES = ("cpu", "cuda")        # where the optimizer kernels run
 FLOAT_DTYPES = _arrays.FLOAT_DTYPES
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Hyper:
     """The hyper-parameters of one update step (hashable: parameters with equal records share a
     kernel call)."""
@@ -47,6 +47,19 @@ class Hyper:
     weight_decay: float = 0.0
     max_unorm: float = 0.0
     skip_zeros: bool = False
+
+    # Written out instead of the frozen dataclass's (one object.__setattr__ per field): every
+    # functional update makes one. The hash is taken once, here: the step hashes one record per
+    # parameter (its kernel-call key).
+    def __init__(self, lr, beta1, beta2=0.0, beta3=0.0, alpha=0.0, eps=1e-8, weight_decay=0.0, max_unorm=0.0,
+                 skip_zeros=False):
+        d = self.__dict__
+        d["lr"], d["beta1"], d["beta2"], d["beta3"], d["alpha"] = lr, beta1, beta2, beta3, alpha
+        d["eps"], d["weight_decay"], d["max_unorm"], d["skip_zeros"] = eps, weight_decay, max_unorm, skip_zeros
+        d["_hash"] = hash((lr, beta1, beta2, beta3, alpha, eps, weight_decay, max_unorm, skip_zeros))
+
+    def __hash__(self):
+        return self._hash
 
 
 @dataclasses.dataclass(eq=False)
@@ -195,11 +208,11 @@ def _on_cuda(views):
     first one's device and framework), or CPU arrays go to the SIMT emulator
     (:func:`bnbcy.kernels.emulating`)."""
     views = [v for v in views if v is not None]
-    cuda = [v.is_cuda for v in views]
-    if any(cuda) and not all(cuda):
+    ncuda = sum([v.is_cuda for v in views])
+    if ncuda and ncuda != len(views):
         raise ValueError("optimizer update: parameters, gradients and states must all be on the same "
                          "device (got a mix of CPU and CUDA arrays)")
-    if any(cuda):
+    if ncuda:
         for v in views:
             _arrays.check_same_device(v, views[0], v.name)
     return bool(views) and backends.on_cuda(views[0])
@@ -381,7 +394,18 @@ def check_config_for(config, p):
 def check_param(name, p, device):
     """A parameter and its gradient, with torch.optim's exception types; ``device``: the group's
     device so far (None for the first parameter)."""
-    g = p.grad
+    check_grad(name, p, p.grad)
+    if device is not None and p.device != device:
+        raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
+                           f"found {device} and {p.device}")
+    if p.device.type not in DEVICE_TYPES:
+        raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
+                                  f"tensors yet (supported: {', '.join(DEVICE_TYPES)})")
+
+
+def check_grad(name, p, g):
+    """The gradient ``g`` of ``p`` and the dtypes (the part of :func:`check_param` that a new
+    gradient of a parameter checked at an earlier step needs)."""
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(f"{name} does not support sparse gradients (got layout {g.layout}); "
                            "use a dense gradient (e.g. Embedding(sparse=False))")
@@ -395,12 +419,6 @@ def check_param(name, p, device):
         raise ValueError(f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)}")
     if g.device != p.device:
         raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
-    if device is not None and p.device != device:
-        raise RuntimeError(f"{name}: all parameters of a param group must be on one device; "
-                           f"found {device} and {p.device}")
-    if p.device.type not in DEVICE_TYPES:
-        raise NotImplementedError(f"{name}: bnbcy's optimizer kernels do not run on {p.device.type} "
-                                  f"tensors yet (supported: {', '.join(DEVICE_TYPES)})")
 
 
 def expected_state(shape, numel, kernel, eight, config):
@@ -505,31 +523,120 @@ def view(t, name):
     return _C.view(t.detach() if t.requires_grad else t, name)
 
 
+# ------------------------------------------------------------------------ layouts checked at an earlier step
+fingerprint = _C.tensor_fingerprint     # address, shape, strides, dtype: what a view is made of
+state_fingerprint = _C.state_fingerprint
+
+
+_PLAIN = (float, int, bool, str, type(None))
+
+
+def plain_config(config):
+    """Whether a config holds only numbers, strings and tuples of them: then equal configs
+    mean equal hyper-parameters (a tensor value can change in place and still compare equal)."""
+    for v in config.values():
+        if type(v) not in _PLAIN and not (type(v) is tuple and all(type(x) in _PLAIN for x in v)):
+            return False
+    return True
+
+
+class Layout:
+    """One parameter as the optimizer's step found it valid (:func:`check_param`,
+    :func:`check_config`, :func:`check_state`), with the views made then, so that a later step
+    checks only that nothing it read has changed (:meth:`step_if_current`).
+
+    What it relies on, and why each cannot change unnoticed: the parameter's fingerprint
+    (:func:`fingerprint`: a re-assigned ``.data``, a reshape, a dtype change alter it); the state
+    dict and each state tensor are the same objects (``load_state_dict`` and re-assignment replace
+    them) with the same address, size and dtype (:func:`state_fingerprint`: ``resize_``, ``set_``,
+    ``.data`` re-pointed at other memory, a reallocated storage alter it -- the memory a cached
+    view points at may be freed then; what it does not see, a state tensor re-shaped over memory
+    it already had, from the same address, leaves the cached view pointing at that memory, which
+    the tensor still holds); the config is the same object (the optimizer keeps a group's config
+    object only while a freshly resolved one compares equal to it). Only parameters that are not
+    sharded, not empty, contiguous and have a state get one.
+
+    The gradient is not held (that would keep alive the memory ``zero_grad`` frees): its
+    fingerprint at the last check (``gfp``) tells the step whether it is the checked one again
+    (``same_grad``). ``stamp``: the optimizer's count of overlap checks when this layout last took
+    part in one.
+    """
+    __slots__ = ("p", "pfp", "device", "config", "state", "nkeys", "tensors", "maps", "outputs",
+                 "inputs", "eight", "row", "qid", "gfp", "same_grad", "stamp")
+
+    def __init__(self, kernel, p, pv, device, config, state, tensors):
+        self.p, self.pfp, self.device, self.config, self.state = p, fingerprint(p), device, config, state
+        self.nkeys = len(state)
+        fps = [(key, t, state_fingerprint(t)) for key, (t, _) in tensors.items()]
+        self.tensors = tuple(f for f in fps if not f[0].startswith("qmap"))
+        self.maps = tuple(f for f in fps if f[0].startswith("qmap"))      # shared by the group
+        self.outputs = [pv] + [v for key, (_, v) in tensors.items() if not key.startswith("qmap")]
+        self.inputs = [v for key, (_, v) in tensors.items() if key.startswith("qmap")]
+        self.eight = tensors["state1"][0].dtype == torch.uint8
+        # what a kernel call takes: the parameter's view, then state_views'
+        self.row = (pv, *state_views(kernel, self.eight, state, {id(t): v for t, v in tensors.values()}))
+        self.qid = id(tensors["qmap1"][0]) if self.eight else None      # one kernel call per map
+        self.gfp, self.same_grad = None, False
+        self.stamp = -1
+
+    def step_if_current(self, config, state, seen, g):
+        """The state's step count if this layout still describes the parameter, its ``config``
+        and ``state``; -1 if anything changed (the step then checks the parameter again).
+        ``seen``: the ids of the shared maps already fingerprinted by this step. Sets
+        ``same_grad``: whether the gradient ``g`` has the fingerprint checked last time."""
+        if config is not self.config or state is not self.state or len(state) != self.nkeys:
+            return -1
+        match = _C.layout_matches(self.p, self.pfp, state, self.tensors, self.maps, seen, g, self.gfp)
+        step = state.get("step")
+        if not match or type(step) is not int or not 0 <= step < MAX_STEP:
+            return -1
+        self.same_grad = match == 2
+        return step
+
+
+    def check_new_grad(self, name, g):
+        """:func:`check_grad` of a gradient other than the one checked last time; returns its
+        fingerprint. The parameter is the valid one of this layout, so the gradient fits when it
+        is strided with the parameter's dtype, shape and device; otherwise :func:`check_grad`
+        says why."""
+        try:
+            gfp = fingerprint(g)
+        except RuntimeError:              # no memory to point at (a tensor subclass): as check_grad finds
+            gfp = None
+        if gfp is None or gfp[3] is not self.pfp[3] or gfp[1] != self.pfp[1] or g.device != self.device:
+            check_grad(name, self.p, g)
+        return gfp
+
+
 def check_views(outputs, inputs):
     """The step's in-place tensors must not share memory with each other or with an input."""
     _arrays.check_no_overlap(*outputs, inputs=inputs)
 
 
-def checked_update(kernel, eight, ps, gs, pv, gv, states, views, steps_, hyper, gnorm_scale):
-    """The :class:`Update` of tensors the optimizer's plan checked (``views``: their views by
-    ``id``; a tensor without one, a state just made by ``init_state``, is viewed here)."""
-    def v(t, name):
-        if t is None:
-            return None
-        got = views.get(id(t))
-        return got if got is not None else view(t, name)
+_STATE_VIEWS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 
+
+def state_views(kernel, eight, state, views):
+    """The views of one parameter's state tensors that a kernel call takes, in the order
+    ``state1, state2, absmax1, absmax2, qmap1, qmap2`` (None for those the optimizer does not
+    keep), from ``views`` (by ``id``; a tensor without one, a state just made by ``init_state``,
+    is viewed here)."""
     two = kernel.states == 2
-    s1 = [v(s["state1"], "state1") for s in states]
-    s2 = [v(s["state2"], "state2") if two else None for s in states]
-    a1 = [v(s.get("absmax1"), "absmax1") for s in states] if eight else [None] * len(states)
-    a2 = [v(s.get("absmax2"), "absmax2") if two else None for s in states] if eight else [None] * len(states)
-    q1 = v(states[0]["qmap1"], "qmap1") if eight else None
-    q2 = v(states[0]["qmap2"], "qmap2") if eight and two else None
+    takes = (True, two, eight, eight and two, eight, eight and two)
+    out = []
+    for key, wanted in zip(_STATE_VIEWS, takes):
+        t = state.get(key) if wanted else None
+        out.append(None if t is None else views.get(id(t)) or view(t, key))
+    return tuple(out)
+
+
+def checked_update(kernel, eight, ps, gs, pv, gv, sv, q1, q2, states, steps_, hyper, gnorm_scale):
+    """The :class:`Update` of tensors the optimizer's plan checked: ``pv``/``gv`` and ``sv`` (the
+    lists of :func:`state_views`) their views, ``states`` their state dicts."""
     unorm = [s.get("unorm_vec") for s in states] if hyper.max_unorm > 0.0 else [None] * len(states)
     groups = {}
     for k, x in enumerate(pv):
         if x.numel:
             groups.setdefault(x.dtype, []).append(k)
-    return Update(kernel, eight, ps, gs, pv, gv, s1, s2, a1, a2, q1, q2, unorm, steps_, None, hyper,
+    return Update(kernel, eight, ps, gs, pv, gv, *sv, q1, q2, unorm, steps_, None, hyper,
                   float(gnorm_scale), groups, backends.on_cuda(pv[0]))

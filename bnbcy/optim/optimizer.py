@@ -189,6 +189,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.is_paged = is_paged
         self.mng = GlobalOptimManager.get_instance()
         self.non_castable_tensor_keys = set(_NON_CASTABLE)
+        self._forget_layouts()
         if optim_bits == 8:
             self.fill_qmap()
 
@@ -217,6 +218,14 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._forget_layouts()
+
+    def _forget_layouts(self):
+        """Drop what earlier steps found valid (a loaded state is checked in full at the next step)."""
+        self._layouts = {}        # id(p) -> _validation.Layout
+        self._configs = {}        # gindex -> the group config the layouts were checked with
+        self._stamp = 0           # overlap checks passed so far
+        self._views, self._hits = {}, {}
 
     # ------------------------------------------------------------------ configs
     def get_config(self, gindex, pindex, group):
@@ -354,44 +363,65 @@ class Optimizer8bit(torch.optim.Optimizer):
         with ``items`` a list of ``(pindex, p, config, hyper)``; ``hyper`` is the parameter's
         :class:`~bnbcy.optim._validation.Hyper` for its next step. The views of the checked
         tensors are kept in ``self._views`` (by ``id``) for the kernel calls.
+
+        A parameter checked at an earlier step is not checked again while its
+        :class:`~bnbcy.optim._validation.Layout` still holds (the same parameter, config and state
+        objects with the same fingerprints): only a gradient that is not the one checked then is
+        (:func:`~bnbcy.optim._validation.check_grad`), and the overlap check runs unless every
+        parameter is a layout that took part in the last one with the same gradient. A layout
+        that no longer holds is dropped.
         """
         plan, views, outputs, inputs = [], {}, [], []
         schedules = self._n_states == 2
         overridden = self.mng.index2config, self.mng.pid2config
+        any_own = bool(overridden[0] or overridden[1])
+        layouts, hits, checked, configs, seen = self._layouts, {}, [], {}, {}
+        known = True                  # every parameter a layout of the last overlap check, same gradient
         for gindex, group in enumerate(self.param_groups):
             items = []
             device = None
-            shared, hypers = None, {}     # the config of the group's parameters without overrides
+            shared, whole, hypers = None, False, {}   # the config of the group's parameters without overrides
             for pindex, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                self._validate_param(p, device)
-                device = p.device
-                if (gindex, pindex) in overridden[0] or id(p) in overridden[1]:
+                own = any_own and ((gindex, pindex) in overridden[0] or id(p) in overridden[1])
+                if own:
                     config = self.get_config(gindex, pindex, group)
-                    self._validate_config(config, p)
+                elif shared is None:
+                    shared = config = configs[gindex] = self._group_config(gindex, pindex, group)
+                    whole = config is self._configs.get(gindex)       # kept: checked whole at an earlier step
                 else:
-                    if shared is None:
-                        shared = config = self.get_config(gindex, pindex, group)
-                        self._validate_config(config, p)
-                    else:
-                        config = shared
-                        self._validate_config(config, p, shared=True)
-                lp, lg = _dist.local(p), _dist.local(p.grad)
-                pv = views[id(lp)] = V.view(lp, "p")
-                views[id(lg)] = gv = V.view(lg, "grad")
-                outputs.append(pv)
-                inputs.append(gv)
-                step = 0
-                if self.state.get(p):
-                    step, tensors = self._validate_state(p, config, pv, views)
-                    for key, (t, v) in tensors.items():
-                        if key.startswith("qmap"):
-                            if id(t) not in views:          # one map tensor per device, shared
-                                inputs.append(v)
-                        else:
-                            outputs.append(v)
-                        views[id(t)] = v
+                    config = shared
+                e = layouts.get(id(p))
+                step = -1
+                if e is not None and not own and e.p is p:
+                    step = e.step_if_current(config, self.state.get(p), seen, g)
+                gv = None
+                if step >= 0:
+                    if device is not None and e.device != device:
+                        self._validate_param(p, device)              # raises: two devices in a group
+                    gfp = e.gfp
+                    if not e.same_grad:                              # a gradient not checked yet
+                        gfp = e.check_new_grad(type(self).__name__, g)
+                        known = False
+                    gv = V.view(g, "grad")
+                    if not gv.contiguous:                            # made contiguous by the slow path
+                        step = -1
+                if step >= 0:
+                    device = e.device
+                    views[id(p)] = e.row[0]
+                    views[id(g)] = gv
+                    checked.append((e, gfp, gv, True))
+                    hits[id(p)] = e
+                    known = known and e.stamp == self._stamp
+                else:
+                    known = False
+                    if e is not None:         # stale: let go of what it holds (old state, views)
+                        del layouts[id(p)]
+                    step = self._check_one(p, g, config, own, whole, device, views, outputs, inputs, checked)
+                    device = p.device
+                    whole = whole or (config is shared)
                 if config is shared:          # its Hyper depends on the step only
                     hyper = hypers.get(step)
                     if hyper is None:
@@ -402,9 +432,61 @@ class Optimizer8bit(torch.optim.Optimizer):
             if items:
                 V.check_not_capturing(backends.on_cuda(views[id(_dist.local(items[0][1]))]))
                 plan.append((gindex, group, items))
-        V.check_views(outputs, inputs)
-        self._views = views
+        if not known:
+            for e, _, gv, hit in checked:
+                if hit:                       # the others' views are in outputs/inputs already
+                    outputs.extend(e.outputs)
+                    inputs.extend(e.inputs)
+                    inputs.append(gv)
+            V.check_views(outputs, inputs)
+            self._stamp += 1
+            for e, gfp, _, _ in checked:      # valid from now on, for these gradients
+                e.gfp, e.stamp = gfp, self._stamp
+                layouts[id(e.p)] = e
+        self._configs = configs
+        if len(layouts) > sum(len(g["params"]) for g in self.param_groups):   # parameters left the groups
+            live = {id(p): p for g in self.param_groups for p in g["params"]}
+            self._layouts = {k: e for k, e in layouts.items() if live.get(k) is e.p}
+        self._views, self._hits = views, hits
         return plan
+
+    def _group_config(self, gindex, pindex, group):
+        """The resolved config of a group's parameters without overrides: the object kept from the
+        last step while it compares equal (its parameters' layouts then hold), else a new one.
+        A config holding tensors (an ``lr`` tensor) is new at every step: a tensor can change in
+        place."""
+        config = self.get_config(gindex, pindex, group)
+        kept = self._configs.get(gindex)
+        if kept is not None and V.plain_config(config) and config == kept:
+            return kept
+        return config
+
+    def _check_one(self, p, g, config, own, whole, device, views, outputs, inputs, checked):
+        """Check one parameter in full (no layout held); returns its state's step count. Its new
+        :class:`~bnbcy.optim._validation.Layout` (if it may have one) joins ``checked``."""
+        self._validate_param(p, device)
+        self._validate_config(config, p, shared=whole and not own)
+        lp, lg = _dist.local(p), _dist.local(g)
+        pv = views[id(lp)] = V.view(lp, "p")
+        views[id(lg)] = gv = V.view(lg, "grad")
+        outputs.append(pv)
+        inputs.append(gv)
+        state = self.state.get(p)
+        if not state:
+            return 0
+        step, tensors = self._validate_state(p, config, pv, views)
+        for key, (t, v) in tensors.items():
+            if key.startswith("qmap"):
+                if id(t) not in views:          # one map tensor per device, shared
+                    inputs.append(v)
+            else:
+                outputs.append(v)
+            views[id(t)] = v
+        if (not own and lp is p and pv.numel and pv.contiguous and gv.contiguous and not _dist.is_sharded(p)
+                and V.plain_config(config)):
+            layout = V.Layout(self._kernel, p, pv, p.device, config, state, tensors)
+            checked.append((layout, V.fingerprint(g), gv, False))
+        return step
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -437,26 +519,39 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.initialized = True
 
         plan = self._plan()
-        ratios = _dist.global_trust_ratios(self, plan)   # distributed hook: collective, changes nothing
-        created = []
+        ratios = {}
+        if self._may_scale_updates():           # distributed hook: collective, changes nothing
+            ratios = _dist.global_trust_ratios(self, plan)
+        created, hits = [], self._hits
         try:
             for gindex, group, items in plan:
                 for pindex, p, _, _ in items:
-                    if len(self.state[p]) == 0:
+                    if id(p) not in hits and len(self.state[p]) == 0:     # a layout has a state
                         created.append(p)
                         self.init_state(group, p, gindex, pindex)
         except BaseException:                    # e.g. out of memory: no new state stays behind
             for p in created:
                 self.state.pop(p, None)
             raise
+        prefetch = self.is_paged or type(self).prefetch_state is not Optimizer8bit.prefetch_state
         try:
             for gindex, group, items in plan:
-                for _, p, _, _ in items:
-                    self.prefetch_state(p)
+                if prefetch:                     # (a no-op without paged state)
+                    for _, p, _, _ in items:
+                        self.prefetch_state(p)
                 self._update_group(group, items, ratios)
         finally:
-            self._views = {}
+            self._views, self._hits = {}, {}
         return loss
+
+    def _may_scale_updates(self):
+        """Whether some parameter's config may have ``max_unorm > 0`` (the trust ratio): without
+        one, :func:`bnbcy.distributed.global_trust_ratios` finds nothing to do on any rank (the
+        configs are the same on every rank) and is not called."""
+        def off(v):
+            return type(v) in (int, float) and v <= 0.0
+        configs = chain(self.mng.pid2config.values(), self.mng.index2config.values())
+        return not off(getattr(self.args, "max_unorm", 0.0)) or not all(off(c.get("max_unorm", 0.0)) for c in configs)
 
     def _update_group(self, group, items, ratios=None):
         """Advance ``step`` and run the update kernels: one multi-tensor call per bucket.
@@ -471,43 +566,69 @@ class Optimizer8bit(torch.optim.Optimizer):
         (:func:`bnbcy.distributed.global_trust_ratios`).
         """
         buckets = {}
+        hits = self._hits
         for _, p, config, hyper in items:
-            state = self.state[p]
-            state["step"] += 1
-            if p.numel() == 0:
-                continue
-            if _dist.local(p).numel() == 0:
-                continue
-            if hyper.max_unorm > 0.0 and _dist.is_sharded(p):
-                # distributed hook: the shard's max_unorm that applies the global trust ratio
-                hyper = dataclasses.replace(hyper, max_unorm=ratios[id(p)])
-            if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
-                for t in (_dist.local(p), _dist.local(p.grad)):   # replaced: view them again
-                    getattr(self, "_views", {}).pop(id(t), None)
-                _dist.make_contiguous(p)
-            eight = state["state1"].dtype == torch.uint8
             pc = config["percentile_clipping"]
-            key = (eight, hyper, pc, id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
-            buckets.setdefault(key, []).append(p)
-        for (eight, hyper, pc, _, _), ps in buckets.items():
-            self._launch(eight, hyper, pc, ps)
+            e = hits.get(id(p))
+            if e is not None:                 # a layout of this plan: not empty, not sharded, contiguous
+                state = e.state
+                state["step"] += 1
+                key = (e.eight, hyper, pc, e.qid, id(p) if pc < 100 else None)
+            else:
+                state = self.state[p]
+                state["step"] += 1
+                if p.numel() == 0:
+                    continue
+                if _dist.local(p).numel() == 0:
+                    continue
+                if hyper.max_unorm > 0.0 and _dist.is_sharded(p):
+                    # distributed hook: the shard's max_unorm that applies the global trust ratio
+                    hyper = dataclasses.replace(hyper, max_unorm=ratios[id(p)])
+                if not _dist.local(p).is_contiguous() or not _dist.local(p.grad).is_contiguous():
+                    for t in (_dist.local(p), _dist.local(p.grad)):   # replaced: view them again
+                        self._views.pop(id(t), None)
+                    _dist.make_contiguous(p)
+                eight = state["state1"].dtype == torch.uint8
+                key = (eight, hyper, pc, id(state["qmap1"]) if eight else None, id(p) if pc < 100 else None)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = ([], [], [])
+            bucket[0].append(p)
+            bucket[1].append(state)
+            bucket[2].append(e)
+        for (eight, hyper, pc, _, _), (ps, states, layouts) in buckets.items():
+            self._launch(eight, hyper, pc, ps, states, layouts)
 
-    def _launch(self, eight, h, pc, ps, states=None):
-        """One kernel call for the parameters ``ps`` (``states``: stand-ins for their
-        ``self.state`` entries, as the distributed trust-ratio pass uses); everything was
-        validated by the plan (:meth:`_plan`), so the call is built with no second check."""
+    def _launch(self, eight, h, pc, ps, states=None, layouts=None):
+        """One kernel call for the parameters ``ps`` (``states``: their ``self.state`` entries, or
+        stand-ins for them, as the distributed trust-ratio pass uses; ``layouts``: their current
+        :class:`~bnbcy.optim._validation.Layout`, None entries where a parameter has none);
+        everything was validated by the plan (:meth:`_plan`), so the call is built with no second
+        check."""
         F = _F()
-        views = getattr(self, "_views", None) or {}
+        views = self._views
         st = [self.state[p] for p in ps] if states is None else states
-        gs = [_dist.local(p.grad) for p in ps]      # distributed hook: kernels see local shards
-        ps = [_dist.local(p) for p in ps]
-        pv = [views.get(id(p)) or V.view(p, "p") for p in ps]
-        gv = [views.get(id(g)) or V.view(g, "grad") for g in gs]
+        kernel = self._kernel
+        if layouts is not None and None not in layouts:     # the common case: one row per layout
+            gs = [p.grad for p in ps]
+            gv = [views[id(g)] for g in gs]
+            pv, s1v, s2v, a1v, a2v, q1s, q2s = map(list, zip(*[e.row for e in layouts]))
+        else:
+            layouts = layouts or [None] * len(ps)
+            local = _dist.local                         # distributed hook: kernels see local shards
+            gs = [p.grad if e is not None else local(p.grad) for p, e in zip(ps, layouts)]
+            ps = [p if e is not None else local(p) for p, e in zip(ps, layouts)]
+            gv = [views.get(id(g)) or V.view(g, "grad") for g in gs]
+            rows = [e.row if e is not None else
+                    (views.get(id(p)) or V.view(p, "p"), *V.state_views(kernel, eight, s, views))
+                    for p, s, e in zip(ps, st, layouts)]
+            pv, s1v, s2v, a1v, a2v, q1s, q2s = map(list, zip(*rows))
+        sv, q1, q2 = [s1v, s2v, a1v, a2v], q1s[0], q2s[0]
         steps = [s["step"] for s in st]
         gnorm_scale = 1.0
         if pc < 100:                                    # one parameter per bucket here
             gnorm_scale = F.percentile_clipping(gs[0], st[0]["gnorm_vec"], steps[0], pc)[2]
-        u = V.checked_update(self._kernel, eight, ps, gs, pv, gv, st, views, steps, h, gnorm_scale)
+        u = V.checked_update(self._kernel, eight, ps, gs, pv, gv, sv, q1, q2, st, steps, h, gnorm_scale)
         s1, s2, unorm = [s["state1"] for s in st], [s.get("state2") for s in st], u.unorm_vecs
         if not eight:
             F.optimizer_update_32bit_multi(
