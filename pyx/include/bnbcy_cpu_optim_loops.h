@@ -204,6 +204,23 @@ L_ATTR static void L_FN(bnbcy_opt_requant)(float *s, int64_t len, float M, const
  * alone left the two-core step about 5% short of its compute time (AVX-512 measurements). */
 #define BNBCY_OPT_PREFETCH 4
 
+/* Prefetches the 8-bit block at element `ahead`: its gradient, codes and (with_p) parameter. */
+L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_prefetch)(const bnbcy_opt_tensor *t, int dt,
+                                                                                int64_t ahead, const int opt,
+                                                                                const int with_p) {
+    const int two = opt == BNBCY_OPT_ADAM || opt == BNBCY_OPT_ADEMAMIX;
+    const size_t isz = dt == BNBCY_F32 ? 4 : 2;
+    for (size_t k = 0; k < BNBCY_OPT_BLOCK * isz; k += 64) {
+        L_PREFETCH((const char *)t->g + ahead * isz + k);
+        if (with_p) L_PREFETCH((const char *)t->p + ahead * isz + k);
+    }
+    for (int k = 0; k < BNBCY_OPT_BLOCK; k += 64) {
+        L_PREFETCH((const uint8_t *)t->s1 + ahead + k);
+        if (two) L_PREFETCH((const uint8_t *)t->s2 + ahead + k);
+        if (opt == BNBCY_OPT_ADEMAMIX) L_PREFETCH((const uint8_t *)t->s1 + t->n + ahead + k);
+    }
+}
+
 /* One 256-block [start, start+len) of an 8-bit update (above the scalar width len is 256), with the
  * block's absmaxes amv and flush flags fz (bnbcy_opt8_block_params). fzc = 0: the fast variant, in
  * which no flush can act (the loop carries none of their tests) and h.nn2, h.fin hold; 1: the
@@ -226,19 +243,8 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_block_k
     L_TI M0 = L_ZEROI, M1 = L_ZEROI, M2 = L_ZEROI;
     uint32_t Ms[3] = {0u, 0u, 0u}; /* lanes redone by the scalar path, and the padding lanes */
     float pad[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX}; /* the padding lanes' absmax */
-    if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) {
-        const int64_t ahead = start + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK;
-        const size_t isz = a->dtype == BNBCY_F32 ? 4 : 2;
-        for (size_t k = 0; k < BNBCY_OPT_BLOCK * isz; k += 64) {
-            L_PREFETCH((const char *)t->g + ahead * isz + k);
-            L_PREFETCH((const char *)t->p + ahead * isz + k);
-        }
-        for (int k = 0; k < BNBCY_OPT_BLOCK; k += 64) {
-            L_PREFETCH((const uint8_t *)t->s1 + ahead + k);
-            if (two) L_PREFETCH((const uint8_t *)t->s2 + ahead + k);
-            if (ademamix) L_PREFETCH((const uint8_t *)t->s1 + t->n + ahead + k);
-        }
-    }
+    if (L_W > 1 && start + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n)
+        L_FN(bnbcy_opt8_prefetch)(t, h.dt, start + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK, opt, 1);
     if (L_W > 1) {
         const uint8_t *q1 = (const uint8_t *)t->s1 + start;
         L_FN(bnbcy_opt8_deq)(q1, a->qmap1, am[0], h.fz1, n1);
@@ -368,6 +374,8 @@ L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt_unorm_bl
     const int two = opt == BNBCY_OPT_ADAM, dt = h.dt;
     const float am1 = t->absmax1[b], am2 = two ? t->absmax2[b] : 0.0f;
     if (!fzc) h.fz1 = h.fz2 = 0, h.nn2 = 1;
+    if (i + (BNBCY_OPT_PREFETCH + 1) * BNBCY_OPT_BLOCK <= t->n) /* as the update's blocks do; p is not read */
+        L_FN(bnbcy_opt8_prefetch)(t, dt, i + BNBCY_OPT_PREFETCH * BNBCY_OPT_BLOCK, opt, 0);
     L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s1 + i, a->qmap1, L_SET1(am1), h.fz1, d1);
     if (two) L_FN(bnbcy_opt8_deq)((const uint8_t *)t->s2 + i, a->qmap2, L_SET1(am2), h.fz2, d2);
     for (int j = 0; j < BNBCY_OPT_BLOCK; j += BNBCY_OPT_LANES) /* i - chunk start: a multiple of 16 */
