@@ -4,6 +4,7 @@ Usage::
 
     python bench/bench_optim_cycles.py                  # 16K elements (in L2), 30 interleaved rounds
     python bench/bench_optim_cycles.py --n 16384 4194304 --rounds 40
+    python bench/bench_optim_cycles.py --base /tmp/old-tree   # against another tree's kernels, interleaved
 
 Compiles ``bench/optim_cycles.c`` (which includes ``pyx/include/bnbcy_cpu_optim.h``, the kernels
 the extension runs) with ``gcc -O3 -fopenmp`` and runs it for each case, one thread, the cases
@@ -11,7 +12,9 @@ interleaved round by round. A round runs ``--steps`` updates of one tensor and k
 step; the report gives, per case, the median over rounds with the minimum and the inter-quartile
 range, in ns per element, TSC ticks per element and core cycles per element (the core clock is
 measured by a chain of dependent adds), and the cost per byte moved relative to Adam8bit.
-``BNBCY_CPU_ISA=scalar|avx2|avx512`` forces a lane width as in the extension.
+``BNBCY_CPU_ISA=scalar|avx2|avx512`` forces a lane width as in the extension. ``--base TREE``
+builds the same driver against ``TREE/pyx/include`` too (e.g. ``git worktree add /tmp/old-tree
+<commit>``) and runs both in every round, reporting the ratio base/this per case.
 
 At 16K elements every array sits in L2, so the figures are the kernels' compute cost: the
 per-element budget a two-core step must stay under to keep up with memory. Writes
@@ -28,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,12 +66,18 @@ def _cpu():
     return {"model": model, "flags": flags, "cores": os.cpu_count()}
 
 
-def _build(out_dir: Path) -> Path:
-    src = SRC.read_bytes() + b"".join(p.read_bytes() for p in sorted((ROOT / "pyx" / "include").glob("*.h")))
+def _build(out_dir: Path, tree: Path = ROOT) -> Path:
+    inc = tree / "pyx" / "include"
+    src = SRC.read_bytes() + b"".join(p.read_bytes() for p in sorted(inc.glob("*.h")))
     exe = out_dir / f"optim_cycles-{hashlib.sha1(src).hexdigest()[:12]}"
     if not exe.exists():
-        subprocess.run(["gcc", "-O3", "-std=c11", "-fopenmp", f"-I{ROOT / 'pyx' / 'include'}", str(SRC),
-                        "-o", str(exe), "-lm"], check=True)
+        # the headers' own directory is searched first for their quoted includes: copy the driver
+        # next to them, so that every header comes from `tree`
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copytree(inc, Path(d) / "include")
+            shutil.copy(SRC, Path(d) / "include" / SRC.name)
+            subprocess.run(["gcc", "-O3", "-std=c11", "-fopenmp", str(Path(d) / "include" / SRC.name),
+                            "-o", str(exe), "-lm"], check=True)
     return exe
 
 
@@ -87,44 +97,52 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=50, help="updates per round (the round keeps their median)")
+    ap.add_argument("--base", type=Path, default=None, help="another tree whose kernels run interleaved")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     tmp = Path(tempfile.gettempdir()) / "bnbcy-optim-cycles"
     tmp.mkdir(exist_ok=True)
     exe, maps = _build(tmp), tmp / "maps.bin"
+    trees = {"this": exe}
+    if args.base is not None:
+        trees["base"] = _build(tmp, args.base.resolve())
     _maps(maps)
     clock = json.loads(subprocess.run([str(exe), "clock"], capture_output=True, text=True, check=True).stdout)
     load0 = os.getloadavg()
-    samples = {(c, n): [] for n in args.n for c in args.cases}
+    samples = {(tr, c, n): [] for n in args.n for c in args.cases for tr in trees}
     for _ in range(args.rounds):
-        for (c, n) in samples:
+        for (tr, c, n) in samples:
             opt, bits8, mu, _b = CASES[c]
-            out = subprocess.run([str(exe), str(maps), str(n), str(args.steps), str(opt), str(bits8), str(mu)],
+            out = subprocess.run([str(trees[tr]), str(maps), str(n), str(args.steps), str(opt), str(bits8), str(mu)],
                                  capture_output=True, text=True, check=True).stdout
-            samples[(c, n)].append(json.loads(out))
+            samples[(tr, c, n)].append(json.loads(out))
     rows = []
-    for (c, n), runs in samples.items():
+    for (tr, c, n), runs in samples.items():
         ns = sorted(r["ns_median"] for r in runs)
         tsc = sorted(r["tsc_median"] for r in runs)
         q = statistics.quantiles(ns, n=4)
         med = statistics.median(ns)
-        rows.append({"case": c, "n": n, "ns_median": med, "ns_min": ns[0], "ns_iqr": q[2] - q[0],
+        rows.append({"tree": tr, "case": c, "n": n, "ns_median": med, "ns_min": ns[0], "ns_iqr": q[2] - q[0],
                      "tsc_median": statistics.median(tsc), "cycles_median": med * clock["core_ghz"],
                      "bytes_per_elem": CASES[c][3], "rounds": len(runs)})
-    for r in rows:  # per byte, relative to Adam8bit of the same size: > 1 means cheaper per byte
-        ref = next((x for x in rows if x["case"] == "adam8bit" and x["n"] == r["n"]), None)
+    for r in rows:  # per byte, relative to Adam8bit of the same tree and size: > 1 means cheaper per byte
+        ref = next((x for x in rows if x["case"] == "adam8bit" and x["n"] == r["n"] and x["tree"] == r["tree"]), None)
         r["per_byte_vs_adam8bit"] = (ref["ns_median"] / ref["bytes_per_elem"]) / (r["ns_median"] / r["bytes_per_elem"]) if ref else None
+        base = next((x for x in rows if x["tree"] == "base" and x["case"] == r["case"] and x["n"] == r["n"]), None)
+        r["base_over_this"] = base["ns_median"] / r["ns_median"] if base and r["tree"] == "this" else None
     meta = {"cpu": _cpu(), "isa": os.environ.get("BNBCY_CPU_ISA") or "auto", "clock": clock,
+            "base": str(args.base) if args.base else None,
             "load_before": load0, "load_after": os.getloadavg(), "threads": 1, "steps_per_round": args.steps,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     print(f"cpu: {meta['cpu']['model']} ({' '.join(meta['cpu']['flags'])}); core {clock['core_ghz']:.2f} GHz, "
           f"TSC {clock['tsc_ghz']:.3f} GHz; load {load0[0]:.1f}; one thread; {args.rounds} interleaved rounds")
-    print(f"{'case':15s} {'n':>9s} {'ns/elem':>8s} {'min':>7s} {'IQR':>6s} {'TSC/elem':>9s} {'cyc/elem':>9s} "
-          f"{'B/elem':>6s} {'per byte vs Adam8bit':>21s}")
+    print(f"{'tree':5s} {'case':15s} {'n':>9s} {'ns/elem':>8s} {'min':>7s} {'IQR':>6s} {'TSC/elem':>9s} "
+          f"{'cyc/elem':>9s} {'B/elem':>6s} {'per byte vs Adam8bit':>21s} {'base/this':>9s}")
     for r in rows:
         pb = "" if r["per_byte_vs_adam8bit"] is None else f"{r['per_byte_vs_adam8bit']:.2f}"
-        print(f"{r['case']:15s} {r['n']:9d} {r['ns_median']:8.3f} {r['ns_min']:7.3f} {r['ns_iqr']:6.3f} "
-              f"{r['tsc_median']:9.2f} {r['cycles_median']:9.2f} {r['bytes_per_elem']:6d} {pb:>21s}")
+        bt = "" if r["base_over_this"] is None else f"{r['base_over_this']:.3f}"
+        print(f"{r['tree']:5s} {r['case']:15s} {r['n']:9d} {r['ns_median']:8.3f} {r['ns_min']:7.3f} {r['ns_iqr']:6.3f} "
+              f"{r['tsc_median']:9.2f} {r['cycles_median']:9.2f} {r['bytes_per_elem']:6d} {pb:>21s} {bt:>9s}")
     path = Path(args.json) if args.json else RESULTS / f"optim-cycles-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "optim_cycles", "meta": meta, "results": rows}, indent=1))
