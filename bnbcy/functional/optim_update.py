@@ -60,8 +60,12 @@ def run(u):
                  else [_param_norm(p) for p in u.ps])
     count = len(u.p)
     for idx in u.groups.values():
-        # the entries of this dtype (all of them, the common case, without copying the lists)
-        pick = (lambda xs: xs) if len(idx) == count else (lambda xs: [xs[k] for k in idx])  # noqa: E731
+        whole = len(idx) == count
+
+        def pick(xs, idx=idx, whole=whole):
+            # the entries of this dtype (all of them, the common case, without copying the lists)
+            return xs if whole else [xs[k] for k in idx]
+
         sel = pick(norms) if norms else None
         if u.eight:
             sums = _C.cpu_optimizer_update_8bit_blockwise(

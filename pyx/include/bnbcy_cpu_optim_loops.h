@@ -59,6 +59,12 @@ static inline int bnbcy_opt_spec(const bnbcy_opt_args *a) {
     return a->wd > 0.0f ? BNBCY_OPT_SPEC_F32_WD : BNBCY_OPT_SPEC_F32;
 }
 
+/* Whether a block's second moment stays >= 0 or NaN (never -0), so that L_FTZ_NN flushes it
+ * exactly (h.nn2): a nonnegative map, the block's absmax am2 not negative, beta2 in [0, 1]. */
+static inline int bnbcy_opt_nn2(const bnbcy_opt_args *a, float am2) {
+    return a->q2nn && !(am2 < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f;
+}
+
 /* One switch over the optimizer (and, above the scalar width W, the specialization) of a loop
  * FN(a, t, start, len, opt, spec). */
 #define BNBCY_OPT_SPEC_CASES(FN, a, t, start, len, OPT)                                                \
@@ -312,7 +318,7 @@ L_ATTR static inline __attribute__((always_inline)) int L_FN(bnbcy_opt8_block_pa
     fz[1] = L_W == 1 || bnbcy_opt_may_flush(amv[1], a->qmin2, a->b2);
     fz[2] = L_W == 1 || bnbcy_opt_may_flush(amv[2], a->qmin1, a->b3);
     return L_W > 1 && a->qfin && !(fz[0] | fz[1] | fz[2]) && isfinite(amv[0]) && isfinite(amv[1]) && isfinite(amv[2]) &&
-           (!two || (a->q2nn && !(amv[1] < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f));
+           (!two || bnbcy_opt_nn2(a, amv[1]));
 }
 
 L_ATTR static inline __attribute__((always_inline)) void L_FN(bnbcy_opt8_chunk_k)(
@@ -402,7 +408,7 @@ L_ATTR static inline __attribute__((always_inline)) double L_FN(bnbcy_opt_unorm_
              * where bnbcy_opt_may_flush says (a raw denormal or NaN absmax: always flush) */
             h.fz1 = bnbcy_opt_may_flush(am1, a->qmin1, a->b1);
             h.fz2 = bnbcy_opt_may_flush(am2, a->qmin2, a->b2);
-            const int nn2 = !two || (a->q2nn && !(am2 < 0.0f) && a->b2 >= 0.0f && a->b2 <= 1.0f);
+            const int nn2 = !two || bnbcy_opt_nn2(a, am2);
             if (!h.fz1 && !h.fz2 && nn2) L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, acc, d1, d2, opt, 0);
             else L_FN(bnbcy_opt_unorm_block_k)(&h, a, t, i, acc, d1, d2, opt, 1);
         }
