@@ -185,26 +185,30 @@ L_ATTR static inline __attribute__((always_inline)) uint32_t bnbcy_opt_hmaxu8(__
 
 /* bnbcy_opt_rq_lookup of the block s[0..256) * r (s is overwritten with the products): the code
  * is (u & 0xFFFF) <= T ? A : B. The products go through memory so that the table indices are
- * loaded as 16-bit halves (no vector-to-GPR extracts, which are what limit a vpextrd version). */
+ * loaded as 16-bit halves (no vector-to-GPR extracts, which are what limit a vpextrd version); the
+ * codes of 32 lanes are packed into one store. */
+L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_rq8_lanes(const float *s, const uint16_t *hw,
+                                                                             const uint32_t *rq) {
+    const uint16_t *k = hw; /* the top half of product i is hw[2 i] */
+    const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
+    const __m128i ehi = _mm_setr_epi32((int)rq[k[8]], (int)rq[k[10]], (int)rq[k[12]], (int)rq[k[14]]);
+    const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)s);
+    /* both sides below 2^16: the signed compare is exact */
+    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(e, 16));
+    /* the code is the low byte of each lane */
+    return _mm256_and_si256(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), _mm256_set1_epi32(255));
+}
+
 L_ATTR static inline __attribute__((always_inline)) void bnbcy_opt_rq8(float *s, __m256 r, const uint32_t *rq, uint8_t *q) {
     for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) _mm256_store_ps(s + i, _mm256_mul_ps(_mm256_load_ps(s + i), r));
-    const uint16_t *hw = (const uint16_t *)s + 1; /* the top half of product i is hw[2 i] */
-    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
-    const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 8) {
-        const uint16_t *k = hw + 2 * i;
-        const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
-        const __m128i ehi = _mm_setr_epi32((int)rq[k[8]], (int)rq[k[10]], (int)rq[k[12]], (int)rq[k[14]]);
-        const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)(s + i));
-        /* both sides below 2^16: the signed compare is exact */
-        const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, low16), _mm256_srli_epi32(e, 16));
-        /* the code is the low byte of each lane: one byte shuffle gathers them per 128-bit half */
-        const __m256i w = _mm256_shuffle_epi8(_mm256_blendv_epi8(_mm256_srli_epi32(e, 8), e, above), low_bytes);
-        const uint32_t lo4 = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(w));
-        const uint32_t hi4 = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
-        memcpy(q + i, &lo4, 4);
-        memcpy(q + i + 4, &hi4, 4);
+    const uint16_t *hw = (const uint16_t *)s + 1;
+    for (int i = 0; i < BNBCY_OPT_BLOCK; i += 32) {
+        const __m256i c0 = bnbcy_opt_rq8_lanes(s + i, hw + 2 * i, rq), c1 = bnbcy_opt_rq8_lanes(s + i + 8, hw + 2 * i + 16, rq);
+        const __m256i c2 = bnbcy_opt_rq8_lanes(s + i + 16, hw + 2 * i + 32, rq);
+        const __m256i c3 = bnbcy_opt_rq8_lanes(s + i + 24, hw + 2 * i + 48, rq);
+        /* after the packs the 4-code dwords are c0-c3 low halves, then c0-c3 high halves: the permute restores lane order */
+        const __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     }
 }
 #endif
