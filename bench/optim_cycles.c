@@ -78,7 +78,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc < 6) {
-        fprintf(stderr, "usage: %s maps_file n reps opt bits8\n", argv[0]);
+        fprintf(stderr, "usage: %s maps_file n reps opt bits8 [max_unorm [threads [step|deq|rq]]]\n", argv[0]);
         return 2;
     }
     float maps[512];
@@ -91,6 +91,10 @@ int main(int argc, char **argv) {
     const int nthreads = argc > 7 ? atoi(argv[7]) : 1;
     const char *part_name = argc > 8 ? argv[8] : "step";
     const int part = strcmp(part_name, "deq") == 0 ? 1 : strcmp(part_name, "rq") == 0 ? 2 : 0;
+    if (part == 0 && strcmp(part_name, "step") != 0) {
+        fprintf(stderr, "part %s: expected step, deq or rq\n", part_name);
+        return 2;
+    }
     /* BNBCY_CPU_ISA lowers the lane width as in the extension (which parses it in bnbcy/_env.py) */
     const char *isa_env = getenv("BNBCY_CPU_ISA");
     if (isa_env && *isa_env) {
