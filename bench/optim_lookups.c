@@ -1,7 +1,7 @@
 /* Ways to do the 8-bit optimizer's table lookups on AVX2, timed alone on one thread (the
  * evidence behind the choices in pyx/include/bnbcy_cpu_optim_lanes.h and _loops.h):
  *
- *   inserts    8 scalar loads + vinsertps per 8 lanes (what the kernel does: bnbcy_opt_lut8)
+ *   inserts    8 scalar loads + vinsertps per 8 lanes: the kernel's bnbcy_opt_lut8 itself
  *   movzx      the same, each code loaded by its own byte load
  *   gpr        table entries paired in 64-bit registers, then vmovq/vpinsrq
  *   gather8    one 8-lane vgatherdps
@@ -9,10 +9,11 @@
  *   deq+rule   a dequantization and Adam's update (vsqrtps + vdivps) per 8 lanes: in two whole
  *              loops, fused per vector, and in turn by groups of 16/32/64 elements
  *
- * Build and run: gcc -O3 -std=c11 bench/optim_lookups.c -o /tmp/optim_lookups && /tmp/optim_lookups
+ * Build and run: gcc -O3 -std=c11 bench/optim_lookups.c -o /tmp/optim_lookups -lm && /tmp/optim_lookups
  * Prints the median and minimum over 60 interleaved rounds (each the fastest of 30 passes over 4096
  * elements, in L1/L2) in core cycles per 8 lanes; the core clock is measured by a chain of adds. */
 #define _GNU_SOURCE
+#include "../pyx/include/bnbcy_cpu_optim.h" /* bnbcy_opt_lut8: the kernel's own lookup */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,7 +23,7 @@
 #include <x86intrin.h>
 
 #define N 4096
-#define ATTR __attribute__((target("avx2,fma"), noinline))
+#define ATTR __attribute__((target("avx2,fma,f16c"), noinline)) /* the kernel's AVX2 target */
 static float lut[256] __attribute__((aligned(64)));
 static uint8_t q[N] __attribute__((aligned(64)));
 static float d[N] __attribute__((aligned(64))), m[N] __attribute__((aligned(64))), v[N] __attribute__((aligned(64)));
@@ -32,15 +33,7 @@ static float p[N] __attribute__((aligned(64))), g[N] __attribute__((aligned(64))
     const __m256 am = _mm256_set1_ps(1.5f), b1 = _mm256_set1_ps(0.9f), c1 = _mm256_set1_ps(0.1f),         \
                  b2 = _mm256_set1_ps(0.999f), c2 = _mm256_set1_ps(0.001f), eps = _mm256_set1_ps(1e-8f),   \
                  nlr = _mm256_set1_ps(-1e-3f)
-#define DEQ(i)                                                                                          \
-    do {                                                                                                \
-        uint32_t w0, w1;                                                                                \
-        memcpy(&w0, q + (i), 4);                                                                        \
-        memcpy(&w1, q + (i) + 4, 4);                                                                    \
-        const __m128 lo = _mm_setr_ps(lut[w0 & 255], lut[(w0 >> 8) & 255], lut[(w0 >> 16) & 255], lut[w0 >> 24]); \
-        const __m128 hi = _mm_setr_ps(lut[w1 & 255], lut[(w1 >> 8) & 255], lut[(w1 >> 16) & 255], lut[w1 >> 24]); \
-        _mm256_store_ps(d + (i), _mm256_mul_ps(_mm256_set_m128(hi, lo), am));                            \
-    } while (0)
+#define DEQ(i) _mm256_store_ps(d + (i), _mm256_mul_ps(bnbcy_opt_lut8(q + (i), lut), am))
 #define RULE(i)                                                                                         \
     do {                                                                                                \
         const __m256 gg = _mm256_load_ps(g + (i));                                                      \

@@ -189,9 +189,9 @@ L_ATTR static inline __attribute__((always_inline)) uint32_t bnbcy_opt_hmaxu8(__
  * codes of 32 lanes are packed into one store. */
 L_ATTR static inline __attribute__((always_inline)) __m256i bnbcy_opt_rq8_lanes(const float *s, const uint16_t *hw,
                                                                              const uint32_t *rq) {
-    const uint16_t *k = hw; /* the top half of product i is hw[2 i] */
-    const __m128i elo = _mm_setr_epi32((int)rq[k[0]], (int)rq[k[2]], (int)rq[k[4]], (int)rq[k[6]]);
-    const __m128i ehi = _mm_setr_epi32((int)rq[k[8]], (int)rq[k[10]], (int)rq[k[12]], (int)rq[k[14]]);
+    /* the top half of the product of lane j is hw[2 j] */
+    const __m128i elo = _mm_setr_epi32((int)rq[hw[0]], (int)rq[hw[2]], (int)rq[hw[4]], (int)rq[hw[6]]);
+    const __m128i ehi = _mm_setr_epi32((int)rq[hw[8]], (int)rq[hw[10]], (int)rq[hw[12]], (int)rq[hw[14]]);
     const __m256i e = _mm256_set_m128i(ehi, elo), u = _mm256_load_si256((const __m256i *)s);
     /* both sides below 2^16: the signed compare is exact */
     const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(e, 16));
